@@ -1,0 +1,211 @@
+"""How temporal mechanisms plug into the UNet: attention processors with their own state.
+
+Every mechanism (feature bank, causal KV cache, anchor attention, inversion fusion) is
+one file with an `XConfig` (frozen dataclass), an `XState` (per-stream tensors, `reset()`)
+and an `XAttnProcessor`. This module gives them what they share:
+
+- `install_processors(unet, make)`: a context manager that swaps processors in through
+  `set_attn_processor` and restores the originals on exit (never patches `.forward`);
+- `attention_inputs` / `attention_output`: the two halves of diffusers' SDPA attention,
+  so a processor only writes what it changes (extra keys/values, fused outputs) and,
+  with nothing changed, computes exactly what `AttnProcessor2_0` computes;
+- `BatchLayout`: what each row of the next UNet batch is (denoising step, guidance
+  branch), published by the engine before every UNet call so a processor can keep
+  one state per step slot (StreamV2V's per-slot bank, Live2Diff's per-step KV cache);
+- `Mechanism`: the interface the stream engine calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The rows of one UNet call.
+
+    Attributes:
+        steps: denoising-step index of each row (0 = the noisiest step of the schedule).
+        branches: "cond" or "uncond" for each row.
+        num_steps: steps in the schedule (number of stream-batch slots).
+    """
+
+    steps: tuple[int, ...]
+    branches: tuple[str, ...]
+    num_steps: int
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.steps)
+
+
+class Mechanism:
+    """A temporal-consistency method as the stream engine sees it.
+
+    The base class is the identity: StreamDiffusion's per-frame baseline.
+    """
+
+    name = "streamdiffusion"
+
+    def attach(self, unet) -> contextlib.AbstractContextManager:
+        """Install this mechanism's processors on `unet` for the life of the context."""
+        return contextlib.nullcontext()
+
+    def reset(self) -> None:
+        """Forget all temporal state (a new stream)."""
+
+    def before_unet(self, layout: BatchLayout) -> None:
+        """Called before every UNet call of the stream with the rows' layout."""
+
+    def after_unet(self, layout: BatchLayout) -> None:
+        """Called after every UNet call (e.g. to update banks or caches)."""
+
+
+def is_self_attention(name: str) -> bool:
+    """Processor names of a UNet: `...transformer_blocks.N.attn1.processor` is self-attention."""
+    return ".attn1." in name
+
+
+def block_of(name: str) -> str:
+    """`up_blocks.1.attentions.0...` -> `up_blocks.1`; `mid_block...` -> `mid_block`."""
+    parts = name.split(".")
+    return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
+
+
+@contextlib.contextmanager
+def install_processors(unet, make: Callable[[str, object], object | None]):
+    """Swap attention processors in for the duration of the context.
+
+    Args:
+        unet: a diffusers model with `attn_processors` / `set_attn_processor`.
+        make: called with (processor name, current processor); returns the processor to
+            install there, or None to keep the current one.
+    Yields:
+        dict name -> installed processor (only the replaced ones).
+    """
+    original = dict(unet.attn_processors)
+    installed = {}
+    new = {}
+    for name, proc in original.items():
+        replacement = make(name, proc)
+        new[name] = proc if replacement is None else replacement
+        if replacement is not None:
+            installed[name] = replacement
+    unet.set_attn_processor(new)
+    try:
+        yield installed
+    finally:
+        unet.set_attn_processor(original)
+
+
+@dataclass
+class AttentionInputs:
+    """Projected query/key/value of one attention call, split into heads.
+
+    Attributes:
+        query: (B, heads, L_q, d); key, value: (B, heads, L_kv, d).
+        residual: the block input for the residual connection.
+        input_shape: (B, C, H, W) when the block input was a 4-D feature map, else None.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    residual: torch.Tensor
+    input_shape: tuple | None
+
+
+def attention_inputs(attn, hidden_states, encoder_hidden_states=None, temb=None) -> AttentionInputs:
+    """First half of diffusers' attention: norms and q/k/v projections, split into heads.
+
+    Args:
+        attn: a diffusers `Attention` module.
+        hidden_states: (B, L, C) tokens or (B, C, H, W) feature map.
+        encoder_hidden_states: (B, L_kv, C_kv) for cross-attention, None for self-attention.
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_shape = None
+    if hidden_states.ndim == 4:
+        input_shape = tuple(hidden_states.shape)
+        b, c, h, w = input_shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    batch_size = hidden_states.shape[0]
+
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+
+    head_dim = key.shape[-1] // attn.heads
+    # (B, L, heads*d) -> (B, heads, L, d)
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return AttentionInputs(query, key, value, residual, input_shape)
+
+
+def attend(query, key, value, attn_mask=None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + mask) V with PyTorch SDPA. (B, heads, L_q, d) -> (B, L_q, heads*d)."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0)
+    b, heads, length, d = out.shape
+    return out.transpose(1, 2).reshape(b, length, heads * d).to(query.dtype)
+
+
+def attention_output(attn, hidden_states, inputs: AttentionInputs) -> torch.Tensor:
+    """Second half: output projection, back to the input layout, residual, rescale.
+
+    Args:
+        hidden_states: (B, L_q, heads*d) attention result.
+    """
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)  # dropout (identity at inference)
+    if inputs.input_shape is not None:
+        b, c, h, w = inputs.input_shape
+        hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        hidden_states = hidden_states + inputs.residual
+    return hidden_states / attn.rescale_output_factor
+
+
+class SDPAAttnProcessor:
+    """Plain attention built from the shared halves; equals diffusers' AttnProcessor2_0.
+
+    Mechanisms subclass it and override `keys_values` (e.g. to concatenate banked keys)
+    or `post_attention`; the test suite checks the unmodified class against diffusers.
+    """
+
+    def keys_values(self, attn, inputs: AttentionInputs):
+        """Keys and values to attend over: (B, heads, L_kv, d) each."""
+        return inputs.key, inputs.value
+
+    def post_attention(self, attn, hidden_states: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """Hook on the attention result (B, L_q, heads*d) before the output projection."""
+        return hidden_states
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        inputs = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
+        mask = None
+        if attention_mask is not None:
+            batch_size, length = inputs.query.shape[0], inputs.key.shape[2]
+            mask = attn.prepare_attention_mask(attention_mask, length, batch_size)
+            mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+        key, value = self.keys_values(attn, inputs)
+        out = attend(inputs.query, key, value, mask)
+        out = self.post_attention(attn, out, inputs)
+        return attention_output(attn, out, inputs)

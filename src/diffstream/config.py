@@ -1,0 +1,232 @@
+"""Typed configuration, built once at the edge (CLI, server, Python caller) and passed down.
+
+Every check that can be made without a model happens in `__post_init__`, so a bad
+option fails with one line before anything heavy is imported or loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from diffstream.errors import ConfigError
+
+# Presets: short names for the checkpoints users start from.
+MODEL_PRESETS: dict[str, dict] = {
+    # SD 1.5 with LCM-LoRA fused: the StreamV2V / Live2Diff setting (4 LCM steps).
+    "sd15-lcm": dict(
+        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        lcm_lora="latent-consistency/lcm-lora-sdv1-5",
+    ),
+    # SD-turbo (SD 2.1 distilled with adversarial diffusion distillation): 1 step, no CFG.
+    "sd-turbo": dict(model="stabilityai/sd-turbo", turbo=True),
+}
+DEFAULT_MODEL = "sd15-lcm"
+TINY_VAE_PRESETS = {"taesd": "madebyollin/taesd"}
+
+METHODS = ("streamdiffusion",)
+CFG_TYPES = ("none", "self", "initialize", "full")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+# Entries of the LCM timestep table; StreamDiffusion's t_index_list indexes this table.
+TIMESTEP_TABLE_SIZE = 50
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to run and how.
+
+    Attributes:
+        model: a preset name (`sd15-lcm`, `sd-turbo`), `tiny` (random test model), a hub id,
+            a local diffusers folder, or a single `.safetensors`/`.ckpt` file.
+        lcm_lora: LCM-LoRA to load and fuse (hub id, folder or file); None keeps the preset's
+            choice; "none" disables it.
+        loras: extra LoRA files as (path_or_id, scale) pairs, fused in order.
+        tiny_vae: AutoencoderTiny to use instead of the full VAE (hub id, folder, `taesd`,
+            or `tiny` for a random one in tests).
+        device: "auto" (cuda, then mps, then cpu) or a torch device string.
+        dtype: "auto" (fp16 on cuda/mps, fp32 on cpu), "fp32", "fp16" or "bf16".
+        turbo: force (True) or forbid (False) turbo handling (1 step, x0 sampler, no CFG);
+            None detects it from "turbo" in the model name.
+        instruct: for `tiny` only: build the 8-channel instruction-edit variant.
+        compile: wrap the UNet with torch.compile.
+    """
+
+    model: str = DEFAULT_MODEL
+    lcm_lora: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()
+    tiny_vae: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    turbo: bool | None = None
+    instruct: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("--model must not be empty (pass a hub id, a local path, or 'tiny')")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for _, scale in self.loras:
+            if not isinstance(scale, (int, float)):
+                raise ConfigError(f"LoRA scale must be a number, got {scale!r}")
+
+    def resolved(self) -> "ModelConfig":
+        """This config with a preset name expanded to its checkpoint and LoRA."""
+        preset = MODEL_PRESETS.get(self.model)
+        if preset is None:
+            return self
+        values = dict(preset)
+        if self.lcm_lora is not None:
+            values["lcm_lora"] = self.lcm_lora
+        if self.turbo is not None:
+            values["turbo"] = self.turbo
+        return dataclasses.replace(self, **values)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How frames are denoised (StreamDiffusion: SDEdit on a few-step schedule).
+
+    Attributes:
+        prompt: the text the frames are restyled towards.
+        negative_prompt: the unconditional text for `cfg_type` "initialize"/"full".
+        strength: SDEdit noise strength in (0, 1]: the first step starts at timestep
+            ~ strength x 1000. StreamV2V's default 0.4 keeps the input's structure.
+        steps: denoising steps; None means 4 (LCM) or 1 (turbo).
+        t_index_list: explicit indices into the 50-entry LCM timestep table
+            (StreamDiffusion's convention, e.g. (32, 45)); overrides strength/steps.
+        guidance: classifier-free guidance scale gamma; <= 1 disables guidance.
+        delta: RCFG magnitude moderation of the virtual residual noise (StreamDiffusion).
+        cfg_type: "none", "self" (self-negative RCFG: no extra UNet call),
+            "initialize" (onetime-negative RCFG: one unconditional call per frame, at the
+            first step), "full" (ordinary CFG: an unconditional call at every step);
+            None means "self" for LCM models and "none" for turbo.
+        seed: seeds the fixed per-slot noise and every random draw of the stream.
+        similarity_threshold: stochastic similarity filter threshold on the cosine
+            similarity of consecutive inputs; None disables the filter.
+        max_skip: at most this many consecutive frames are skipped by the filter.
+        stream_batch: run the denoising steps of consecutive frames as one UNet batch;
+            False denoises each frame to completion before the next (same frames, slower).
+        size: longer side of the processing size in pixels (rounded to the model's multiple).
+        method: the temporal-consistency method.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    strength: float = 0.4
+    steps: int | None = None
+    t_index_list: tuple[int, ...] | None = None
+    guidance: float = 1.2
+    delta: float = 1.0
+    cfg_type: str | None = None
+    seed: int = 2
+    similarity_threshold: float | None = None
+    max_skip: int = 10
+    stream_batch: bool = True
+    size: int = 512
+    method: str = "streamdiffusion"
+
+    def __post_init__(self):
+        if not (0.0 < float(self.strength) <= 1.0):
+            raise ConfigError(f"--strength must be in (0, 1], got {self.strength}")
+        if self.steps is not None and not (1 <= int(self.steps) <= TIMESTEP_TABLE_SIZE):
+            raise ConfigError(f"--steps must be between 1 and {TIMESTEP_TABLE_SIZE}, got {self.steps}")
+        if self.t_index_list is not None:
+            idx = list(self.t_index_list)
+            if not idx:
+                raise ConfigError("--t-index-list must hold at least one index")
+            if any(i < 0 or i >= TIMESTEP_TABLE_SIZE for i in idx):
+                raise ConfigError(
+                    f"--t-index-list entries must be in [0, {TIMESTEP_TABLE_SIZE - 1}], got {idx}"
+                )
+            if any(b <= a for a, b in zip(idx, idx[1:])):
+                raise ConfigError(f"--t-index-list must be strictly increasing, got {idx}")
+        elif self.steps is not None:
+            start = _start_index(self.strength)
+            if int(self.steps) > TIMESTEP_TABLE_SIZE - start:
+                raise ConfigError(
+                    f"--steps {self.steps} is too many for --strength {self.strength}: "
+                    f"at most {TIMESTEP_TABLE_SIZE - start}"
+                )
+        if self.cfg_type is not None and self.cfg_type not in CFG_TYPES:
+            raise ConfigError(f"--cfg-type must be one of {', '.join(CFG_TYPES)}, got {self.cfg_type!r}")
+        if self.guidance < 0:
+            raise ConfigError(f"--guidance must be >= 0, got {self.guidance}")
+        if self.similarity_threshold is not None and not (0.0 <= self.similarity_threshold < 1.0):
+            raise ConfigError(
+                f"--similarity-filter must be in [0, 1), got {self.similarity_threshold}"
+            )
+        if self.max_skip < 0:
+            raise ConfigError(f"--max-skip must be >= 0, got {self.max_skip}")
+        if self.size < 64:
+            raise ConfigError(f"--size must be at least 64, got {self.size}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
+
+    def t_indices(self, turbo: bool = False) -> tuple[int, ...]:
+        """Indices into the 50-entry timestep table, one per denoising step."""
+        if self.t_index_list is not None:
+            return tuple(int(i) for i in self.t_index_list)
+        steps = self.steps if self.steps is not None else (1 if turbo else 4)
+        start = _start_index(self.strength)
+        if steps > TIMESTEP_TABLE_SIZE - start:
+            raise ConfigError(
+                f"{steps} steps is too many for strength {self.strength}: at most {TIMESTEP_TABLE_SIZE - start}"
+            )
+        # Evenly spaced from the SDEdit start to the end of the table: strength 0.4 with
+        # 4 steps gives indices (30, 35, 40, 45), i.e. timesteps (399, 299, 199, 99).
+        span = TIMESTEP_TABLE_SIZE - start
+        return tuple(start + (i * span) // steps for i in range(steps))
+
+    def resolved_cfg_type(self, turbo: bool = False) -> str:
+        """The effective guidance type: turbo models and guidance <= 1 need none."""
+        # With gamma <= 1 every guidance formula reduces to the conditional prediction
+        # (eps_u + 1 * (eps_c - eps_u) = eps_c), so no unconditional work is needed.
+        if turbo or self.guidance <= 1.0:
+            return "none"
+        return self.cfg_type or "self"
+
+    def replace(self, **changes) -> "StreamConfig":
+        """A validated copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+def _start_index(strength: float) -> int:
+    """First table index for an SDEdit strength: strength 1 starts at pure noise (index 0)."""
+    return min(TIMESTEP_TABLE_SIZE - 1, int(round(TIMESTEP_TABLE_SIZE * (1.0 - float(strength)))))
+
+
+@dataclass(frozen=True)
+class IOConfig:
+    """Where frames come from and go.
+
+    Attributes:
+        input: a video file, an image folder, `webcam:N`, or an rtsp/rtmp/http(s) URL.
+        output: an .mp4 (or .mkv/.mov) file, a folder for PNGs, or `window`.
+        max_frames: process only the first N frames.
+        keep_size: scale outputs back to the input size instead of the processing size.
+        queue_size: capacity of the threaded input/output queues.
+        progress: show a progress bar.
+    """
+
+    input: str
+    output: str
+    max_frames: int | None = None
+    keep_size: bool = False
+    queue_size: int = 8
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ConfigError(f"--max-frames must be >= 1, got {self.max_frames}")
+        if self.queue_size < 1:
+            raise ConfigError(f"--queue-size must be >= 1, got {self.queue_size}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `diffstream run` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    io: IOConfig | None = None

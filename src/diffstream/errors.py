@@ -1,0 +1,27 @@
+"""User-facing errors: each carries one line that tells the user what to do.
+
+The CLI prints `str(error)` and exits with `exit_code`; it never shows a traceback
+for these.
+"""
+
+
+class DiffstreamError(Exception):
+    """Base class: a one-line, user-facing message and a process exit code."""
+
+    exit_code = 2
+
+
+class ConfigError(DiffstreamError):
+    """An invalid option; raised before any model loads."""
+
+
+class InputError(DiffstreamError):
+    """An input that cannot be opened or holds no frames (corrupt, empty, not a video)."""
+
+
+class ModelLoadError(DiffstreamError):
+    """A checkpoint that is missing, unreachable or not a supported format."""
+
+
+class OutputError(DiffstreamError):
+    """An output that cannot be created."""

@@ -1,0 +1,345 @@
+"""Checkpoint loading: hub ids, local diffusers folders, single files, LoRA, tiny VAE.
+
+All of it goes through diffusers/transformers `from_pretrained` / `from_single_file`, so a
+user with a real checkpoint gets the real thing. Whatever fails to load ends in one
+`ModelLoadError` line that says what to pass instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffstream.config import TINY_VAE_PRESETS, ModelConfig
+from diffstream.errors import ModelLoadError
+
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class Components:
+    """The modules of a Stable Diffusion model plus what the engine needs to know about them.
+
+    Attributes:
+        unet, vae, text_encoder, tokenizer, scheduler: diffusers/transformers objects.
+        name: what the user asked for (for messages and reports).
+        turbo: 1-step x0 sampler, no CFG.
+        device, dtype: where the modules live.
+    """
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    name: str
+    turbo: bool = False
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    # --- facts derived from the modules ---------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for SD)."""
+        if self.is_tiny_vae:
+            return 8  # TAESD always down-samples 8x, like SD's VAE
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def is_tiny_vae(self) -> bool:
+        return type(self.vae).__name__ == "AutoencoderTiny"
+
+    @property
+    def size_multiple(self) -> int:
+        """Frame sides must be multiples of this: VAE factor x the UNet's down-sampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.out_channels)
+
+    @property
+    def unet_in_channels(self) -> int:
+        """4 for text-to-image checkpoints, 8 for InstructPix2Pix-style ones."""
+        return int(self.unet.config.in_channels)
+
+    @property
+    def prediction_type(self) -> str:
+        return getattr(self.scheduler.config, "prediction_type", "epsilon")
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    # --- the three model calls the engine makes besides the UNet ----------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Text to CLIP hidden states. Returns (len(prompts), 77, D) on device/dtype."""
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return hidden.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] to scaled latents (B, C, H/8, W/8).
+
+        The posterior mean is used (not a sample), so encoding is deterministic.
+        """
+        if self.is_tiny_vae:
+            latents = self.vae.encode(pixels).latents
+        else:
+            latents = self.vae.encode(pixels).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) to pixels (B, 3, 8h, 8w) in [-1, 1]."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" picks cuda, then mps, then cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"unknown --device {device!r}: {exc}") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is fp16 on cuda/mps and fp32 on cpu (CPU fp16 kernels are slow or missing)."""
+    if dtype == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def _missing(what: str, spec: str, exc: BaseException | None = None) -> ModelLoadError:
+    reason = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})" if exc and str(exc) else ""
+    return ModelLoadError(
+        f"cannot load {what} {spec!r}{reason}: pass a local diffusers folder or .safetensors "
+        f"file (e.g. --model /path/to/sd15), or --model tiny to try the machinery offline"
+    )
+
+
+def _is_single_file(spec: str) -> bool:
+    return spec.lower().endswith(_SINGLE_FILE_SUFFIXES)
+
+
+def _load_diffusers_folder_or_hub(spec: str, dtype: torch.dtype) -> dict:
+    local = Path(spec).is_dir()
+    if local and not (Path(spec) / "unet").is_dir():
+        raise ModelLoadError(
+            f"{spec!r} is a folder but not a diffusers Stable Diffusion folder (no unet/ inside): "
+            f"pass a diffusers folder or a single .safetensors file, or --model tiny"
+        )
+    if local:
+        return _from_pretrained(spec, dtype, local_files_only=True)
+    try:  # a hub id that is already in the local cache needs no network
+        return _from_pretrained(spec, dtype, local_files_only=True)
+    except Exception:
+        pass
+    if _offline() or not hub_reachable():
+        raise ModelLoadError(
+            f"cannot load model {spec!r}: it is not a local folder or file, not in the local cache, "
+            f"and the model hub is unreachable: pass a local diffusers folder or .safetensors file "
+            f"(--model /path/to/sd15), or --model tiny to try the machinery offline"
+        )
+    try:
+        return _from_pretrained(spec, dtype, local_files_only=False)
+    except Exception as exc:  # hub/network/format errors all mean the same to the user
+        raise _missing("model", spec, exc) from None
+
+
+def _from_pretrained(spec: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kwargs = dict(local_files_only=local_files_only)
+    try:
+        return dict(
+            scheduler=_scheduler_from(spec, kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(spec, subfolder="text_encoder", torch_dtype=dtype, **kwargs),
+            unet=UNet2DConditionModel.from_pretrained(spec, subfolder="unet", torch_dtype=dtype, **kwargs),
+            vae=AutoencoderKL.from_pretrained(spec, subfolder="vae", torch_dtype=dtype, **kwargs),
+        )
+    except Exception as exc:
+        if local_files_only and Path(spec).is_dir():
+            raise _missing("model", spec, exc) from None
+        raise
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (checked once, fast, no retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _scheduler_from(spec: str, kwargs: dict):
+    """An LCMScheduler carrying the checkpoint's own noise schedule and prediction type."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_pretrained(spec, subfolder="scheduler", **kwargs)
+
+
+def _load_single_file(spec: str, dtype: torch.dtype) -> dict:
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    if not Path(spec).is_file():
+        raise _missing("checkpoint file", spec, FileNotFoundError("no such file"))
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            spec, torch_dtype=dtype, safety_checker=None, local_files_only=_offline()
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load checkpoint file {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            f"single files need diffusers' config for their architecture (cached from the hub once), "
+            f"or pass a diffusers folder with --model PATH"
+        ) from None
+    return dict(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        scheduler=LCMScheduler.from_config(pipe.scheduler.config),
+    )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def load_tiny_vae(spec: str, dtype: torch.dtype):
+    """An AutoencoderTiny (TAESD) from a hub id, a folder, `taesd`, or `tiny` (random)."""
+    from diffusers import AutoencoderTiny
+
+    if spec == "tiny":
+        from diffstream.models.tiny import tiny_taesd
+
+        return tiny_taesd().to(dtype)
+    if spec == "taesd-random":  # TAESD's real size with random weights (benchmarks)
+        from diffstream.models.tiny import tiny_taesd
+
+        return tiny_taesd(full_size=True).to(dtype)
+    spec = TINY_VAE_PRESETS.get(spec, spec)
+    local_only = Path(spec).is_dir() or _offline() or not hub_reachable()
+    try:
+        return AutoencoderTiny.from_pretrained(spec, torch_dtype=dtype, local_files_only=local_only)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load tiny VAE {spec!r} ({type(exc).__name__}): pass a local AutoencoderTiny folder "
+            f"with --tiny-vae PATH, or leave --tiny-vae out to use the model's own VAE"
+        ) from None
+
+
+def fuse_loras(modules: dict, loras: list[tuple[str, float]]) -> None:
+    """Load LoRA weights (LCM-LoRA or style LoRAs) and fuse them into the UNet/text encoder.
+
+    Uses diffusers' LoRA loader (PEFT) through a throw-away pipeline object that shares
+    the modules; after fusing, the adapter layers are removed so inference pays nothing.
+
+    Args:
+        modules: dict with unet, vae, text_encoder, tokenizer, scheduler (modified in place).
+        loras: (hub id, folder or .safetensors file, scale) in the order to fuse.
+    """
+    if not loras:
+        return
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        tokenizer=modules["tokenizer"],
+        unet=modules["unet"],
+        scheduler=modules["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for i, (spec, scale) in enumerate(loras):
+        path = Path(spec)
+        kwargs = {}
+        if path.is_file():
+            kwargs = dict(weight_name=path.name)
+            spec_arg = str(path.parent)
+        else:
+            spec_arg = spec
+            kwargs["local_files_only"] = path.is_dir() or _offline() or not hub_reachable()
+        try:
+            pipe.load_lora_weights(spec_arg, adapter_name=f"lora{i}", **kwargs)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load LoRA {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): "
+                f"pass a local .safetensors LoRA file or folder, or --lcm-lora none"
+            ) from None
+        pipe.fuse_lora(lora_scale=float(scale), adapter_names=[f"lora{i}"])
+        pipe.unload_lora_weights()
+
+
+def load_components(config: ModelConfig) -> Components:
+    """Load (or build) a model as described by `config`.
+
+    Raises:
+        ModelLoadError: one line saying what to pass instead.
+    """
+    config = config.resolved()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.model == "tiny":
+        from diffstream.models.tiny import tiny_components
+
+        modules = tiny_components(in_channels=8 if config.instruct else 4)
+    elif _is_single_file(config.model):
+        modules = _load_single_file(config.model, dtype)
+    else:
+        if not Path(config.model).exists() and (
+            config.model.startswith((".", "/", "~")) or config.model.count("/") != 1
+        ):
+            raise _missing("model", config.model, FileNotFoundError("no such folder"))
+        modules = _load_diffusers_folder_or_hub(config.model, dtype)
+
+    loras = []
+    if config.lcm_lora and config.lcm_lora.lower() != "none":
+        loras.append((config.lcm_lora, 1.0))
+    loras.extend(config.loras)
+    fuse_loras(modules, loras)
+
+    if config.tiny_vae:
+        modules["vae"] = load_tiny_vae(config.tiny_vae, dtype)
+
+    turbo = config.turbo if config.turbo is not None else "turbo" in config.model.lower()
+    for key in ("unet", "vae", "text_encoder"):
+        module = modules[key]
+        if next(module.parameters()).dtype != dtype:
+            module = module.to(dtype=dtype)
+        modules[key] = module.to(device=device).eval().requires_grad_(False)
+    components = Components(name=config.model, turbo=turbo, device=device, dtype=dtype, **modules)
+    if config.compile:
+        components.unet = torch.compile(components.unet)
+    return components

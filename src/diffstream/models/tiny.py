@@ -1,0 +1,118 @@
+"""A tiny, randomly initialised Stable Diffusion: the machinery's test bench.
+
+It has the SD 1.x architecture at toy width: a UNet2DConditionModel with cross-attention
+in every down, mid and up block, an AutoencoderKL with the real 8x down-sampling, and a
+CLIP text encoder driven by the real CLIP BPE tokenizer. Built from config with a fixed
+seed, so it is identical on every machine and needs no download. Its images are noise:
+it exists for smoke tests, CI and benchmarks of the machinery, never for results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_TEXT_DIM = 32
+
+
+def tiny_unet(in_channels: int = 4, seed: int = 0):
+    """A small UNet2DConditionModel (2 resolutions, cross-attention in every block).
+
+    Args:
+        in_channels: 4 for text-to-image / SDEdit, 8 for an InstructPix2Pix-style model
+            (noisy latent concatenated with the source image latent).
+    """
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=TINY_TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0):
+    """A small AutoencoderKL with SD's 8x spatial down-sampling and 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    ).eval()
+
+
+def tiny_text_encoder(seed: int = 0):
+    """A 2-layer CLIP text encoder over the full 49,408-token CLIP vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffstream.models.tokenizer import VOCAB_SIZE
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def sd_scheduler():
+    """An LCMScheduler with Stable Diffusion 1.x's noise schedule (scaled linear betas)."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+    )
+
+
+def tiny_components(in_channels: int = 4, seed: int = 0):
+    """All modules of the tiny model, as a dict ready for `Components`."""
+    from diffstream.models.tokenizer import clip_tokenizer
+
+    return dict(
+        unet=tiny_unet(in_channels=in_channels, seed=seed),
+        vae=tiny_vae(seed=seed + 1),
+        text_encoder=tiny_text_encoder(seed=seed + 2),
+        tokenizer=clip_tokenizer(),
+        scheduler=sd_scheduler(),
+    )
+
+
+def tiny_taesd(seed: int = 0, full_size: bool = False):
+    """A random AutoencoderTiny: TAESD's real architecture (`full_size=True`) or a toy width."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    if full_size:
+        return AutoencoderTiny().eval()
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).eval()

@@ -1,0 +1,317 @@
+"""The streaming img2img engine (StreamDiffusion), with pluggable temporal mechanisms.
+
+    pipe = StreamPipeline(load_components(ModelConfig(model="tiny")), StreamConfig(prompt="..."))
+    for frame in frames:
+        out = pipe.push(frame)       # None until the stream batch has filled
+        if out is not None: write(out)
+    for out in pipe.flush(): write(out)
+
+Per frame (Kodaira et al. 2023): VAE-encode, SDEdit-noise to the first step with the
+slot's fixed noise, one UNet call for all in-flight frames (stream batch), guidance
+(none / RCFG self / RCFG onetime / full CFG), consistency step, VAE-decode the frame
+that finished. Output i always belongs to input i: the first n-1 pushes return None,
+`flush()` runs the remaining steps of the tail, and a frame skipped by the similarity
+filter repeats the output of the frame it resembled, in its own position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from typing import Callable
+
+import numpy as np
+import torch
+
+from diffstream import frames as F
+from diffstream.attention.base import BatchLayout, Mechanism
+from diffstream.config import StreamConfig
+from diffstream.models.loading import Components
+from diffstream.pipelines.similarity import SimilarityFilter
+from diffstream.schedule import guidance as G
+from diffstream.schedule.stream_batch import StreamBatch
+from diffstream.schedule.timesteps import denoise, eps_to_x0, make_step_table, model_output_to_eps
+
+_SCHEDULE_FIELDS = ("strength", "steps", "t_index_list", "size")
+
+
+class StreamPipeline:
+    """Restyles a stream of frames; one instance per stream.
+
+    Args:
+        components: the loaded model (see `diffstream.models.loading.load_components`).
+        config: the stream's settings.
+        mechanism: a temporal-consistency mechanism; None is the per-frame baseline.
+    Attributes:
+        on_push, on_output: callbacks called with the frame index when a frame enters /
+            leaves the pipeline (timing and metrics attach here, outside the hot path).
+        frames_in, frames_out, unet_calls: counters.
+    """
+
+    def __init__(self, components: Components, config: StreamConfig, mechanism: Mechanism | None = None):
+        self.components = components
+        self.config = config
+        self.mechanism = mechanism or Mechanism()
+        self.on_push: list[Callable[[int], None]] = []
+        self.on_output: list[Callable[[int], None]] = []
+        self._attached = contextlib.ExitStack()
+        self._attached.enter_context(self.mechanism.attach(components.unet))
+        self._prompt_key = None
+        self._schedule_key = None
+        self._pending: dict = {}
+        self.reset()
+
+    # --- lifecycle ----------------------------------------------------------------
+    def close(self) -> None:
+        """Restore the UNet's original attention processors."""
+        self._attached.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def reset(self) -> None:
+        """Start a new stream: drop in-flight frames, queued outputs and temporal state."""
+        self._apply_pending()
+        self._batch: StreamBatch | None = None
+        self._latent_hw: tuple[int, int] | None = None
+        self._ready: deque = deque()  # (index, frame) ready to return, in order
+        self._done: dict[int, np.ndarray] = {}  # finished out of order (never, but cheap)
+        self._skipped: set[int] = set()
+        self._next_out = 0
+        self._last_out: np.ndarray | None = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.unet_calls = 0
+        self._filter = (
+            SimilarityFilter(self.config.similarity_threshold, self.config.max_skip, seed=self.config.seed)
+            if self.config.similarity_threshold is not None
+            else None
+        )
+        self.mechanism.reset()
+
+    @property
+    def skipped(self) -> int:
+        """Frames the similarity filter skipped since the last reset."""
+        return self._filter.skipped if self._filter is not None else 0
+
+    @property
+    def latency_frames(self) -> int:
+        """Pushes before the first output: n - 1 with stream batch, else 0."""
+        return self.num_steps - 1 if self.config.stream_batch else 0
+
+    @property
+    def num_steps(self) -> int:
+        return len(self._t_indices)
+
+    def processing_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) at which an input of that size is processed."""
+        return F.fit_size(width, height, self.config.size, self.components.size_multiple)
+
+    def update(self, **changes) -> None:
+        """Change settings (prompt, negative_prompt, strength, steps, t_index_list, seed,
+        guidance, delta, cfg_type, similarity_threshold, max_skip); they take effect from
+        the next pushed frame, without resetting temporal state. Invalid values raise
+        ConfigError now, not at the next frame.
+        """
+        new = self.config.replace(**{**self._pending, **changes})
+        new.t_indices(self.components.turbo)  # validates steps against strength
+        self._pending.update(changes)
+
+    # --- the stream API -------------------------------------------------------------
+    def push(self, frame: np.ndarray) -> np.ndarray | None:
+        """Feed one frame; return the oldest finished output frame, or None.
+
+        Args:
+            frame: (H, W, C) uint8 RGB/RGBA/gray image of any size.
+        Returns:
+            (h, w, 3) uint8 output at processing size, or None while the stream batch fills.
+        """
+        if self._pending:
+            self._apply_pending()
+        index = self.frames_in
+        self.frames_in += 1
+        for callback in self.on_push:
+            callback(index)
+        frame = F.to_rgb(frame)
+        frame = F.resize(frame, self.processing_size(frame.shape[1], frame.shape[0]))
+        if self._filter is not None and self._filter.should_skip(frame):
+            self._skipped.add(index)
+        else:
+            self._process(index, frame)
+        self._collect()
+        return self._pop()
+
+    def flush(self) -> list[np.ndarray]:
+        """Finish every in-flight frame and return all remaining outputs, in order."""
+        self._drain()
+        self._collect()
+        out = []
+        while self._ready:
+            out.append(self._pop())
+        return out
+
+    # --- internals ----------------------------------------------------------------
+    def _apply_pending(self) -> None:
+        if self._pending:
+            old = self.config
+            self.config = self.config.replace(**self._pending)
+            self._pending = {}
+            if self._filter is not None and (
+                old.similarity_threshold != self.config.similarity_threshold or old.max_skip != self.config.max_skip
+            ):
+                self._filter = None
+            if self._filter is None and self.config.similarity_threshold is not None:
+                self._filter = SimilarityFilter(
+                    self.config.similarity_threshold, self.config.max_skip, seed=self.config.seed
+                )
+        c = self.config
+        turbo = self.components.turbo
+        prompt_key = (c.prompt, c.negative_prompt)
+        if prompt_key != self._prompt_key:
+            # Encoded once per prompt, not per frame: the reference re-encodes every frame.
+            emb = self.components.encode_prompt([c.prompt, c.negative_prompt])  # (2, 77, D)
+            self._cond, self._uncond = emb[0:1], emb[1:2]
+            self._emb_cache: dict = {}
+            self._prompt_key = prompt_key
+        schedule_key = (c.t_indices(turbo), c.seed, c.size)
+        if schedule_key != self._schedule_key:
+            if getattr(self, "_batch", None) is not None and self._batch.in_flight:
+                self._drain()  # finish in-flight frames under the schedule they started with
+            self._t_indices = schedule_key[0]
+            comp = self.components
+            table = make_step_table(
+                comp.alphas_cumprod,
+                self._t_indices,
+                sampler="x0" if turbo else "lcm",
+                prediction_type=comp.prediction_type,
+                num_train_timesteps=comp.num_train_timesteps,
+            )
+            self._table = table.to(device=comp.device, dtype=comp.dtype)
+            self._batch = None  # rebuilt with fresh noise at the next frame
+            self._layouts: dict = {}
+            self._schedule_key = schedule_key
+        self._cfg_type = c.resolved_cfg_type(turbo)
+
+    def _ensure_batch(self, latent_hw: tuple[int, int]) -> StreamBatch:
+        if self._batch is not None and self._latent_hw == latent_hw:
+            return self._batch
+        if self._batch is not None and self._batch.in_flight:
+            self._drain()
+        comp = self.components
+        generator = torch.Generator().manual_seed(int(self.config.seed))
+        # Fixed noise per step slot, drawn on the CPU so every device gets the same numbers.
+        noise = torch.randn((self.num_steps, comp.latent_channels, *latent_hw), generator=generator)
+        self._batch = StreamBatch(self._table, noise.to(device=comp.device, dtype=comp.dtype))
+        self._latent_hw = latent_hw
+        return self._batch
+
+    def _process(self, index: int, frame: np.ndarray) -> None:
+        comp = self.components
+        pixels = F.frames_to_tensor(frame, device=comp.device, dtype=comp.dtype)  # (1, 3, H, W)
+        z0 = comp.encode_image(pixels)  # (1, C, h, w)
+        batch = self._ensure_batch(tuple(z0.shape[-2:]))
+        batch.admit(z0, index)
+        if self.config.stream_batch:
+            self._emit(self._step(batch))
+        else:
+            while batch.in_flight:
+                self._emit(self._step(batch))
+
+    def _drain(self) -> None:
+        batch = self._batch
+        while batch is not None and batch.in_flight:
+            self._emit(self._step(batch))
+
+    def _embeddings(self, key: tuple, builder) -> torch.Tensor:
+        emb = self._emb_cache.get(key)
+        if emb is None:
+            emb = self._emb_cache[key] = builder()
+        return emb
+
+    def _layout(self, key: tuple, steps: tuple, branches: tuple) -> BatchLayout:
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = BatchLayout(steps, branches, self.num_steps)
+        return layout
+
+    @torch.no_grad()
+    def _step(self, batch: StreamBatch):
+        """One UNet call that advances every in-flight frame by one step."""
+        x = batch.x  # (m, C, h, w), newest frame first
+        rows = batch.rows()  # coefficients, (m, 1, 1, 1)
+        m, lo = batch.in_flight, batch.lo
+        cfg = self._cfg_type
+        onetime = cfg == "initialize" and lo == 0  # the newest frame is at its first step
+        steps = tuple(batch.steps())
+        if cfg == "full":
+            x_in = torch.cat([x, x])  # (2m, C, h, w): uncond rows, then cond rows
+            t_in = torch.cat([rows.timesteps, rows.timesteps])
+            emb = self._embeddings(("full", m), lambda: torch.cat([self._uncond.expand(m, -1, -1), self._cond.expand(m, -1, -1)]))
+            layout = self._layout(("full", lo, m), steps + steps, ("uncond",) * m + ("cond",) * m)
+        elif onetime:
+            x_in = torch.cat([x[:1], x])  # (1 + m, C, h, w): one uncond row for the new frame
+            t_in = torch.cat([rows.timesteps[:1], rows.timesteps])
+            emb = self._embeddings(("onetime", m), lambda: torch.cat([self._uncond, self._cond.expand(m, -1, -1)]))
+            layout = self._layout(("onetime", lo, m), steps[:1] + steps, ("uncond",) + ("cond",) * m)
+        else:
+            x_in, t_in = x, rows.timesteps
+            emb = self._embeddings(("cond", m), lambda: self._cond.expand(m, -1, -1).contiguous())
+            layout = self._layout(("cond", lo, m), steps, ("cond",) * m)
+
+        self.mechanism.before_unet(layout)
+        out = self.components.unet(x_in, t_in, encoder_hidden_states=emb, return_dict=False)[0]
+        self.mechanism.after_unet(layout)
+        self.unet_calls += 1
+
+        a, b, ptype = rows.alpha_sqrt, rows.beta_sqrt, rows.prediction_type
+        if cfg == "full":
+            out_u, out_c = out.chunk(2)
+            eps = G.cfg(model_output_to_eps(out_c, x, a, b, ptype), model_output_to_eps(out_u, x, a, b, ptype), self.config.guidance)
+        else:
+            if onetime:
+                out_u, out = out[:1], out[1:]
+                eps_u = model_output_to_eps(out_u, x[:1], a[:1], b[:1], ptype)
+                # Onetime-negative RCFG: the real unconditional prediction fixes x0_ref for
+                # all later steps of this frame.
+                batch.set_newest_ref(eps_to_x0(eps_u, x[:1], a[:1], b[:1]))
+            eps = model_output_to_eps(out, x, a, b, ptype)
+            if cfg in ("self", "initialize"):
+                residual = G.virtual_residual_noise(x, batch.ref, a, b)
+                eps = G.residual_cfg(eps, residual, self.config.guidance, self.config.delta)
+        return batch.advance(denoise(eps, x, rows))
+
+    def _emit(self, finished) -> None:
+        if finished is None:
+            return
+        index, latent = finished
+        pixels = self.components.decode_latents(latent)  # (1, 3, H, W)
+        self._done[index] = F.tensor_to_frames(pixels)[0]
+
+    def _collect(self) -> None:
+        """Move outputs that are next in input order to the ready queue."""
+        while True:
+            i = self._next_out
+            if i in self._done:
+                frame = self._done.pop(i)
+            elif i in self._skipped and (self._last_out is not None):
+                # A skipped frame repeats the output of the last processed frame before it,
+                # which is exactly the previous output in order.
+                self._skipped.discard(i)
+                frame = self._last_out
+            else:
+                return
+            self._last_out = frame
+            self._ready.append((i, frame))
+            self._next_out += 1
+
+    def _pop(self) -> np.ndarray | None:
+        if not self._ready:
+            return None
+        index, frame = self._ready.popleft()
+        self.frames_out += 1
+        for callback in self.on_output:
+            callback(index)
+        return frame

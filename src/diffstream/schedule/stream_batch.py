@@ -1,0 +1,106 @@
+"""StreamBatch: the rolling buffer of in-flight latents (StreamDiffusion, Sec. 3.1).
+
+With n denoising steps, frame f is at step k while frame f+1 is at step k-1, and so on:
+one UNet call per new frame advances every in-flight frame by one step. The buffer
+holds the latents of frames that have started but not finished, ordered newest first,
+so their steps always form one contiguous range [lo, lo + m). Finished frames leave
+the buffer after their last step; `drain` runs the remaining steps at the end of the
+stream so no frame is lost (the reference implementation never flushes them).
+
+Only tensor maths lives here: the caller runs the UNet on `x` and hands back the
+denoised estimates, so the same object drives stream-batched and sequential denoising.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffstream.schedule.timesteps import StepTable, add_noise
+
+
+class StreamBatch:
+    """Owns the in-flight latents, their RCFG reference latents and their frame tags.
+
+    Args:
+        table: the schedule's per-step coefficients, already on the latents' device/dtype.
+        noise: (num_steps, C, h, w) fixed noise, one tensor per step slot: slot 0 noises
+            the input (SDEdit), slot k > 0 re-noises after step k - 1.
+    """
+
+    def __init__(self, table: StepTable, noise: torch.Tensor):
+        assert noise.shape[0] == table.num_steps, (noise.shape, table.num_steps)
+        self.table = table
+        self.noise = noise  # (n, C, h, w)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every in-flight frame."""
+        self.x: torch.Tensor | None = None  # (m, C, h, w) noisy latents, newest first
+        self.ref: torch.Tensor | None = None  # (m, C, h, w) RCFG reference x0 per frame
+        self.tags: list = []  # caller's tag per in-flight frame, newest first
+        self.lo = 0  # step index of the newest in-flight frame
+
+    @property
+    def num_steps(self) -> int:
+        return self.table.num_steps
+
+    @property
+    def in_flight(self) -> int:
+        """How many frames have started but not finished."""
+        return len(self.tags)
+
+    def admit(self, z0: torch.Tensor, tag) -> None:
+        """Start a new frame: SDEdit-noise its clean latent to the first step.
+
+        Args:
+            z0: (1, C, h, w) the frame's clean (VAE) latent.
+            tag: anything that identifies the frame (returned when it finishes).
+        """
+        if self.in_flight and self.lo != 1:
+            raise RuntimeError("a frame can join only when the newest in-flight frame is at step 1")
+        rows = self.table.rows(0, 1)
+        x_new = add_noise(z0, self.noise[0:1], rows.alpha_sqrt, rows.beta_sqrt)  # (1, C, h, w)
+        if self.in_flight:
+            self.x = torch.cat([x_new, self.x], dim=0)
+            self.ref = torch.cat([z0, self.ref], dim=0)
+        else:
+            self.x, self.ref = x_new, z0
+        self.tags.insert(0, tag)
+        self.lo = 0
+
+    def rows(self) -> StepTable:
+        """Coefficients of the in-flight frames' current steps, each (m, 1, 1, 1)."""
+        return self.table.rows(self.lo, self.lo + self.in_flight)
+
+    def steps(self) -> range:
+        """The current step index of each in-flight frame, newest first."""
+        return range(self.lo, self.lo + self.in_flight)
+
+    def set_newest_ref(self, x0_ref: torch.Tensor) -> None:
+        """Replace the newest frame's RCFG reference (onetime-negative RCFG). (1, C, h, w)."""
+        self.ref = torch.cat([x0_ref, self.ref[1:]], dim=0)
+
+    def advance(self, denoised: torch.Tensor):
+        """Take one step for every in-flight frame.
+
+        Args:
+            denoised: (m, C, h, w) the step outputs (c_skip x_t + c_out x0_hat) for `self.x`.
+        Returns:
+            (tag, latent (1, C, h, w)) of the frame that finished its last step, or None.
+        """
+        m, n, lo = self.in_flight, self.num_steps, self.lo
+        keep = min(m, n - 1 - lo)  # frames with steps left; at most one frame finishes
+        finished = None
+        if keep < m:
+            finished = (self.tags[-1], denoised[keep:])
+        if keep > 0:
+            nxt = self.table.rows(lo + 1, lo + 1 + keep)
+            self.x = add_noise(
+                denoised[:keep], self.noise[lo + 1 : lo + 1 + keep], nxt.alpha_sqrt, nxt.beta_sqrt
+            )
+            self.ref = self.ref[:keep]
+            self.tags = self.tags[:keep]
+            self.lo = lo + 1
+        else:
+            self.reset()
+        return finished
