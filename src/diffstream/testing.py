@@ -1,0 +1,69 @@
+"""Synthetic clips for tests, examples and benchmarks (no downloads, deterministic)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_frames(n: int, height: int = 48, width: int = 64, seed: int = 0) -> list[np.ndarray]:
+    """n smooth moving RGB frames (a drifting sinusoid pattern plus mild noise).
+
+    Returns:
+        list of (height, width, 3) uint8 frames.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = []
+    for i in range(n):
+        r = 127 + 100 * np.sin((xx + 3 * i) / 9.0) * np.cos(yy / 7.0 + 0.3 * i)
+        g = 127 + 100 * np.cos((yy - 2 * i) / 11.0)
+        b = 127 + 100 * np.sin((xx + yy + 4 * i) / 13.0)
+        img = np.stack([r, g, b], axis=-1) + rng.normal(0, 6, (height, width, 3))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+def write_video(path, frames, fps: int = 25, audio_seconds: float | None = None) -> str:
+    """Encode frames to an H.264 file with PyAV, optionally with a sine-wave AAC track.
+
+    Args:
+        path: output file (.mp4).
+        frames: (H, W, 3) uint8 frames of equal, even size.
+        audio_seconds: length of a 440 Hz audio track to add, or None for no audio.
+    """
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
+        audio = None
+        if audio_seconds:
+            audio = container.add_stream("aac", rate=44100)
+            audio.layout = "mono"
+        for i, frame in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf.pts = i
+            vf.time_base = fractions.Fraction(1, fps)
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if audio is not None:
+            rate, chunk = 44100, 1024
+            total = int(audio_seconds * rate)
+            t = np.arange(total) / rate
+            samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            for start in range(0, total, chunk):
+                part = samples[start : start + chunk]
+                af = av.AudioFrame.from_ndarray(part[None, :], format="fltp", layout="mono")
+                af.sample_rate = rate
+                af.pts = start
+                af.time_base = fractions.Fraction(1, rate)
+                for packet in audio.encode(af):
+                    container.mux(packet)
+            for packet in audio.encode():
+                container.mux(packet)
+    return str(path)

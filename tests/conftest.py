@@ -1,0 +1,32 @@
+"""Shared fixtures: one thread per test process and the tiny model, built once."""
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny random SD model (4-channel UNet), fp32 on the CPU."""
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    return load_components(ModelConfig(model="tiny", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_taesd_model():
+    """The tiny model with a tiny random AutoencoderTiny instead of its KL VAE."""
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    return load_components(ModelConfig(model="tiny", device="cpu", tiny_vae="tiny"))
+
+
+@pytest.fixture
+def frames():
+    from diffstream.testing import make_frames
+
+    return make_frames(7)
