@@ -1,0 +1,99 @@
+"""Model building and loading: tokenizer, tiny model, errors, LoRA fusing."""
+
+import pytest
+import torch
+
+from diffstream.config import ModelConfig
+from diffstream.errors import ModelLoadError
+from diffstream.models.loading import fuse_loras, load_components
+
+
+def test_clip_tokenizer_is_the_real_vocabulary():
+    from diffstream.models.tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer()
+    assert len(tok) == 49408
+    ids = tok("a photo of a cat").input_ids
+    # <|startoftext|> a photo of a cat <|endoftext|>, as in every SD 1.x tokenizer
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_tiny_model_is_deterministic_and_sd_shaped(tiny):
+    from diffstream.models.tiny import tiny_unet
+
+    again = tiny_unet()
+    for (name, p), q in zip(tiny.unet.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert tiny.vae_scale_factor == 8 and tiny.latent_channels == 4 and tiny.size_multiple == 16
+    emb = tiny.encode_prompt(["a cat", ""])
+    assert emb.shape == (2, 77, 32)
+
+
+def test_tiny_instruct_has_eight_input_channels():
+    comp = load_components(ModelConfig(model="tiny", instruct=True))
+    assert comp.unet_in_channels == 8
+
+
+@pytest.mark.parametrize("spec", ["/no/such/folder", "missing.safetensors", "not a hub id at all"])
+def test_missing_checkpoint_is_one_line(spec):
+    with pytest.raises(ModelLoadError) as info:
+        load_components(ModelConfig(model=spec))
+    msg = str(info.value)
+    assert "\n" not in msg and "--model" in msg
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a diffusers"):
+        load_components(ModelConfig(model=str(tmp_path)))
+
+
+def test_saved_tiny_model_loads_from_folder(tmp_path, tiny):
+    """The real from_pretrained path, on a diffusers folder written from the tiny model."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
+                                   unet=tiny.unet, scheduler=tiny.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "sd")
+    loaded = load_components(ModelConfig(model=str(tmp_path / "sd"), device="cpu"))
+    for (name, p), q in zip(tiny.unet.state_dict().items(), loaded.unet.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert loaded.tokenizer("a cat").input_ids == tiny.tokenizer("a cat").input_ids
+
+
+def test_lora_file_is_fused_into_the_unet(tmp_path):
+    """A LoRA saved in diffusers' format, fused, gives the adapted model's output."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffstream.models.tiny import tiny_components
+
+    adapted = tiny_components()
+    torch.manual_seed(123)
+    adapted["unet"].add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(adapted["unet"]),
+                                              weight_name="style.safetensors")
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        expected = adapted["unet"](x, 50, encoder_hidden_states=emb).sample
+
+    fresh = tiny_components()
+    with torch.no_grad():
+        plain = fresh["unet"](x, 50, encoder_hidden_states=emb).sample
+    fuse_loras(fresh, [(str(tmp_path / "style.safetensors"), 1.0)])
+    with torch.no_grad():
+        fused = fresh["unet"](x, 50, encoder_hidden_states=emb).sample
+    assert not torch.allclose(plain, expected, atol=1e-3)
+    assert torch.allclose(fused, expected, atol=1e-5)
+    assert not any("lora" in n for n, _ in fresh["unet"].named_parameters())  # no adapter left
+
+
+def test_missing_lora_is_one_line():
+    from diffstream.models.tiny import tiny_components
+
+    with pytest.raises(ModelLoadError) as info:
+        fuse_loras(tiny_components(), [("/no/such/lora.safetensors", 1.0)])
+    assert "\n" not in str(info.value)
