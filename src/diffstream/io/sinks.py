@@ -1,0 +1,601 @@
+"""Frame sinks: H.264 video files, PNG folders and a preview window.
+
+A sink receives RGB uint8 frames (see `diffstream.frames`) one at a time. `close()`
+finalizes the output and is idempotent; using a sink as a context manager closes it
+even when the processing loop raises (including KeyboardInterrupt), so an interrupted
+run still leaves a playable file with every frame written so far.
+
+Problems that do not lose frames (e.g. the audio track could not be copied) are not
+errors: they are appended to `Sink.warnings` for the caller to print.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from diffstream import frames as fr
+from diffstream.errors import OutputError
+
+__all__ = ["Sink", "VideoSink", "PngFolderSink", "WindowSink", "open_sink", "DEFAULT_FPS"]
+
+DEFAULT_FPS = Fraction(30)
+# x264 settings: CRF 18 is visually near-lossless for diffusion output, and "medium"
+# encodes far faster than the diffusion model produces frames, so it never limits speed.
+X264_CRF = 18
+X264_PRESET = "medium"
+AAC_BIT_RATE = 192_000
+
+# Suffix -> FFmpeg muxer name.
+VIDEO_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+# Media suffixes we do not write; treating "out.webm" as a folder name would surprise.
+_REFUSED_SUFFIXES = frozenset(
+    ".avi .webm .gif .flv .wmv .ts .mts .m2ts .mpg .mpeg .ogv .3gp "
+    ".png .jpg .jpeg .webp .bmp .tif .tiff".split()
+)
+# Audio codecs that play back reliably when copied as-is into each container; other
+# codecs are transcoded to AAC. Matroska takes nearly anything, so it has no list.
+# PCM is always transcoded: its packets are long (a WAV packet can hold 0.1 s), so a
+# copy could not be cut at the last video frame, and AAC is a tenth of the size.
+_COPYABLE_AUDIO = {
+    "mp4": {"aac", "mp3", "opus", "alac", "ac3", "eac3"},
+    "mov": {"aac", "mp3", "alac", "ac3", "eac3"},
+}
+
+
+def _one_line(text) -> str:
+    """Collapse a library message onto one line (user-facing errors are one line)."""
+    return " ".join(str(text).split())
+
+
+def _reason(err: BaseException) -> str:
+    """Short description of an OS/PyAV error, without errno and file name."""
+    return _one_line(getattr(err, "strerror", None) or err or type(err).__name__)
+
+
+def _as_fps(fps) -> Fraction:
+    """Normalise a frame rate to a small Fraction (30000/1001 stays exact)."""
+    if fps is None:
+        return DEFAULT_FPS
+    try:
+        value = Fraction(fps).limit_denominator(1001)
+    except (TypeError, ValueError):
+        raise OutputError(f"invalid output frame rate {fps!r}") from None
+    if value <= 0:
+        raise OutputError(f"invalid output frame rate {fps!r}: must be positive")
+    return value
+
+
+def _as_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An RGB uint8 frame of exactly `size` = (width, height)."""
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        frame = fr.to_rgb(frame)
+    return fr.resize(frame, size)
+
+
+class Sink:
+    """Receives RGB uint8 frames; see `open_sink`.
+
+    Attributes:
+        frames_written: number of frames accepted by `write`.
+        warnings: problems that did not lose frames, e.g. audio that was not copied.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.frames_written = 0
+        self.warnings: list[str] = []
+        self._closed = False
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one RGB uint8 frame (H, W, 3)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Finalize the output; idempotent."""
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has run."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"write to closed sink {self.spec}")
+
+    def __enter__(self) -> "Sink":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Runs on every exit, KeyboardInterrupt included: that is what makes an
+        # interrupted run leave a valid file.
+        self.close()
+
+
+class _AudioTrack:
+    """Feeds the audio of another file into an output container, in step with the video.
+
+    Audio is muxed incrementally while video frames arrive, only up to the video time
+    written so far, so the output never holds audio past its last frame and a run cut
+    short stays in sync. Packets are copied unchanged when the container accepts the
+    codec (mode "copy"), otherwise decoded and re-encoded to AAC (mode "aac").
+    """
+
+    def __init__(self, path: str, container, mode: str) -> None:
+        import av
+
+        self.path = path
+        self.mode = mode
+        self._input = av.open(path, "r")
+        try:
+            self._in_stream = self._input.streams.audio[0]
+            # Output time 0 is the source's first video frame; audio before it is cut.
+            ref = None
+            if self._input.streams.video:
+                video = self._input.streams.video[0]
+                if video.start_time is not None and video.time_base is not None:
+                    ref = video.start_time * video.time_base
+            if ref is None and self._in_stream.start_time is not None:
+                ref = self._in_stream.start_time * self._in_stream.time_base
+            self._offset = Fraction(ref or 0)
+            if mode == "copy":
+                self.out_stream = container.add_stream_from_template(self._in_stream)
+            else:
+                ctx = self._in_stream.codec_context
+                rate = ctx.sample_rate or 48000
+                self.out_stream = container.add_stream("aac", rate=rate)
+                # Named layouts only: the AAC encoder rejects unordered ones ("2 channels"
+                # from WAV files); mono stays mono, everything else becomes stereo.
+                self.out_stream.layout = "mono" if ctx.layout.nb_channels == 1 else "stereo"
+                self.out_stream.bit_rate = AAC_BIT_RATE
+                self._rate = rate
+            self._container = container
+            self._packets = self._input.demux(self._in_stream)
+            # Read-ahead packets or frames waiting for the video to catch up.
+            self._pending: deque = deque()
+            self._exhausted = False
+        except BaseException:
+            self._input.close()
+            raise
+
+    def _time(self, pts, time_base) -> Fraction | None:
+        """Output time in seconds of an input timestamp, or None when it has none."""
+        if pts is None or time_base is None:
+            return None
+        return pts * time_base - self._offset
+
+    def _next_items(self) -> bool:
+        """Read the next packet into `_pending`; False at the end of the audio."""
+        if self._exhausted:
+            return False
+        try:
+            packet = next(self._packets)
+        except StopIteration:
+            self._exhausted = True
+            return False
+        if self.mode == "copy":
+            if packet.size:  # skip the empty flush packet that ends demuxing
+                self._pending.append(packet)
+        else:
+            import av
+
+            try:
+                self._pending.extend(packet.decode())
+            except av.FFmpegError:
+                pass  # a damaged audio packet is a short gap, not a reason to stop
+        return True
+
+    def feed_until(self, seconds: Fraction, final: bool = False) -> None:
+        """Mux the audio that lies before `seconds` of output time.
+
+        While video keeps arriving (`final` False) only audio that ends by `seconds` is
+        muxed, so nothing is committed past the video yet. At the end (`final` True)
+        audio that starts before `seconds` is muxed too; decoded audio (mode "aac") is
+        cut exactly there, copied packets can overshoot by at most one packet.
+        """
+        while True:
+            if not self._pending and not self._next_items():
+                return
+            while self._pending:
+                item = self._pending[0]
+                start = self._time(item.pts, item.time_base)
+                if start is None:
+                    self._pending.popleft()  # untimed data cannot be placed; rare and short
+                    continue
+                end = start + self._duration(item)
+                if start >= seconds or (not final and end > seconds):
+                    return
+                self._pending.popleft()
+                # Skip audio wholly before the first video frame; copied packets that
+                # end exactly at 0 are AAC priming the decoder needs, so they stay.
+                if end < 0 or (end == 0 and self.mode != "copy"):
+                    continue
+                if self.mode != "copy" and end > seconds:
+                    item = self._trimmed(item, seconds - start)
+                self._mux(item, start)
+
+    def _duration(self, item) -> Fraction:
+        """Length in seconds of a packet (copy) or decoded frame (aac)."""
+        if self.mode == "copy":
+            return Fraction(item.duration or 0) * item.time_base
+        return Fraction(item.samples, item.sample_rate or self._rate)
+
+    @staticmethod
+    def _trimmed(frame, seconds: Fraction):
+        """The first `seconds` of a decoded audio frame, as a new frame."""
+        import av
+
+        keep = max(1, round(seconds * frame.sample_rate))
+        samples = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels)
+        if not frame.format.is_planar:
+            keep *= frame.layout.nb_channels
+        cut = av.AudioFrame.from_ndarray(
+            samples[:, :keep].copy(), format=frame.format.name, layout=frame.layout
+        )
+        cut.sample_rate = frame.sample_rate
+        cut.pts, cut.time_base = frame.pts, frame.time_base
+        return cut
+
+    def _mux(self, item, start: Fraction) -> None:
+        """Write one input packet (copy) or decoded frame (aac) at output time `start`."""
+        if self.mode == "copy":
+            shift = round(self._offset / item.time_base) if self._offset else 0
+            if shift:
+                item.pts -= shift
+                if item.dts is not None:
+                    item.dts -= shift
+            item.stream = self.out_stream
+            self._container.mux(item)
+        else:
+            item.pts = max(0, round(start * self._rate))
+            item.time_base = Fraction(1, self._rate)
+            self._container.mux(self.out_stream.encode(item))
+
+    def finish(self, seconds: Fraction) -> None:
+        """Mux the audio up to `seconds`, flush the encoder and close the input."""
+        try:
+            self.feed_until(seconds, final=True)
+            if self.mode != "copy":
+                self._container.mux(self.out_stream.encode(None))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the audio input file."""
+        try:
+            self._input.close()
+        except Exception:
+            pass  # only an input; nothing to lose
+
+
+class VideoSink(Sink):
+    """An H.264 (libx264, yuv420p) file at constant frame rate, with optional audio."""
+
+    def __init__(self, path: str, fps, size: tuple[int, int], audio_path: str | None = None):
+        """Create `path` and write its header (so an unwritable path fails now).
+
+        Args:
+            fps: output frame rate; None means 30.
+            size: (width, height); rounded down to even numbers for 4:2:0 chroma.
+            audio_path: copy the first audio track of this file, if it has one.
+        Raises:
+            OutputError: the file cannot be created.
+        """
+        super().__init__(path)
+        self.path = path
+        self.fps = _as_fps(fps)
+        self.size = fr.even_size((int(size[0]), int(size[1])))
+        self.format = VIDEO_FORMATS.get(Path(path).suffix.lower(), "mp4")
+        self._time_base = 1 / self.fps
+        self._audio: _AudioTrack | None = None
+
+        parent = Path(path).expanduser().resolve().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create output folder for {path}: {_reason(err)}") from None
+
+        audio_modes = self._audio_modes(audio_path)
+        last_error: BaseException | None = None
+        for mode in audio_modes + [None]:
+            try:
+                self._open(mode, audio_path)
+                break
+            except Exception as err:  # retry with a simpler audio setup, then none
+                last_error = err
+                self._abort()
+                if mode is not None:
+                    continue
+                raise OutputError(f"cannot write output {path}: {_reason(err)}") from None
+        if audio_modes and self._audio is None:
+            self.warnings.append(
+                f"audio of {audio_path} not copied: {_reason(last_error)}; the video has no sound"
+            )
+
+    def _audio_modes(self, audio_path: str | None) -> list[str]:
+        """How to try adding the audio of `audio_path`: "copy", then "aac" as fallback."""
+        if not audio_path:
+            return []
+        import av
+
+        try:
+            with av.open(audio_path, "r") as probe:
+                if not probe.streams.audio:
+                    return []
+                codec = probe.streams.audio[0].codec_context.name
+        except (av.FFmpegError, OSError) as err:
+            self.warnings.append(f"audio of {audio_path} not copied: {_reason(err)}")
+            return []
+        allowed = _COPYABLE_AUDIO.get(self.format)
+        if codec.startswith("pcm_"):
+            return ["aac"]
+        if allowed is None or codec in allowed:
+            return ["copy", "aac"]
+        return ["aac"]
+
+    def _open(self, audio_mode: str | None, audio_path: str | None) -> None:
+        """Open the container with the video stream (and audio per `audio_mode`)."""
+        import av
+
+        self._container = av.open(self.path, "w", format=self.format)
+        stream = self._container.add_stream("libx264", rate=self.fps)
+        stream.width, stream.height = self.size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = self._time_base
+        stream.options = {"crf": str(X264_CRF), "preset": X264_PRESET}
+        self._stream = stream
+        if audio_mode is not None:
+            self._audio = _AudioTrack(audio_path, self._container, audio_mode)
+        # Writes the header now: fails here (not at the first frame) on a bad path,
+        # and tells us whether the muxer accepts the audio stream.
+        self._container.start_encoding()
+
+    def _abort(self) -> None:
+        """Drop a half-opened container before retrying."""
+        if self._audio is not None:
+            self._audio.close()
+            self._audio = None
+        container = getattr(self, "_container", None)
+        self._container = None
+        if container is not None:
+            try:
+                container.close()
+            except Exception:
+                pass  # it never got valid content
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+
+    def _video_seconds(self) -> Fraction:
+        return self.frames_written * self._time_base
+
+    def write(self, frame: np.ndarray) -> None:
+        """Encode one RGB frame (resized to the output size if it differs)."""
+        self._check_open()
+        av_frame = fr.frame_to_av_frame(_as_frame(frame, self.size))
+        av_frame.pts = self.frames_written
+        av_frame.time_base = self._time_base
+        try:
+            self._container.mux(self._stream.encode(av_frame))
+        except OSError as err:  # disk full, file removed under us, ...
+            raise OutputError(f"cannot write output {self.path}: {_reason(err)}") from None
+        self.frames_written += 1
+        self._feed_audio(self._video_seconds())
+
+    def _feed_audio(self, seconds: Fraction, final: bool = False) -> None:
+        """Mux audio up to `seconds`; on failure keep the video and record a warning."""
+        if self._audio is None:
+            return
+        try:
+            if final:
+                self._audio.finish(seconds)
+            else:
+                self._audio.feed_until(seconds)
+        except Exception as err:
+            self.warnings.append(
+                f"audio copy from {self._audio.path} stopped at {float(seconds):.2f} s: {_reason(err)}"
+            )
+            self._audio.close()
+            self._audio = None
+        else:
+            if final:
+                self._audio = None
+
+    def close(self) -> None:
+        """Flush the encoder, add the remaining audio and finalize the file; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        error: BaseException | None = None
+        try:
+            self._container.mux(self._stream.encode(None))
+        except Exception as err:
+            error = err
+        self._feed_audio(self._video_seconds(), final=True)
+        try:
+            self._container.close()  # writes the index (moov atom): the file is now valid
+        except Exception as err:
+            error = error or err
+        if self.frames_written == 0:
+            self.warnings.append(f"no frames were written to {self.path}")
+        if error is not None:
+            raise OutputError(f"cannot finalize output {self.path}: {_reason(error)}") from None
+
+
+class PngFolderSink(Sink):
+    """Numbered PNG files frame_000000.png, frame_000001.png, ... in a folder."""
+
+    def __init__(self, folder: str, size: tuple[int, int]) -> None:
+        """Create `folder` (with parents) if needed.
+
+        Raises:
+            OutputError: the folder cannot be created.
+        """
+        super().__init__(folder)
+        self.folder = Path(folder).expanduser()
+        self.size = (int(size[0]), int(size[1]))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create output folder {folder}: {_reason(err)}") from None
+        if not os.access(self.folder, os.W_OK):
+            raise OutputError(f"cannot write to output folder {folder}: permission denied")
+        # Frames left by an earlier, longer run would mix with ours; say so at close.
+        self._old_frames = len(list(self.folder.glob("frame_[0-9][0-9][0-9][0-9][0-9][0-9].png")))
+
+    def path_for(self, index: int) -> Path:
+        """Path of frame number `index`."""
+        return self.folder / f"frame_{index:06d}.png"
+
+    def write(self, frame: np.ndarray) -> None:
+        """Save one RGB frame as the next numbered PNG."""
+        self._check_open()
+        path = self.path_for(self.frames_written)
+        try:
+            fr.save_image(path, _as_frame(frame, self.size))
+        except OSError as err:
+            raise OutputError(f"cannot write {path}: {_reason(err)}") from None
+        self.frames_written += 1
+
+    def close(self) -> None:
+        """Nothing to finalize (every PNG is complete); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._old_frames > self.frames_written:
+            self.warnings.append(
+                f"output folder {self.spec} still holds {self._old_frames - self.frames_written} "
+                f"older frames after {self.path_for(self.frames_written - 1).name if self.frames_written else 'none'}"
+            )
+
+
+def _opencv_has_gui(cv2) -> bool:
+    """Whether this OpenCV build can open windows (the -headless wheels cannot)."""
+    for line in cv2.getBuildInformation().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "GUI":
+            return value.strip().upper() not in ("", "NONE", "NO")
+    return False
+
+
+class WindowSink(Sink):
+    """Shows frames in an OpenCV window; `q` or Esc in the window stops the run."""
+
+    WINDOW_NAME = "diffstream"
+    _QUIT_KEYS = (ord("q"), ord("Q"), 27)
+
+    def __init__(self, size: tuple[int, int] | None = None) -> None:
+        """Check that a window can be shown; the window opens at the first frame.
+
+        Raises:
+            OutputError: OpenCV has no GUI support or there is no display.
+        """
+        super().__init__("window")
+        import cv2
+
+        self._cv2 = cv2
+        if not _opencv_has_gui(cv2):
+            raise OutputError(
+                "window preview needs an OpenCV build with GUI support: pip install opencv-python"
+            )
+        # Checked here because OpenCV's Qt/GTK backends abort the process without a display.
+        if sys.platform.startswith("linux") and not (
+            os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+        ):
+            raise OutputError("window preview needs a display (DISPLAY is not set)")
+        self._size = size
+        self._window_open = False
+
+    def _open_window(self) -> None:
+        # Created at the first frame rather than in __init__ so that every GUI call
+        # happens in the thread that writes (a ThreadedWriter's thread); GUI toolkits
+        # dislike windows used from a thread other than the one that created them.
+        cv2 = self._cv2
+        try:
+            cv2.namedWindow(self.WINDOW_NAME, cv2.WINDOW_NORMAL)
+            if self._size:
+                cv2.resizeWindow(self.WINDOW_NAME, int(self._size[0]), int(self._size[1]))
+        except cv2.error as err:
+            raise OutputError(f"cannot open a preview window: {_one_line(err)}") from None
+        self._window_open = True
+
+    def write(self, frame: np.ndarray) -> None:
+        """Show one frame.
+
+        Raises:
+            KeyboardInterrupt: the user pressed q or Esc, or closed the window.
+        """
+        self._check_open()
+        if not self._window_open:
+            self._open_window()
+        cv2 = self._cv2
+        cv2.imshow(self.WINDOW_NAME, fr.rgb_to_bgr(frame))
+        self.frames_written += 1
+        # waitKey also runs the GUI event loop; without it the window never repaints.
+        key = cv2.waitKey(1)
+        if key != -1 and (key & 0xFF) in self._QUIT_KEYS:
+            raise KeyboardInterrupt("preview stopped by the user")
+        try:
+            visible = cv2.getWindowProperty(self.WINDOW_NAME, cv2.WND_PROP_VISIBLE)
+        except cv2.error:
+            visible = 0
+        if visible < 1:
+            raise KeyboardInterrupt("preview stopped by the user")
+
+    def close(self) -> None:
+        """Close the window; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._window_open:
+            return
+        try:
+            self._cv2.destroyWindow(self.WINDOW_NAME)
+            self._cv2.waitKey(1)  # lets the GUI backend actually remove the window
+        except self._cv2.error:
+            pass  # already closed by the user
+
+
+def open_sink(
+    spec: str,
+    fps: Fraction | float | None,
+    size: tuple[int, int],
+    audio_path: str | None = None,
+) -> Sink:
+    """Open an output.
+
+    Args:
+        spec: ``*.mp4`` / ``*.mkv`` / ``*.mov`` (``*.m4v``) for an H.264 video; an
+            existing folder, a path ending with ``/`` or a path without a suffix for a
+            PNG folder; ``window`` for a preview window.
+        fps: frame rate of a video output (None: 30); ignored by other outputs.
+        size: (width, height) of the output; frames of another size are resized.
+            Video outputs round it down to even numbers.
+        audio_path: for video outputs, copy this file's audio track (if any), cut to
+            the length of the video written.
+    Returns:
+        A `Sink`; use it as a context manager or call `close()`.
+    Raises:
+        OutputError: one line naming the output and what is wrong.
+    """
+    spec = str(spec)
+    if spec.strip().lower() == "window":
+        return WindowSink(size)
+    path = Path(spec).expanduser()
+    if path.is_dir() or spec.endswith(("/", os.sep)):
+        return PngFolderSink(str(path), size)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_FORMATS:
+        return VideoSink(str(path), fps, size, audio_path)
+    if suffix in _REFUSED_SUFFIXES:
+        raise OutputError(
+            f"unsupported output {spec}: use a .mp4, .mkv or .mov file, a folder (PNG frames) or 'window'"
+        )
+    return PngFolderSink(str(path), size)
