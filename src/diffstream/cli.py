@@ -1,0 +1,248 @@
+"""The `diffstream` command line.
+
+    diffstream run INPUT -o OUTPUT --prompt "..." [options]
+
+Options are parsed into typed configs first (a bad option fails before torch is even
+imported), then the input is opened (a bad input fails before the model loads), then
+the model loads. Exit codes: 0 done, 2 bad option/input/model, 130 interrupted
+(Ctrl-C or SIGTERM; the output is finalised and holds every frame produced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from diffstream.config import (
+    CFG_TYPES,
+    DEFAULT_MODEL,
+    DTYPES,
+    METHODS,
+    MODEL_PRESETS,
+    IOConfig,
+    ModelConfig,
+    RunConfig,
+    StreamConfig,
+)
+from diffstream.errors import ConfigError, DiffstreamError
+
+
+def _float_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 32,45, got {text!r}") from None
+
+
+def _lora(text: str) -> tuple[str, float]:
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line with exit code 2 (its default code)."""
+
+    def error(self, message):
+        self.exit(2, f"diffstream: error: {message}\n")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Model options shared by every subcommand that runs a model."""
+    g = p.add_argument_group("model")
+    presets = ", ".join(f"{k} ({v['model']})" for k, v in MODEL_PRESETS.items())
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset [{presets}], 'tiny' (random offline test model: produces noise), "
+                        f"a hub id, a local diffusers folder, or a .safetensors file (default: {DEFAULT_MODEL})")
+    g.add_argument("--lcm-lora", default=None, help="LCM-LoRA to fuse (hub id, folder, file) or 'none'")
+    g.add_argument("--lora", action="append", type=_lora, default=[], metavar="PATH[:SCALE]",
+                   help="extra LoRA to fuse; repeatable")
+    g.add_argument("--tiny-vae", default=None, help="AutoencoderTiny instead of the full VAE: 'taesd', a hub id or folder")
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, mps, cpu")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: fp16 on GPU, fp32 on CPU")
+    g.add_argument("--turbo", default=None, action=argparse.BooleanOptionalAction,
+                   help="turbo model handling (1 step, no CFG); default: detected from the model name")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+
+
+def add_stream_options(p: argparse.ArgumentParser) -> None:
+    """Denoising options of the streaming engine."""
+    g = p.add_argument_group("denoising")
+    g.add_argument("--prompt", default="", help="text to restyle towards")
+    g.add_argument("--negative-prompt", default="", help="unconditional text for --cfg-type initialize/full")
+    g.add_argument("--method", default="streamdiffusion", choices=METHODS, help="temporal-consistency method")
+    g.add_argument("--strength", type=float, default=0.4,
+                   help="SDEdit noise strength in (0, 1]; StreamV2V's default 0.4 (default: 0.4)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4, turbo: 1)")
+    g.add_argument("--t-index-list", type=_float_list, default=None, metavar="I,J,...",
+                   help="explicit indices into the 50-step LCM table, e.g. 32,45 (overrides --strength/--steps)")
+    g.add_argument("--guidance", type=float, default=1.2, help="CFG scale; <= 1 disables guidance (default: 1.2)")
+    g.add_argument("--delta", type=float, default=1.0, help="RCFG residual-noise moderation (default: 1.0)")
+    g.add_argument("--cfg-type", default=None, choices=CFG_TYPES,
+                   help="none | self (RCFG, no extra call) | initialize (RCFG, 1 extra call/frame) | full (CFG)")
+    g.add_argument("--seed", type=int, default=2, help="seeds the fixed noise and every random draw")
+    g.add_argument("--similarity-filter", type=float, default=None, metavar="THRESHOLD",
+                   help="skip near-identical frames (cosine >= THRESHOLD skips for sure), e.g. 0.98")
+    g.add_argument("--max-skip", type=int, default=10, help="longest run of skipped frames (default: 10)")
+    g.add_argument("--no-stream-batch", action="store_true",
+                   help="denoise each frame to completion before the next (same frames, slower)")
+    g.add_argument("--size", type=int, default=512, help="longer side of the processing size (default: 512)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diffstream", description="Text-driven video-to-video translation with diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="restyle a video, image folder, webcam or network stream frame by frame",
+                         description="Restyle a stream frame by frame with the streaming engine.")
+    run.add_argument("input", help="video file, image folder, webcam:N, or rtsp/rtmp/http(s) URL")
+    run.add_argument("-o", "--output", required=True, help="output .mp4 file, PNG folder, or 'window'")
+    run.add_argument("--max-frames", type=int, default=None, help="process only the first N frames")
+    run.add_argument("--keep-size", action="store_true", help="scale outputs back to the input size")
+    run.add_argument("--queue-size", type=int, default=8, help="capacity of the input/output queues")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(run)
+    add_stream_options(run)
+    return parser
+
+
+def model_config(args) -> ModelConfig:
+    return ModelConfig(model=args.model, lcm_lora=args.lcm_lora, loras=tuple(args.lora), tiny_vae=args.tiny_vae,
+                       device=args.device, dtype=args.dtype, turbo=args.turbo, compile=args.compile)
+
+
+def stream_config(args) -> StreamConfig:
+    return StreamConfig(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, strength=args.strength, steps=args.steps,
+        t_index_list=args.t_index_list, guidance=args.guidance, delta=args.delta, cfg_type=args.cfg_type,
+        seed=args.seed, similarity_threshold=args.similarity_filter, max_skip=args.max_skip,
+        stream_batch=not args.no_stream_batch, size=args.size, method=args.method,
+    )
+
+
+def run_config(args) -> RunConfig:
+    """Build the typed config of `diffstream run` (raises ConfigError)."""
+    io = IOConfig(input=args.input, output=args.output, max_frames=args.max_frames, keep_size=args.keep_size,
+                  queue_size=args.queue_size, progress=not args.no_progress)
+    return RunConfig(model=model_config(args), stream=stream_config(args), io=io)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, config notes) is not for CLI users."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "huggingface_hub", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+    except Exception:
+        pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_run(config: RunConfig) -> int:
+    """`diffstream run`: stream frames through the engine into the sink."""
+    from diffstream.io.queues import ThreadedReader, ThreadedWriter
+    from diffstream.io.sinks import open_sink
+    from diffstream.io.sources import open_source
+
+    io = config.io
+    source = open_source(io.input, max_frames=io.max_frames)
+    sink = reader = writer = bar = None
+    written = 0
+    start = time.perf_counter()
+    try:
+        _quiet_libraries()
+        from diffstream.models.loading import load_components
+        from diffstream.pipelines.factory import make_pipeline
+
+        components = load_components(config.model)
+        pipe = make_pipeline(components, config.stream)
+        work_size = pipe.processing_size(source.width, source.height)
+        out_size = (source.width, source.height) if io.keep_size else work_size
+        sink = open_sink(io.output, fps=source.fps, size=out_size, audio_path=source.audio_path)
+        if io.progress:
+            from tqdm import tqdm
+
+            total = source.num_frames
+            if io.max_frames is not None and total is not None:
+                total = min(total, io.max_frames)
+            bar = tqdm(total=total, unit="frame", dynamic_ncols=True, file=sys.stderr)
+        reader = ThreadedReader(source, maxsize=io.queue_size, drop_oldest=source.is_live)
+        writer = ThreadedWriter(sink, maxsize=io.queue_size)
+        start = time.perf_counter()
+        for frame in reader:
+            out = pipe.push(frame)
+            if out is not None:
+                writer.write(out)
+                written += 1
+                if bar is not None:
+                    bar.update(1)
+        for out in pipe.flush():
+            writer.write(out)
+            written += 1
+            if bar is not None:
+                bar.update(1)
+        status = 0
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        if bar is not None:
+            bar.close()
+        if reader is not None:
+            reader.close()
+        try:
+            if writer is not None:
+                writer.close()
+        finally:
+            if sink is not None:
+                sink.close()
+            source.close()
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    for warning in list(getattr(source, "warnings", [])) + list(getattr(sink, "warnings", [])):
+        print(f"diffstream: warning: {warning}", file=sys.stderr)
+    extras = []
+    if status == 0 and written:
+        extras.append(f"{written / elapsed:.2f} fps")
+    if "pipe" in locals() and pipe.skipped:
+        extras.append(f"{pipe.skipped} skipped by the similarity filter")
+    if reader is not None and reader.dropped:
+        extras.append(f"{reader.dropped} live frames dropped to keep latency bounded")
+    verb = "interrupted: wrote" if status else "wrote"
+    print(f"diffstream: {verb} {written} frames to {io.output}" + (f" ({', '.join(extras)})" if extras else ""),
+          file=sys.stderr)
+    return status
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if args.command == "run":
+            return cmd_run(run_config(args))
+        raise ConfigError(f"unknown command {args.command!r}")
+    except DiffstreamError as err:
+        print(f"diffstream: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("diffstream: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
