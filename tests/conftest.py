@@ -30,3 +30,14 @@ def frames():
     from diffstream.testing import make_frames
 
     return make_frames(7)
+
+
+@pytest.fixture(autouse=True)
+def _release_shared_unets():
+    """Each test starts with stock processors on the shared tiny UNets: streams a test
+    left open are closed afterwards (as a process exit would)."""
+    yield
+    from diffstream.pipelines.stream import _OWNERS
+
+    for pipe in list(_OWNERS.values()):
+        pipe.close()

@@ -93,6 +93,18 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-stream-batch", action="store_true",
                    help="denoise each frame to completion before the next (same frames, slower)")
     g.add_argument("--size", type=int, default=512, help="longer side of the processing size (default: 512)")
+    b = p.add_argument_group("feature bank (--method streamv2v)")
+    b.add_argument("--bank", default="dyme", metavar="dyme|queue:K",
+                   help="dynamic merging into a fixed-size bank (default), or a FIFO of K frames (the paper's ablation)")
+    b.add_argument("--bank-size", type=int, default=None, help="bank capacity in frames of tokens (default: 1, queue: K)")
+    b.add_argument("--bank-interval", type=int, default=4, help="update the bank every N frames (default: 4)")
+    b.add_argument("--fusion-strength", type=float, default=0.75, help="alpha of feature fusion, Eq. 2 (default: 0.75)")
+    b.add_argument("--fusion-threshold", type=float, default=0.98,
+                   help="fuse only tokens whose nearest banked token has cosine >= this (default: 0.98)")
+    b.add_argument("--fusion-blocks", default="mid_block,up_blocks.0,up_blocks.1",
+                   help="UNet blocks whose self-attention outputs are fused (default: mid_block,up_blocks.0,up_blocks.1)")
+    b.add_argument("--no-extended-attention", action="store_true", help="do not attend to banked keys/values")
+    b.add_argument("--no-fusion", action="store_true", help="no feature fusion")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,12 +128,27 @@ def model_config(args) -> ModelConfig:
                        device=args.device, dtype=args.dtype, turbo=args.turbo, compile=args.compile)
 
 
+def feature_bank_config(args):
+    """The StreamV2V feature-bank settings from the CLI options."""
+    from diffstream.attention.feature_bank import FeatureBankConfig, parse_bank
+
+    kind, queue_frames = parse_bank(args.bank)
+    size = args.bank_size if args.bank_size is not None else (queue_frames or (2 if kind == "queue" else 1))
+    blocks = tuple(b.strip() for b in args.fusion_blocks.split(",") if b.strip())
+    return FeatureBankConfig(
+        extended_attention=not args.no_extended_attention, fusion=not args.no_fusion,
+        fusion_strength=args.fusion_strength, fusion_threshold=args.fusion_threshold, fusion_blocks=blocks,
+        bank=kind, bank_size=size, interval=args.bank_interval,
+    )
+
+
 def stream_config(args) -> StreamConfig:
     return StreamConfig(
         prompt=args.prompt, negative_prompt=args.negative_prompt, strength=args.strength, steps=args.steps,
         t_index_list=args.t_index_list, guidance=args.guidance, delta=args.delta, cfg_type=args.cfg_type,
         seed=args.seed, similarity_threshold=args.similarity_filter, max_skip=args.max_skip,
         stream_batch=not args.no_stream_batch, size=args.size, method=args.method,
+        feature_bank=feature_bank_config(args),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from diffstream.attention.feature_bank import FeatureBankConfig
 from diffstream.errors import ConfigError
 
 # Presets: short names for the checkpoints users start from.
@@ -24,7 +25,7 @@ MODEL_PRESETS: dict[str, dict] = {
 DEFAULT_MODEL = "sd15-lcm"
 TINY_VAE_PRESETS = {"taesd": "madebyollin/taesd"}
 
-METHODS = ("streamdiffusion",)
+METHODS = ("streamdiffusion", "streamv2v")
 CFG_TYPES = ("none", "self", "initialize", "full")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 # Entries of the LCM timestep table; StreamDiffusion's t_index_list indexes this table.
@@ -108,7 +109,9 @@ class StreamConfig:
         stream_batch: run the denoising steps of consecutive frames as one UNet batch;
             False denoises each frame to completion before the next (same frames, slower).
         size: longer side of the processing size in pixels (rounded to the model's multiple).
-        method: the temporal-consistency method.
+        method: the temporal-consistency method: "streamdiffusion" (per-frame baseline)
+            or "streamv2v" (feature bank).
+        feature_bank: settings of the streamv2v feature bank.
     """
 
     prompt: str = ""
@@ -125,6 +128,7 @@ class StreamConfig:
     stream_batch: bool = True
     size: int = 512
     method: str = "streamdiffusion"
+    feature_bank: FeatureBankConfig = field(default_factory=FeatureBankConfig)
 
     def __post_init__(self):
         if not (0.0 < float(self.strength) <= 1.0):

@@ -7,13 +7,20 @@ from diffstream.models.loading import Components
 from diffstream.pipelines.stream import StreamPipeline
 
 
-def make_mechanism(method: str):
-    """The temporal mechanism of `method` (None for the per-frame StreamDiffusion baseline)."""
-    if method == "streamdiffusion":
+def make_mechanism(config: StreamConfig):
+    """The temporal mechanism of `config.method` (None for the per-frame StreamDiffusion baseline)."""
+    if config.method == "streamdiffusion":
         return None
-    raise ValueError(f"unknown method {method!r}")
+    if config.method == "streamv2v":
+        import dataclasses
+
+        from diffstream.attention.feature_bank import FeatureBank
+
+        # The bank's random split follows the stream's seed, so runs are reproducible.
+        return FeatureBank(dataclasses.replace(config.feature_bank, seed=config.seed))
+    raise ValueError(f"unknown method {config.method!r}")
 
 
 def make_pipeline(components: Components, config: StreamConfig) -> StreamPipeline:
     """A StreamPipeline running `config.method` on `components`."""
-    return StreamPipeline(components, config, make_mechanism(config.method))
+    return StreamPipeline(components, config, make_mechanism(config))

@@ -17,6 +17,7 @@ filter repeats the output of the frame it resembled, in its own position.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import deque
 from typing import Callable
 
@@ -32,7 +33,8 @@ from diffstream.schedule import guidance as G
 from diffstream.schedule.stream_batch import StreamBatch
 from diffstream.schedule.timesteps import denoise, eps_to_x0, make_step_table, model_output_to_eps
 
-_SCHEDULE_FIELDS = ("strength", "steps", "t_index_list", "size")
+# Which stream's processors are installed on a (shared) UNet right now.
+_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class StreamPipeline:
@@ -54,8 +56,7 @@ class StreamPipeline:
         self.mechanism = mechanism or Mechanism()
         self.on_push: list[Callable[[int], None]] = []
         self.on_output: list[Callable[[int], None]] = []
-        self._attached = contextlib.ExitStack()
-        self._attached.enter_context(self.mechanism.attach(components.unet))
+        self._attached: contextlib.ExitStack | None = None
         self._prompt_key = None
         self._schedule_key = None
         self._pending: dict = {}
@@ -64,7 +65,29 @@ class StreamPipeline:
     # --- lifecycle ----------------------------------------------------------------
     def close(self) -> None:
         """Restore the UNet's original attention processors."""
-        self._attached.close()
+        if _OWNERS.get(self.components.unet) is self:
+            del _OWNERS[self.components.unet]
+        if self._attached is not None:
+            self._attached.close()
+            self._attached = None
+
+    def _own_unet(self) -> None:
+        """Make sure this stream's processors are the ones installed on the shared UNet.
+
+        Several streams may share one loaded model (the web server does); each installs
+        its mechanism's processors when it runs and the previous owner's are restored
+        first, so streams never see each other's processors. With one stream this is a
+        dictionary lookup per frame.
+        """
+        unet = self.components.unet
+        owner = _OWNERS.get(unet)
+        if owner is self:
+            return
+        if owner is not None:
+            owner.close()
+        self._attached = contextlib.ExitStack()
+        self._attached.enter_context(self.mechanism.attach(unet))
+        _OWNERS[unet] = self
 
     def __enter__(self):
         return self
@@ -129,6 +152,7 @@ class StreamPipeline:
         Returns:
             (h, w, 3) uint8 output at processing size, or None while the stream batch fills.
         """
+        self._own_unet()
         if self._pending:
             self._apply_pending()
         index = self.frames_in
@@ -146,6 +170,7 @@ class StreamPipeline:
 
     def flush(self) -> list[np.ndarray]:
         """Finish every in-flight frame and return all remaining outputs, in order."""
+        self._own_unet()
         self._drain()
         self._collect()
         out = []
@@ -180,6 +205,10 @@ class StreamPipeline:
         if schedule_key != self._schedule_key:
             if getattr(self, "_batch", None) is not None and self._batch.in_flight:
                 self._drain()  # finish in-flight frames under the schedule they started with
+            if self._schedule_key is not None:
+                # Temporal state (banks, caches) is kept per denoising step; features of
+                # the old steps' noise levels would mislead the new ones.
+                self.mechanism.reset()
             self._t_indices = schedule_key[0]
             comp = self.components
             table = make_step_table(
