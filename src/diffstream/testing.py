@@ -67,3 +67,26 @@ def write_video(path, frames, fps: int = 25, audio_seconds: float | None = None)
             for packet in audio.encode():
                 container.mux(packet)
     return str(path)
+
+
+def benchmark_clip(n: int, size: int, name: str = "bigbuckbunny.mp4"):
+    """First n frames of a sample clip from ../shared/data, resized to `size` (longer
+    side, multiples of 64); generated frames when the clip is absent (a user's clone).
+
+    Returns:
+        (frames, origin) where origin names the clip or says "generated".
+    """
+    from pathlib import Path
+
+    from diffstream import frames as F
+
+    clip = Path(__file__).resolve().parents[3] / "shared" / "data" / name
+    if clip.exists():
+        from diffstream.io.sources import open_source
+
+        with open_source(str(clip), max_frames=n) as src:
+            frames, origin = list(src), clip.name
+    else:
+        frames, origin = make_frames(n, 180, 320), "generated"
+    w, h = F.fit_size(frames[0].shape[1], frames[0].shape[0], size, 64)
+    return [F.resize(f, (w, h)) for f in frames], origin

@@ -116,3 +116,57 @@ def tiny_taesd(seed: int = 0, full_size: bool = False):
         num_encoder_blocks=(1, 1, 1, 1),
         num_decoder_blocks=(1, 1, 1, 1),
     ).eval()
+
+
+# --- Full-size Stable Diffusion 1.5 architecture with random weights -----------------
+# Random weights time exactly like trained ones, so benchmarks of the machinery can run
+# at real size with no download.
+
+
+def sd15_unet():
+    """(Benchmarks) UNet2DConditionModel with Stable Diffusion 1.5's configuration, random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8,
+    ).eval().requires_grad_(False)
+
+
+def sd15_text_encoder():
+    """(Benchmarks) SD 1.x's CLIP ViT-L/14 text encoder configuration, random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(1)
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextModel(cfg).eval().requires_grad_(False)
+
+
+def sd15_vae():
+    """(Benchmarks) SD's AutoencoderKL configuration, random weights."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(2)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ).eval().requires_grad_(False)
+
+
+def sd15_random_components(dtype=torch.float32):
+    """(Benchmarks) Components of a random SD 1.5-size model with a TAESD-size tiny VAE."""
+    from diffstream.models.loading import Components
+    from diffstream.models.tokenizer import clip_tokenizer
+
+    return Components(
+        unet=sd15_unet().to(dtype), vae=tiny_taesd(full_size=True).to(dtype),
+        text_encoder=sd15_text_encoder().to(dtype), tokenizer=clip_tokenizer(), scheduler=sd_scheduler(),
+        name="sd15-random", dtype=dtype,
+    )
