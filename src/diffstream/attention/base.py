@@ -33,11 +33,14 @@ class BatchLayout:
         steps: denoising-step index of each row (0 = the noisiest step of the schedule).
         branches: "cond" or "uncond" for each row.
         num_steps: steps in the schedule (number of stream-batch slots).
+        phase: "stream" (each row is one frame of the stream) or "warmup" (the rows of
+            each branch are the frames of one clip, denoised together: Live2Diff).
     """
 
     steps: tuple[int, ...]
     branches: tuple[str, ...]
     num_steps: int
+    phase: str = "stream"
 
     @property
     def batch_size(self) -> int:
@@ -51,6 +54,18 @@ class Mechanism:
     """
 
     name = "streamdiffusion"
+    # Frames denoised together before streaming starts (Live2Diff's warmup); 0: none.
+    warmup_frames = 0
+
+    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout):
+        """Run the UNet on one batch of rows.
+
+        Args:
+            sample: (B, C, h, w) latents; timesteps: (B,); encoder_hidden_states: (B, 77, D).
+        Returns:
+            (B, C, h, w) model output. Video UNets override this to add the frame axis.
+        """
+        return unet(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
     def attach(self, unet) -> contextlib.AbstractContextManager:
         """Install this mechanism's processors on `unet` for the life of the context."""

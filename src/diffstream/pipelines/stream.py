@@ -31,7 +31,7 @@ from diffstream.models.loading import Components
 from diffstream.pipelines.similarity import SimilarityFilter
 from diffstream.schedule import guidance as G
 from diffstream.schedule.stream_batch import StreamBatch
-from diffstream.schedule.timesteps import denoise, eps_to_x0, make_step_table, model_output_to_eps
+from diffstream.schedule.timesteps import add_noise, denoise, eps_to_x0, make_step_table, model_output_to_eps
 
 # Which stream's processors are installed on a (shared) UNet right now.
 _OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -105,6 +105,8 @@ class StreamPipeline:
         self._skipped: set[int] = set()
         self._next_out = 0
         self._last_out: np.ndarray | None = None
+        self._warm: list = []  # (index, latent) of warmup frames not yet denoised
+        self._warmed = self.mechanism.warmup_frames == 0
         self.frames_in = 0
         self.frames_out = 0
         self.unet_calls = 0
@@ -241,6 +243,11 @@ class StreamPipeline:
         comp = self.components
         pixels = F.frames_to_tensor(frame, device=comp.device, dtype=comp.dtype)  # (1, 3, H, W)
         z0 = comp.encode_image(pixels)  # (1, C, h, w)
+        if not self._warmed:
+            self._warm.append((index, z0))
+            if len(self._warm) == self.mechanism.warmup_frames:
+                self._warmup()
+            return
         batch = self._ensure_batch(tuple(z0.shape[-2:]))
         batch.admit(z0, index)
         if self.config.stream_batch:
@@ -250,6 +257,8 @@ class StreamPipeline:
                 self._emit(self._step(batch))
 
     def _drain(self) -> None:
+        if self._warm:  # a stream shorter than the warmup: denoise what there is, together
+            self._warmup()
         batch = self._batch
         while batch is not None and batch.in_flight:
             self._emit(self._step(batch))
@@ -260,57 +269,95 @@ class StreamPipeline:
             emb = self._emb_cache[key] = builder()
         return emb
 
-    def _layout(self, key: tuple, steps: tuple, branches: tuple) -> BatchLayout:
+    def _layout(self, key: tuple, steps: tuple, branches: tuple, phase: str) -> BatchLayout:
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = BatchLayout(steps, branches, self.num_steps)
+            layout = self._layouts[key] = BatchLayout(steps, branches, self.num_steps, phase)
         return layout
+
+    def _guided_eps(self, x, rows, ref, first: int, steps: tuple, phase: str = "stream"):
+        """One UNet call and guidance for rows `x`.
+
+        Args:
+            x: (m, C, h, w) noisy latents; rows: their coefficients (m or 1, 1, 1, 1).
+            ref: (m, C, h, w) RCFG reference latents.
+            first: how many leading rows are at their first step (they get the real
+                unconditional pass of onetime-negative RCFG).
+            steps: step index of each row.
+        Returns:
+            (eps (m, C, h, w), new reference latents for the first `first` rows or None).
+        """
+        m = x.shape[0]
+        cfg = self._cfg_type
+        u = first if cfg == "initialize" else (m if cfg == "full" else 0)  # unconditional rows
+        t = rows.timesteps.expand(m) if rows.timesteps.shape[0] != m else rows.timesteps
+        key = (cfg, u, m, steps, phase)
+        if u:
+            x_in = torch.cat([x[:u], x])  # (u + m, C, h, w): unconditional rows first
+            t_in = torch.cat([t[:u], t])
+            emb = self._embeddings(key, lambda: torch.cat([self._uncond.expand(u, -1, -1), self._cond.expand(m, -1, -1)]))
+        else:
+            x_in, t_in = x, t
+            emb = self._embeddings(key, lambda: self._cond.expand(m, -1, -1).contiguous())
+        layout = self._layout(key, steps[:u] + steps, ("uncond",) * u + ("cond",) * m, phase)
+
+        self.mechanism.before_unet(layout)
+        out = self.mechanism.call_unet(self.components.unet, x_in, t_in, emb, layout)
+        self.mechanism.after_unet(layout)
+        self.unet_calls += 1
+
+        a, b, ptype = rows.alpha_sqrt, rows.beta_sqrt, rows.prediction_type
+        eps = model_output_to_eps(out[u:], x, a, b, ptype)
+        new_ref = None
+        if cfg == "full":
+            eps = G.cfg(eps, model_output_to_eps(out[:u], x, a, b, ptype), self.config.guidance)
+        elif cfg in ("self", "initialize"):
+            if u:
+                au, bu = (a[:u], b[:u]) if a.shape[0] == m else (a, b)
+                eps_u = model_output_to_eps(out[:u], x[:u], au, bu, ptype)
+                # Onetime-negative RCFG: the real unconditional prediction fixes x0_ref
+                # for all later steps of these frames.
+                new_ref = eps_to_x0(eps_u, x[:u], au, bu)
+                ref = torch.cat([new_ref, ref[u:]])
+            residual = G.virtual_residual_noise(x, ref, a, b)
+            eps = G.residual_cfg(eps, residual, self.config.guidance, self.config.delta)
+        return eps, new_ref
 
     @torch.no_grad()
     def _step(self, batch: StreamBatch):
         """One UNet call that advances every in-flight frame by one step."""
         x = batch.x  # (m, C, h, w), newest frame first
         rows = batch.rows()  # coefficients, (m, 1, 1, 1)
-        m, lo = batch.in_flight, batch.lo
-        cfg = self._cfg_type
-        onetime = cfg == "initialize" and lo == 0  # the newest frame is at its first step
-        steps = tuple(batch.steps())
-        if cfg == "full":
-            x_in = torch.cat([x, x])  # (2m, C, h, w): uncond rows, then cond rows
-            t_in = torch.cat([rows.timesteps, rows.timesteps])
-            emb = self._embeddings(("full", m), lambda: torch.cat([self._uncond.expand(m, -1, -1), self._cond.expand(m, -1, -1)]))
-            layout = self._layout(("full", lo, m), steps + steps, ("uncond",) * m + ("cond",) * m)
-        elif onetime:
-            x_in = torch.cat([x[:1], x])  # (1 + m, C, h, w): one uncond row for the new frame
-            t_in = torch.cat([rows.timesteps[:1], rows.timesteps])
-            emb = self._embeddings(("onetime", m), lambda: torch.cat([self._uncond, self._cond.expand(m, -1, -1)]))
-            layout = self._layout(("onetime", lo, m), steps[:1] + steps, ("uncond",) + ("cond",) * m)
-        else:
-            x_in, t_in = x, rows.timesteps
-            emb = self._embeddings(("cond", m), lambda: self._cond.expand(m, -1, -1).contiguous())
-            layout = self._layout(("cond", lo, m), steps, ("cond",) * m)
-
-        self.mechanism.before_unet(layout)
-        out = self.components.unet(x_in, t_in, encoder_hidden_states=emb, return_dict=False)[0]
-        self.mechanism.after_unet(layout)
-        self.unet_calls += 1
-
-        a, b, ptype = rows.alpha_sqrt, rows.beta_sqrt, rows.prediction_type
-        if cfg == "full":
-            out_u, out_c = out.chunk(2)
-            eps = G.cfg(model_output_to_eps(out_c, x, a, b, ptype), model_output_to_eps(out_u, x, a, b, ptype), self.config.guidance)
-        else:
-            if onetime:
-                out_u, out = out[:1], out[1:]
-                eps_u = model_output_to_eps(out_u, x[:1], a[:1], b[:1], ptype)
-                # Onetime-negative RCFG: the real unconditional prediction fixes x0_ref for
-                # all later steps of this frame.
-                batch.set_newest_ref(eps_to_x0(eps_u, x[:1], a[:1], b[:1]))
-            eps = model_output_to_eps(out, x, a, b, ptype)
-            if cfg in ("self", "initialize"):
-                residual = G.virtual_residual_noise(x, batch.ref, a, b)
-                eps = G.residual_cfg(eps, residual, self.config.guidance, self.config.delta)
+        eps, new_ref = self._guided_eps(x, rows, batch.ref, first=int(batch.lo == 0), steps=tuple(batch.steps()))
+        if new_ref is not None:
+            batch.set_newest_ref(new_ref)
         return batch.advance(denoise(eps, x, rows))
+
+    @torch.no_grad()
+    def _warmup(self) -> None:
+        """Denoise the buffered warmup frames together, through every step (Live2Diff's
+        warmup stage, Sec. 3.4): the mechanism sees phase "warmup" and one video of W frames."""
+        indices = [i for i, _ in self._warm]
+        z0 = torch.cat([z for _, z in self._warm])  # (W, C, h, w)
+        self._warm = []
+        batch = self._ensure_batch(tuple(z0.shape[-2:]))
+        noise, table, n = batch.noise, self._table, self.num_steps
+        rows = table.rows(0, 1)
+        x = add_noise(z0, noise[0:1], rows.alpha_sqrt, rows.beta_sqrt)  # the stream's slot noise, every frame
+        ref = z0
+        for k in range(n):
+            rows = table.rows(k, k + 1)
+            eps, new_ref = self._guided_eps(x, rows, ref, first=len(indices) if k == 0 else 0,
+                                            steps=(k,) * len(indices), phase="warmup")
+            if new_ref is not None:
+                ref = new_ref
+            x = denoise(eps, x, rows)
+            if k + 1 < n:
+                nxt = table.rows(k + 1, k + 2)
+                x = add_noise(x, noise[k + 1 : k + 2], nxt.alpha_sqrt, nxt.beta_sqrt)
+        for i, index in enumerate(indices):
+            self._emit((index, x[i : i + 1]))
+        self._warmed = True
 
     def _emit(self, finished) -> None:
         if finished is None:
