@@ -15,9 +15,11 @@ import signal
 import sys
 import time
 
+from diffstream.attention.causal_temporal import CausalTemporalConfig
 from diffstream.config import (
     CFG_TYPES,
     DEFAULT_MODEL,
+    DEFAULT_MOTION_ADAPTER,
     DTYPES,
     METHODS,
     MODEL_PRESETS,
@@ -69,6 +71,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--turbo", default=None, action=argparse.BooleanOptionalAction,
                    help="turbo model handling (1 step, no CFG); default: detected from the model name")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    g.add_argument("--motion-adapter", default=None,
+                   help="motion modules for --method live2diff: hub id or folder (diffusers MotionAdapter), an "
+                        "AnimateDiff or Live2Diff checkpoint file (default: "
+                        "guoyww/animatediff-motion-adapter-v1-5-2; with --model tiny a random tiny adapter)")
 
 
 def add_stream_options(p: argparse.ArgumentParser) -> None:
@@ -105,6 +111,11 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
                    help="UNet blocks whose self-attention outputs are fused (default: mid_block,up_blocks.0,up_blocks.1)")
     b.add_argument("--no-extended-attention", action="store_true", help="do not attend to banked keys/values")
     b.add_argument("--no-fusion", action="store_true", help="no feature fusion")
+    c = p.add_argument_group("causal temporal attention (--method live2diff)")
+    c.add_argument("--warmup-frames", type=int, default=8,
+                   help="frames denoised together (bidirectionally) before streaming starts (default: 8)")
+    c.add_argument("--window", type=int, default=16,
+                   help="frames each streamed frame attends to: warmup + recent + itself (default: 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config(args) -> ModelConfig:
+    motion = getattr(args, "motion_adapter", None)
+    if motion is None and getattr(args, "method", None) == "live2diff":
+        motion = "tiny" if args.model == "tiny" else DEFAULT_MOTION_ADAPTER
     return ModelConfig(model=args.model, lcm_lora=args.lcm_lora, loras=tuple(args.lora), tiny_vae=args.tiny_vae,
-                       device=args.device, dtype=args.dtype, turbo=args.turbo, compile=args.compile)
+                       device=args.device, dtype=args.dtype, turbo=args.turbo, compile=args.compile,
+                       motion_adapter=motion)
 
 
 def feature_bank_config(args):
@@ -149,6 +164,7 @@ def stream_config(args) -> StreamConfig:
         seed=args.seed, similarity_threshold=args.similarity_filter, max_skip=args.max_skip,
         stream_batch=not args.no_stream_batch, size=args.size, method=args.method,
         feature_bank=feature_bank_config(args),
+        causal=CausalTemporalConfig(warmup_frames=args.warmup_frames, window=args.window),
     )
 
 
@@ -213,8 +229,7 @@ def cmd_run(config: RunConfig) -> int:
         writer = ThreadedWriter(sink, maxsize=io.queue_size)
         start = time.perf_counter()
         for frame in reader:
-            out = pipe.push(frame)
-            if out is not None:
+            for out in pipe.process(frame):
                 writer.write(out)
                 written += 1
                 if bar is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from diffstream.attention.causal_temporal import CausalTemporalConfig
 from diffstream.attention.feature_bank import FeatureBankConfig
 from diffstream.errors import ConfigError
 
@@ -23,9 +24,11 @@ MODEL_PRESETS: dict[str, dict] = {
     "sd-turbo": dict(model="stabilityai/sd-turbo", turbo=True),
 }
 DEFAULT_MODEL = "sd15-lcm"
+# AnimateDiff v1.5-2 motion modules in diffusers format (live2diff's default for real models).
+DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 TINY_VAE_PRESETS = {"taesd": "madebyollin/taesd"}
 
-METHODS = ("streamdiffusion", "streamv2v")
+METHODS = ("streamdiffusion", "streamv2v", "live2diff")
 CFG_TYPES = ("none", "self", "initialize", "full")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 # Entries of the LCM timestep table; StreamDiffusion's t_index_list indexes this table.
@@ -49,6 +52,9 @@ class ModelConfig:
         turbo: force (True) or forbid (False) turbo handling (1 step, x0 sampler, no CFG);
             None detects it from "turbo" in the model name.
         instruct: for `tiny` only: build the 8-channel instruction-edit variant.
+        motion_adapter: AnimateDiff-style motion modules to insert (live2diff): a hub id or
+            folder (diffusers MotionAdapter), an original AnimateDiff or Live2Diff
+            checkpoint file, or "tiny"; None for an image model.
         compile: wrap the UNet with torch.compile.
     """
 
@@ -60,6 +66,7 @@ class ModelConfig:
     dtype: str = "auto"
     turbo: bool | None = None
     instruct: bool = False
+    motion_adapter: str | None = None
     compile: bool = False
 
     def __post_init__(self):
@@ -112,6 +119,7 @@ class StreamConfig:
         method: the temporal-consistency method: "streamdiffusion" (per-frame baseline)
             or "streamv2v" (feature bank).
         feature_bank: settings of the streamv2v feature bank.
+        causal: settings of live2diff's causal temporal attention.
     """
 
     prompt: str = ""
@@ -129,6 +137,7 @@ class StreamConfig:
     size: int = 512
     method: str = "streamdiffusion"
     feature_bank: FeatureBankConfig = field(default_factory=FeatureBankConfig)
+    causal: CausalTemporalConfig = field(default_factory=CausalTemporalConfig)
 
     def __post_init__(self):
         if not (0.0 < float(self.strength) <= 1.0):

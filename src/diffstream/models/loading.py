@@ -39,6 +39,7 @@ class Components:
     turbo: bool = False
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    depth_prior_state: dict | None = None  # Live2Diff's depth module weights, if the checkpoint had them
 
     # --- facts derived from the modules ---------------------------------------------
     @property
@@ -56,6 +57,11 @@ class Components:
     def size_multiple(self) -> int:
         """Frame sides must be multiples of this: VAE factor x the UNet's down-sampling."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def is_video_unet(self) -> bool:
+        """True for a UNet with motion modules (UNetMotionModel)."""
+        return type(self.unet).__name__ == "UNetMotionModel"
 
     @property
     def latent_channels(self) -> int:
@@ -333,13 +339,23 @@ def load_components(config: ModelConfig) -> Components:
     if config.tiny_vae:
         modules["vae"] = load_tiny_vae(config.tiny_vae, dtype)
 
+    depth_state = None
+    if config.motion_adapter:
+        from diffstream.models.motion import load_motion_adapter, motion_unet
+
+        adapter, depth_state, _ = load_motion_adapter(
+            config.motion_adapter, modules["unet"].config.block_out_channels, dtype=torch.float32
+        )
+        modules["unet"] = motion_unet(modules["unet"].float(), adapter)
+
     turbo = config.turbo if config.turbo is not None else "turbo" in config.model.lower()
     for key in ("unet", "vae", "text_encoder"):
         module = modules[key]
         if next(module.parameters()).dtype != dtype:
             module = module.to(dtype=dtype)
         modules[key] = module.to(device=device).eval().requires_grad_(False)
-    components = Components(name=config.model, turbo=turbo, device=device, dtype=dtype, **modules)
+    components = Components(name=config.model, turbo=turbo, device=device, dtype=dtype,
+                            depth_prior_state=depth_state, **modules)
     if config.compile:
         components.unet = torch.compile(components.unet)
     return components

@@ -18,6 +18,10 @@ def make_mechanism(config: StreamConfig):
 
         # The bank's random split follows the stream's seed, so runs are reproducible.
         return FeatureBank(dataclasses.replace(config.feature_bank, seed=config.seed))
+    if config.method == "live2diff":
+        from diffstream.attention.causal_temporal import CausalTemporal
+
+        return CausalTemporal(config.causal)
     raise ValueError(f"unknown method {config.method!r}")
 
 

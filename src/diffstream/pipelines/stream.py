@@ -170,6 +170,26 @@ class StreamPipeline:
         self._collect()
         return self._pop()
 
+    def pop(self) -> np.ndarray | None:
+        """The next ready output without pushing a frame, or None.
+
+        `push` returns one frame per call; a call can finish more than one (Live2Diff's
+        warmup finishes W frames at once; a frame skipped by the similarity filter is
+        ready as soon as its predecessor is). Call `pop` until None, or use `process`,
+        so those do not wait in the queue and add latency.
+        """
+        return self._pop()
+
+    def process(self, frame: np.ndarray) -> list[np.ndarray]:
+        """Push one frame and return every output that is ready, oldest first."""
+        out = self.push(frame)
+        if out is None:
+            return []
+        ready = [out]
+        while self._ready:
+            ready.append(self._pop())
+        return ready
+
     def flush(self) -> list[np.ndarray]:
         """Finish every in-flight frame and return all remaining outputs, in order."""
         self._own_unet()

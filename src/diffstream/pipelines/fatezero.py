@@ -1,0 +1,739 @@
+"""FateZero video editing: DDIM inversion with an attention store, then fused editing.
+
+Qi et al., "FateZero: Fusing Attentions for Zero-shot Text-based Video Editing" (ICCV
+2023). For a clip and a source prompt describing it:
+
+1. the frames are encoded and inverted with DDIM under the source prompt at guidance
+   1 (Sec. 3.1, Eq. 3), keeping what attention saw at each step (Eq. 4) and z_T;
+2. from z_T, DDIM denoises under the target prompt with classifier-free guidance
+   (7.5), fusing the inversion's attention into the conditional branch during the
+   fusion interval (Eq. 5-7, `diffstream.attention.fatezero`);
+3. every UNet call uses spatial-temporal self-attention to a reference frame (Eq. 8).
+
+Windows. The UNet batch and the store grow with the number of frames, so a clip is
+edited in windows of `window` frames (8, the paper's clip length). Each window's batch
+also carries the reference frame when it lies outside the window. With the "middle"
+or "first" reference this is exact, not an approximation: a frame's computation
+depends only on itself and the reference frame (Eq. 8 is the only place frames meet;
+every other UNet operation is per frame), and the reference frame depends only on
+itself, so each window recomputes the very same reference trajectory and every frame
+comes out as if the whole clip had been one batch (the tests check this). With the
+"previous" reference, frame i depends on the whole chain before it; a window then
+starts with the previous window's last frame as context, whose own reference is
+itself, so consistency across a window boundary is carried by one overlapping frame
+and is approximate.
+
+Memory. Only what the fusion schedule reads is stored (see `FusionPlan`), as fp16
+attention inputs (not maps), in an `AttentionStore` that keeps `store_budget` bytes in
+RAM and spills the rest to a memory-mapped file. `fusion_source="recompute"` stores
+no attention at all: at each fused step it re-runs the UNet on the stored inversion
+latent of that step, which reproduces the inversion's attention exactly, for one
+extra UNet call of the frames per fused step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from diffstream.attention.fatezero import (
+    REFERENCE_FRAMES,
+    FateZero,
+    FateZeroConfig,
+    FusionPlan,
+    TokenFusion,
+    probe_layers,
+)
+from diffstream.attention.store import AttentionStore, format_bytes, parse_size
+from diffstream.errors import ConfigError, InputError, OutputError
+from diffstream.schedule.ddim import (
+    DDIMSchedule,
+    ddim_inversion_step,
+    ddim_schedule_from_config,
+    ddim_step,
+)
+from diffstream.schedule.guidance import cfg
+from diffstream.schedule.timesteps import model_output_to_eps
+
+FUSION_SOURCES = ("store", "recompute")
+STORE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+INVERSION_FORMAT = "diffstream-fatezero-inversion"
+INVERSION_VERSION = 1
+DEFAULT_STORE_BUDGET = 4 * 2**30
+
+
+@dataclass(frozen=True)
+class FateZeroEditConfig:
+    """One FateZero edit.
+
+    Attributes:
+        source_prompt: text describing the input clip (inverted under it).
+        prompt: the target text.
+        guidance: classifier-free guidance of the editing pass (paper: 7.5).
+        negative_prompt: unconditional text of the guidance.
+        blend_words: (source words, target words) of the edited object: the blend mask
+            of Eqs. 6-7 comes from the source words' inversion cross-attention; the
+            target words are checked against the target prompt. None: self-attention
+            maps are replaced outright (style / attribute edits).
+        reweight: (target word, factor) pairs: Prompt-to-Prompt re-weighting of those
+            words' cross-attention during fusion.
+        window: frames per window (the paper edits 8-frame clips).
+        store_budget: bytes of attention store kept in RAM (None: no limit); the rest
+            is memory-mapped on disk.
+        store_dtype: "fp16" (default) or "fp32" storage of attention inputs.
+        fusion_source: "store" (keep the inversion's attention) or "recompute"
+            (keep the inversion latents, recompute its attention at each fused step).
+        spill_dir: folder for the store's spill file (None: the system temp folder).
+        fatezero: attention-fusion settings.
+    """
+
+    source_prompt: str
+    prompt: str
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    blend_words: tuple[str, str] | None = None
+    reweight: tuple[tuple[str, float], ...] = ()
+    window: int = 8
+    store_budget: int | None = DEFAULT_STORE_BUDGET
+    store_dtype: str = "fp16"
+    fusion_source: str = "store"
+    spill_dir: str | None = None
+    fatezero: FateZeroConfig = field(default_factory=FateZeroConfig)
+
+    def __post_init__(self):
+        if not str(self.source_prompt).strip():
+            raise ConfigError("--source-prompt is required for --method fatezero: describe the input clip "
+                              "(e.g. \"a black swan swimming in a river\")")
+        if not str(self.prompt).strip():
+            raise ConfigError("--prompt is required: the target text of the edit")
+        if float(self.guidance) < 1.0:
+            raise ConfigError(f"--fz-guidance must be >= 1, got {self.guidance}")
+        if int(self.window) < 1:
+            raise ConfigError(f"--fz-window must be at least 1 frame, got {self.window}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"store dtype must be fp16 or fp32, got {self.store_dtype!r}")
+        if self.fusion_source not in FUSION_SOURCES:
+            raise ConfigError(f"--fusion-source must be one of {', '.join(FUSION_SOURCES)}, got {self.fusion_source!r}")
+        if self.blend_words is not None:
+            if len(self.blend_words) != 2 or not all(str(w).strip() for w in self.blend_words):
+                raise ConfigError("--blend-words takes two non-empty arguments: SOURCE_WORDS TARGET_WORDS")
+            _check_words(self.source_prompt, self.blend_words[0], "--blend-words", "--source-prompt")
+            _check_words(self.prompt, self.blend_words[1], "--blend-words", "--prompt")
+        for word, value in self.reweight:
+            _check_words(self.prompt, word, "--fz-reweight", "--prompt")
+            if not float(value) > 0:
+                raise ConfigError(f"--fz-reweight factors must be positive, got {word}={value}")
+
+    def replace(self, **changes) -> "FateZeroEditConfig":
+        return replace(self, **changes)
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(".,;:!?\"'()[]").lower() for w in str(text).split()]
+
+
+def _check_words(prompt: str, words: str, option: str, prompt_option: str) -> None:
+    """Word-level check before any model loads (the token-level check follows with the tokenizer)."""
+    have, want = _words(prompt), [w for w in _words(words) if w]
+    for start in range(len(have) - len(want) + 1):
+        if have[start : start + len(want)] == want:
+            return
+    raise ConfigError(f"{option}: {words!r} does not occur in {prompt_option} {prompt!r}")
+
+
+def build_token_fusion(tokenizer, config: FateZeroEditConfig) -> TokenFusion:
+    """Token alignment, re-weighting and blend columns of the two prompts."""
+    from diffstream.pipelines.prompt_align import align_prompts, reweighting, word_positions
+
+    mapper = align_prompts(tokenizer, config.source_prompt, config.prompt)
+    weights = tuple(reweighting(tokenizer, config.prompt, config.reweight)) if config.reweight else ()
+    blend = ()
+    if config.blend_words is not None:
+        blend = tuple(word_positions(tokenizer, config.source_prompt, config.blend_words[0]))
+        word_positions(tokenizer, config.prompt, config.blend_words[1])  # must exist too
+    return TokenFusion(mapper=tuple(mapper), weights=weights, blend_columns=blend)
+
+
+# --- windows -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    """One UNet batch of a clip.
+
+    Attributes:
+        index: window number.
+        rows: clip frame index of each batch row.
+        ref_rows: Eq. 8 reference row of each row.
+        out_rows: the rows whose edited frames this window outputs (in clip order).
+    """
+
+    index: int
+    rows: tuple[int, ...]
+    ref_rows: tuple[int, ...]
+    out_rows: tuple[int, ...]
+
+    @property
+    def frames(self) -> tuple[int, ...]:
+        """Clip frame indices this window outputs."""
+        return tuple(self.rows[i] for i in self.out_rows)
+
+
+def reference_index(num_frames: int, reference: str) -> int | None:
+    """Clip index of Eq. 8's shared reference frame: the middle (round(n/2) of frames
+    1..n, i.e. (n-1)//2 from 0, as the reference code) or the first; None for "previous"."""
+    if reference == "middle":
+        return (num_frames - 1) // 2
+    if reference == "first":
+        return 0
+    return None
+
+
+def plan_windows(num_frames: int, window: int, reference: str) -> list[Window]:
+    """Split a clip into windows that share the reference frame (see the module doc)."""
+    if num_frames < 1:
+        raise ValueError("a clip needs at least one frame")
+    ref = reference_index(num_frames, reference)
+    windows = []
+    for index, start in enumerate(range(0, num_frames, window)):
+        own = list(range(start, min(num_frames, start + window)))
+        if ref is not None:
+            rows = own + ([ref] if ref not in own else [])
+            refs = [rows.index(ref)] * len(rows)
+            out = list(range(len(own)))
+        else:  # previous frame; a window after the first starts with one context frame
+            rows = ([start - 1] if start > 0 else []) + own
+            refs = [max(i - 1, 0) for i in range(len(rows))]
+            out = list(range(len(rows) - len(own), len(rows)))
+        windows.append(Window(index, tuple(rows), tuple(refs), tuple(out)))
+    return windows
+
+
+# --- the editor --------------------------------------------------------------------------
+class FateZeroEditor:
+    """Inversion and editing of one batch of frames (a window) on loaded components.
+
+    Args:
+        components: `diffstream.models.loading.Components`.
+        config: the edit.
+        latent_hw: (h, w) of the latents (frame size / 8).
+    """
+
+    def __init__(self, components, config: FateZeroEditConfig, latent_hw: tuple[int, int]):
+        self.components = components
+        self.config = config
+        self.latent_hw = tuple(latent_hw)
+        fz = config.fatezero
+        self.schedule: DDIMSchedule = ddim_schedule_from_config(
+            components.scheduler.config, components.alphas_cumprod, fz.steps
+        )
+        tokenizer = components.tokenizer
+        self.layers = probe_layers(components.unet, self.latent_hw, text_tokens=tokenizer.model_max_length)
+        texts = components.encode_prompt([config.source_prompt, config.prompt, config.negative_prompt])
+        self.source_text, self.target_text, self.uncond_text = texts[0:1], texts[1:2], texts[2:3]
+        self.fusion = build_token_fusion(tokenizer, config)
+        self.mechanism = FateZero(components.unet, fz, self.layers, self.fusion, self.source_text)
+        self.plan: FusionPlan = self.mechanism.plan
+        self.store_dtype = STORE_DTYPES[config.store_dtype]
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    def new_store(self) -> AttentionStore:
+        """An empty store with this edit's budget, dtype and spill folder."""
+        return AttentionStore(self.config.store_budget, self.store_dtype, self.config.spill_dir)
+
+    def store_bytes(self, rows: int) -> int:
+        """Planned attention-store bytes of a window of `rows` frames."""
+        if self.config.fusion_source == "recompute":
+            return 0
+        return self.plan.store_bytes(rows, torch.tensor([], dtype=self.store_dtype).element_size())
+
+    def latent_keys(self) -> list[int]:
+        """Inversion latents the editing pass reads: z_T, plus (recompute) the input of
+        every fused step. Index i is the latent after i inversion steps."""
+        n = self.num_steps
+        keys = {n}
+        if self.config.fusion_source == "recompute":
+            keys |= {n - 1 - k for k in self.plan.fused_steps}
+        return sorted(keys)
+
+    def required_keys(self) -> set:
+        """Every store key the editing pass will read."""
+        keys = {("latent", "z", i) for i in self.latent_keys()}
+        if self.config.fusion_source == "store":
+            for step in range(self.num_steps):
+                keys |= {(kind, name, step) for kind, name in self.plan.keys_at(step)}
+        return keys
+
+    def _eps(self, x: torch.Tensor, k: int, text: torch.Tensor, abar_in) -> torch.Tensor:
+        """Noise prediction at step k for latents `x` at level `abar_in`. x (B, C, h, w), text (B, T, D)."""
+        t = int(self.schedule.timesteps[k])
+        out = self.components.unet(x, t, encoder_hidden_states=text).sample
+        a = torch.as_tensor(abar_in, dtype=torch.float32)
+        return model_output_to_eps(out, x, a.sqrt().to(x.dtype), (1 - a).sqrt().to(x.dtype),
+                                   self.components.prediction_type)
+
+    @torch.no_grad()
+    def invert(self, z0: torch.Tensor, ref_rows, store: AttentionStore, progress: Callable | None = None):
+        """DDIM inversion under the source prompt at guidance 1 (Eqs. 3-4).
+
+        Args:
+            z0: (R, C, h, w) clean latents of the window's rows.
+            ref_rows: Eq. 8 reference row of each row.
+            store: receives the attention entries of the plan (fusion source "store")
+                and the latents the editing pass reads.
+            progress: called once per step.
+        Returns:
+            (R, C, h, w) z_T.
+        """
+        n, sched = self.num_steps, self.schedule
+        text = self.source_text.expand(z0.shape[0], -1, -1)
+        keep = set(self.latent_keys())
+        store_attention = self.config.fusion_source == "store"
+        x = z0
+        if 0 in keep:
+            store.put(("latent", "z", 0), x, dtype=torch.float32)
+        self.mechanism.reset()
+        with self.mechanism.attach():
+            for i, k in enumerate(reversed(range(n))):
+                if store_attention and self.plan.keys_at(k):
+                    self.mechanism.store(k, ref_rows, store)
+                else:
+                    self.mechanism.plain(ref_rows)
+                eps = self._eps(x, k, text, sched.abar_prev[k])
+                x = ddim_inversion_step(x, eps, sched, k)
+                if i + 1 in keep:
+                    store.put(("latent", "z", i + 1), x, dtype=torch.float32)
+                if progress is not None:
+                    progress()
+        self.mechanism.reset()
+        return x
+
+    @torch.no_grad()
+    def edit(self, store: AttentionStore, ref_rows, progress: Callable | None = None) -> torch.Tensor:
+        """DDIM denoising from z_T under the target prompt with attention fusion (Eq. 5).
+
+        Args:
+            store: an inversion of the same rows (from `invert` or `AttentionStore.load`).
+            ref_rows: Eq. 8 reference row of each row.
+        Returns:
+            (R, C, h, w) edited clean latents.
+        """
+        c, n, sched = self.components, self.num_steps, self.schedule
+        x = store.get(("latent", "z", n), device=c.device, dtype=c.dtype)
+        rows = x.shape[0]
+        guided = float(self.config.guidance) > 1.0
+        groups = 2 if guided else 1
+        text = self.target_text.expand(rows, -1, -1)
+        if guided:
+            text = torch.cat([self.uncond_text.expand(rows, -1, -1), text])  # (2R, T, D): uncond, cond
+        source_text = self.source_text.expand(rows, -1, -1)
+        recompute = self.config.fusion_source == "recompute"
+        self.mechanism.reset()
+        with self.mechanism.attach():
+            for k in range(n):
+                fused = bool(self.plan.keys_at(k))
+                source = store
+                if fused and recompute:
+                    # The inversion's UNet call of this step, re-run: same latent, text,
+                    # timestep and rows, hence the same attention inputs.
+                    source = AttentionStore(None, self.store_dtype)
+                    x_src = store.get(("latent", "z", n - 1 - k), device=c.device, dtype=c.dtype)
+                    self.mechanism.store(k, ref_rows, source)
+                    self._eps(x_src, k, source_text, sched.abar_prev[k])
+                if fused:
+                    self.mechanism.fuse(k, ref_rows, source, groups=groups)
+                else:
+                    self.mechanism.plain(ref_rows, groups=groups)
+                x_in = torch.cat([x] * groups)  # (groups*R, C, h, w)
+                eps = self._eps(x_in, k, text, sched.abar[k])
+                if guided:
+                    eps_u, eps_c = eps.chunk(2)
+                    eps = cfg(eps_c, eps_u, float(self.config.guidance))
+                x = ddim_step(x, eps, sched, k)
+                if source is not store:
+                    source.close()
+                if progress is not None:
+                    progress()
+        self.mechanism.reset()
+        return x
+
+    @torch.no_grad()
+    def reconstruct(self, z_T: torch.Tensor, ref_rows) -> torch.Tensor:
+        """Plain DDIM from z_T under the source prompt at guidance 1, no fusion (Sec. 3.1:
+        z_0(p_src) = DDIM(z_T, p_src)). (R, C, h, w) -> (R, C, h, w)."""
+        text = self.source_text.expand(z_T.shape[0], -1, -1)
+        x = z_T
+        self.mechanism.reset()
+        with self.mechanism.attach():
+            for k in range(self.num_steps):
+                self.mechanism.plain(ref_rows)
+                x = ddim_step(x, self._eps(x, k, text, self.schedule.abar[k]), self.schedule, k)
+        self.mechanism.reset()
+        return x
+
+    # --- pixels <-> latents, a few frames at a time -------------------------------------
+    @torch.no_grad()
+    def encode(self, frames, chunk: int = 4) -> torch.Tensor:
+        """Frames (list of (H, W, 3) uint8) to clean latents (R, C, H/8, W/8)."""
+        from diffstream.frames import frames_to_tensor
+
+        c = self.components
+        parts = [c.encode_image(frames_to_tensor(list(frames[i : i + chunk]), c.device, c.dtype))
+                 for i in range(0, len(frames), chunk)]
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk: int = 4) -> list:
+        """Latents (R, C, h, w) to R frames (H, W, 3) uint8."""
+        from diffstream.frames import tensor_to_frames
+
+        out = []
+        for i in range(0, latents.shape[0], chunk):
+            out += tensor_to_frames(self.components.decode_latents(latents[i : i + chunk]))
+        return out
+
+
+# --- saved inversions --------------------------------------------------------------------
+def _frames_digest(frames) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for f in frames:
+        h.update(np.ascontiguousarray(f).tobytes())
+    return h.hexdigest()
+
+
+def inversion_meta(model: str, config: FateZeroEditConfig, size: tuple[int, int], num_frames: int) -> dict:
+    """What a saved inversion must agree on with the edit that loads it."""
+    fz = config.fatezero
+    return dict(
+        format=INVERSION_FORMAT, version=INVERSION_VERSION, model=model, source_prompt=config.source_prompt,
+        steps=fz.steps, size=list(size), num_frames=num_frames, window=config.window,
+        reference_frame=fz.reference_frame, fusion_source=config.fusion_source, store_dtype=config.store_dtype,
+        cross_replace=fz.cross_replace, self_replace=fz.self_replace, fuse_min_downsample=fz.fuse_min_downsample,
+        blend=config.blend_words is not None, windows_done=0,
+    )
+
+
+def read_inversion_meta(directory) -> dict:
+    """The metadata of a saved inversion folder.
+
+    Raises:
+        InputError: not a saved FateZero inversion.
+    """
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise InputError(f"--load-inversion {directory}: not a saved FateZero inversion (no meta.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"--load-inversion {directory}: cannot read meta.json ({err})") from None
+    if meta.get("format") != INVERSION_FORMAT or meta.get("version") != INVERSION_VERSION:
+        raise InputError(f"--load-inversion {directory}: not a FateZero inversion of this diffstream version")
+    return meta
+
+
+def check_inversion_meta(meta: dict, expected: dict, directory) -> None:
+    """Refuse a saved inversion that the requested edit cannot use (one-line ConfigError)."""
+    for key, option in (("model", "--model"), ("source_prompt", "--source-prompt"), ("steps", "--fz-steps"),
+                        ("size", "--size"), ("num_frames", "--max-frames / input length"),
+                        ("window", "--fz-window"), ("reference_frame", "--reference-frame"),
+                        ("fusion_source", "--fusion-source"), ("store_dtype", "store dtype")):
+        if meta.get(key) != expected[key]:
+            raise ConfigError(f"--load-inversion {directory} was made with {key}={meta.get(key)!r}, "
+                              f"this edit has {expected[key]!r} ({option}): use the same setting or re-invert")
+    for key, option in (("cross_replace", "--cross-replace"), ("self_replace", "--self-replace")):
+        if expected[key] > meta[key] + 1e-9 and expected["fusion_source"] == "store":
+            raise ConfigError(f"--load-inversion {directory} stored {option} {meta[key]}, this edit asks for "
+                              f"{expected[key]}: use at most {meta[key]} or re-invert")
+    if expected["fusion_source"] == "store":
+        if expected["fuse_min_downsample"] < meta["fuse_min_downsample"]:
+            raise ConfigError(f"--load-inversion {directory} stored layers downsampled >= {meta['fuse_min_downsample']}"
+                              f", this edit fuses >= {expected['fuse_min_downsample']}: re-invert")
+        if expected["blend"] and not meta["blend"]:
+            raise ConfigError(f"--load-inversion {directory} was made without --blend-words, so it holds no "
+                              f"blend maps: re-invert with --blend-words")
+
+
+def edit_frames(
+    components,
+    frames,
+    config: FateZeroEditConfig,
+    save_inversion=None,
+    load_inversion=None,
+    progress: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Edit a clip window by window; yields (frame index, edited frame) in clip order.
+
+    Args:
+        components: loaded model.
+        frames: sequence of N frames (H, W, 3) uint8, all at the processing size (sides
+            multiples of `components.size_multiple`); a numpy memmap works.
+        config: the edit.
+        save_inversion: folder to save each window's inversion into (must not exist or be empty).
+        load_inversion: folder of a saved inversion of the same frames to edit from.
+        progress: called once per UNet step (inversion and editing).
+        log: receives one-line notes (the memory plan).
+    """
+    n = len(frames)
+    height, width = frames[0].shape[:2]
+    vf = components.vae_scale_factor
+    editor = FateZeroEditor(components, config, (height // vf, width // vf))
+    windows = plan_windows(n, config.window, config.fatezero.reference_frame)
+    expected = inversion_meta(components.name, config, (width, height), n)
+    save_dir = Path(save_inversion) if save_inversion else None
+    if load_inversion:
+        check_inversion_meta(read_inversion_meta(load_inversion), expected, load_inversion)
+    if save_dir is not None:
+        _write_meta(save_dir, expected)
+    if log is not None:
+        rows = max(len(w.rows) for w in windows)
+        ref = reference_index(n, config.fatezero.reference_frame)
+        budget = "no limit" if config.store_budget is None else format_bytes(config.store_budget)
+        note = (f"{n} frames in {len(windows)} window(s) of up to {config.window}"
+                + (f" sharing reference frame {ref}" if ref is not None else " chained by the previous frame")
+                + f"; attention store {format_bytes(editor.store_bytes(rows))} per window"
+                + f" (RAM budget {budget}, the rest spills to disk)")
+        log(note)
+    for window in windows:
+        rows = [frames[i] for i in window.rows]
+        digest = _frames_digest(rows)
+        if load_inversion:
+            store = AttentionStore.load(Path(load_inversion) / f"window_{window.index:04d}")
+            if store.meta.get("digest") != digest or list(store.meta.get("rows", [])) != list(window.rows):
+                store.close()
+                raise InputError(f"--load-inversion {load_inversion} was made from other frames "
+                                 f"(window {window.index} differs): pass the same input or re-invert")
+            missing = editor.required_keys() - set(store.keys())
+            if missing:
+                store.close()
+                kind, name, step = sorted(missing, key=str)[0]
+                raise ConfigError(f"--load-inversion {load_inversion} lacks {kind} entry {name} at step {step}: "
+                                  f"it was made with another fusion schedule; re-invert")
+        else:
+            store = editor.new_store()
+            editor.invert(editor.encode(rows), window.ref_rows, store, progress)
+            if save_dir is not None:
+                store.meta = dict(rows=list(window.rows), digest=digest)
+                store.save(save_dir / f"window_{window.index:04d}")
+                expected["windows_done"] = window.index + 1
+                _write_meta(save_dir, expected)
+        try:
+            latents = editor.edit(store, window.ref_rows, progress)
+        finally:
+            store.close()
+        out = editor.decode(latents[list(window.out_rows)])
+        for index, frame in zip(window.frames, out):
+            yield index, frame
+
+
+def _write_meta(directory: Path, meta: dict) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "meta.json.part"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, directory / "meta.json")
+    except OSError as err:
+        raise OutputError(f"cannot write the inversion to {directory}: {err.strerror or err}") from None
+
+
+# --- CLI ---------------------------------------------------------------------------------
+def _reweight(text: str) -> tuple[str, float]:
+    word, sep, value = text.rpartition("=")
+    try:
+        if sep and word.strip():
+            return word.strip(), float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected WORD=FACTOR like watercolor=5, got {text!r}")
+
+
+def add_edit_arguments(group) -> None:
+    """FateZero's options for `diffstream edit --method fatezero` (an argparse group)."""
+    group.add_argument("--source-prompt", default=None,
+                       help="text describing the input clip, e.g. \"a black swan swimming in a river\" "
+                            "(fatezero; optional with --load-inversion)")
+    group.add_argument("--blend-words", nargs=2, default=None, metavar=("SOURCE_WORDS", "TARGET_WORDS"),
+                       help="edited object in the source and target prompt, e.g. swan duck: blends self-attention "
+                            "with the source cross-attention mask (Eqs. 6-7) for shape/local edits")
+    group.add_argument("--blend-threshold", type=float, default=0.3, help="tau of the blend mask (default: 0.3)")
+    group.add_argument("--cross-replace", type=float, default=0.8,
+                       help="fraction of the editing steps (from the noisiest) whose cross-attention of shared words "
+                            "comes from the inversion (default: 0.8, i.e. t in [0.2T, T])")
+    group.add_argument("--self-replace", type=float, default=0.8,
+                       help="fraction of the editing steps whose self-attention comes from the inversion (default: 0.8)")
+    group.add_argument("--fz-reweight", action="append", type=_reweight, default=[], metavar="WORD=FACTOR",
+                       help="scale a target word's cross-attention during fusion, e.g. watercolor=5; repeatable")
+    group.add_argument("--reference-frame", default="middle", choices=REFERENCE_FRAMES,
+                       help="frame every frame also attends to (Eq. 8; default: middle)")
+    group.add_argument("--fz-steps", type=int, default=50, help="DDIM steps of inversion and editing (default: 50)")
+    group.add_argument("--fz-guidance", type=float, default=7.5, help="CFG scale of the editing pass (default: 7.5)")
+    group.add_argument("--fz-negative-prompt", default="", help="unconditional text of the editing pass")
+    group.add_argument("--fz-window", type=int, default=8,
+                       help="frames per window; longer clips are edited in windows sharing the reference frame "
+                            "(default: 8)")
+    group.add_argument("--fz-fuse-min-downsample", type=int, default=2,
+                       help="fuse only attention layers at least this many times coarser than the latent "
+                            "(default: 2, the reference's <= 32x32 at 512 px; 1 = every layer)")
+    group.add_argument("--store-budget", default="4GB",
+                       help="RAM for the attention store; the rest is memory-mapped on disk (default: 4GB; 0, inf)")
+    group.add_argument("--store-dir", default=None, help="folder for the store's spill file (default: system temp)")
+    group.add_argument("--fusion-source", default="store", choices=FUSION_SOURCES,
+                       help="store: keep the inversion's attention; recompute: keep only its latents and re-run "
+                            "the source branch at each fused step (less memory, ~1.4x time)")
+    group.add_argument("--save-inversion", default=None, metavar="DIR",
+                       help="save the inversion to DIR (a new or empty folder) to edit again later")
+    group.add_argument("--load-inversion", default=None, metavar="DIR",
+                       help="edit from an inversion saved with --save-inversion (same input and settings)")
+
+
+def edit_config(args) -> FateZeroEditConfig:
+    """Typed config from parsed CLI options; every check that needs no model (ConfigError/InputError)."""
+    source_prompt = args.source_prompt
+    if args.save_inversion and args.load_inversion:
+        raise ConfigError("--save-inversion and --load-inversion exclude each other")
+    if args.load_inversion:
+        meta = read_inversion_meta(args.load_inversion)
+        if source_prompt is None:
+            source_prompt = meta.get("source_prompt", "")
+        elif source_prompt != meta.get("source_prompt"):
+            raise ConfigError(f"--source-prompt differs from the one the inversion in {args.load_inversion} "
+                              f"was made with ({meta.get('source_prompt')!r})")
+    if args.save_inversion:
+        target = Path(args.save_inversion)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise OutputError(f"--save-inversion {args.save_inversion} exists and is not an empty folder: "
+                              f"choose a new folder")
+    fz = FateZeroConfig(
+        steps=args.fz_steps, cross_replace=args.cross_replace, self_replace=args.self_replace,
+        blend_threshold=args.blend_threshold, reference_frame=args.reference_frame,
+        fuse_min_downsample=args.fz_fuse_min_downsample,
+    )
+    return FateZeroEditConfig(
+        source_prompt=source_prompt or "", prompt=getattr(args, "prompt", "") or "", guidance=args.fz_guidance,
+        negative_prompt=args.fz_negative_prompt, blend_words=tuple(args.blend_words) if args.blend_words else None,
+        reweight=tuple(args.fz_reweight), window=args.fz_window, store_budget=parse_size(args.store_budget),
+        fusion_source=args.fusion_source, spill_dir=args.store_dir, fatezero=fz,
+    )
+
+
+def _model_config(args):
+    """The shared model options; the preset's LCM-LoRA is not fused (FateZero runs 50
+    DDIM steps with CFG 7.5 on the base checkpoint) unless --lcm-lora is given."""
+    from diffstream.cli import model_config
+
+    config = model_config(args)
+    if args.lcm_lora is None:
+        config = replace(config, lcm_lora="none")
+    return config
+
+
+class _FrameFile:
+    """Frames at the processing size, appended to a temporary file and read back as a
+    numpy memmap (N, H, W, 3), so a long clip does not sit in RAM."""
+
+    def __init__(self, size: tuple[int, int], directory=None):
+        self.width, self.height = size
+        self.dir = tempfile.mkdtemp(prefix="diffstream-frames-", dir=directory)
+        self.path = os.path.join(self.dir, "frames.u8")
+        self.file = open(self.path, "wb")
+        self.count = 0
+
+    def append(self, frame: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+        self.count += 1
+
+    def array(self) -> np.ndarray:
+        self.file.flush()
+        return np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.count, self.height, self.width, 3))
+
+    def close(self) -> None:
+        self.file.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def edit_command(args) -> int:
+    """`diffstream edit INPUT -o OUTPUT --method fatezero ...`.
+
+    Validates every option before the model loads, opens the input, loads the model,
+    edits window by window and writes frames as windows finish (with the input's
+    audio). Ctrl-C / SIGTERM finalise the output with every frame done (exit 130).
+    Returns 0 when done; DiffstreamErrors propagate as one-line errors.
+    """
+    from diffstream.cli import _quiet_libraries
+    from diffstream.frames import fit_size, resize
+    from diffstream.io.sinks import open_sink
+    from diffstream.io.sources import open_source
+
+    config = edit_config(args)
+    model_config = _model_config(args)
+    if args.load_inversion:
+        meta = read_inversion_meta(args.load_inversion)
+        if meta.get("model") != model_config.resolved().model:
+            raise ConfigError(f"--load-inversion {args.load_inversion} was made with model {meta.get('model')!r}, "
+                              f"not {model_config.resolved().model!r}")
+    if int(getattr(args, "size", 512)) < 8:
+        raise ConfigError(f"--size must be at least 8 pixels, got {args.size}")
+    progress_on = not getattr(args, "no_progress", False)
+    source = open_source(args.input, max_frames=getattr(args, "max_frames", None))
+    buffer = sink = bar = None
+    written, status = 0, 0
+    start = time.perf_counter()
+    try:
+        _quiet_libraries()
+        from diffstream.models.loading import load_components
+
+        components = load_components(model_config)
+        size = fit_size(source.width, source.height, int(getattr(args, "size", 512)), components.size_multiple)
+        buffer = _FrameFile(size, config.spill_dir)
+        for frame in source:
+            buffer.append(resize(frame, size))
+        frames = buffer.array()
+        sink = open_sink(args.output, fps=source.fps, size=size, audio_path=source.audio_path)
+        windows = plan_windows(len(frames), config.window, config.fatezero.reference_frame)
+        if progress_on:
+            from tqdm import tqdm
+
+            per_window = config.fatezero.steps * (1 if args.load_inversion else 2)
+            bar = tqdm(total=per_window * len(windows), unit="step", desc="fatezero", dynamic_ncols=True,
+                       file=sys.stderr)
+        log = lambda text: print(f"diffstream: fatezero: {text}", file=sys.stderr)  # noqa: E731
+        start = time.perf_counter()
+        edits = edit_frames(components, frames, config, save_inversion=args.save_inversion,
+                            load_inversion=args.load_inversion, progress=bar.update if bar else None, log=log)
+        for _, frame in edits:
+            sink.write(frame)
+            written += 1
+            if bar is not None:
+                bar.set_postfix(frames=written, refresh=False)
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        if bar is not None:
+            bar.close()
+        try:
+            if sink is not None:
+                sink.close()
+        finally:
+            source.close()
+            if buffer is not None:
+                buffer.close()
+    for warning in list(getattr(source, "warnings", [])) + list(getattr(sink, "warnings", []) if sink else []):
+        print(f"diffstream: warning: {warning}", file=sys.stderr)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    verb = "interrupted: wrote" if status else "wrote"
+    extra = f" ({written / elapsed:.2f} frames/s)" if status == 0 and written else ""
+    print(f"diffstream: {verb} {written} frames to {args.output}{extra}", file=sys.stderr)
+    return status
