@@ -116,6 +116,11 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
                    help="frames denoised together (bidirectionally) before streaming starts (default: 8)")
     c.add_argument("--window", type=int, default=16,
                    help="frames each streamed frame attends to: warmup + recent + itself (default: 16)")
+    c.add_argument("--depth", action="store_true",
+                   help="Live2Diff's depth prior (needs its checkpoint's depth module in --motion-adapter)")
+    c.add_argument("--depth-model", default="Intel/dpt-hybrid-midas",
+                   help="transformers depth-estimation model for --depth: hub id or folder (default: "
+                        "Intel/dpt-hybrid-midas; 'tiny' = random, for tests)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +169,8 @@ def stream_config(args) -> StreamConfig:
         seed=args.seed, similarity_threshold=args.similarity_filter, max_skip=args.max_skip,
         stream_batch=not args.no_stream_batch, size=args.size, method=args.method,
         feature_bank=feature_bank_config(args),
-        causal=CausalTemporalConfig(warmup_frames=args.warmup_frames, window=args.window),
+        causal=CausalTemporalConfig(warmup_frames=args.warmup_frames, window=args.window, depth=args.depth,
+                                    depth_model=args.depth_model),
     )
 
 

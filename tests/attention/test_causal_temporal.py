@@ -170,3 +170,38 @@ def test_output_count_short_stream_and_prompt_change_keeps_cache(video):
         assert all(pipe.mechanism.state.caches[k].warm_k is v for k, v in warm.items())
         pipe.reset()
         assert not pipe.mechanism.state.caches
+
+
+def test_depth_prior(video):
+    """A zero depth module (untrained, as Live2Diff initialises it) changes nothing; a
+    trained one changes the frames; frame count stays 1:1."""
+    from diffstream.attention.causal_temporal import CausalTemporal
+    from diffstream.models.motion import DepthPrior
+    from diffstream.models.tiny import randomize, tiny_depth_estimator
+    from diffstream.pipelines.stream import StreamPipeline
+
+    frames = make_frames(6)
+    cfg = StreamConfig(prompt="a fox", size=64, steps=2, strength=0.6, guidance=1.0, method="live2diff",
+                       causal=CausalTemporalConfig(warmup_frames=W, window=WINDOW, depth=True, depth_model="tiny"))
+
+    def run(prior):
+        mech = CausalTemporal(cfg.causal, depth_estimator=tiny_depth_estimator(), depth_prior=prior)
+        with StreamPipeline(video, cfg, mech) as pipe:
+            return [o for o in (pipe.push(f) for f in frames) if o is not None] + pipe.flush()
+
+    plain, _ = stream(video, frames)
+    zero = run(DepthPrior(out_channels=32))
+    assert all(np.array_equal(a, b) for a, b in zip(zero, plain))
+    trained = run(randomize(DepthPrior(out_channels=32), seed=1, std=0.2))
+    assert len(trained) == 6
+    assert max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(trained, plain)) > 0
+
+
+def test_depth_needs_the_checkpoint_module():
+    from diffstream.errors import ConfigError
+
+    image = load_components(ModelConfig(model="tiny", motion_adapter="tiny", device="cpu"))
+    image = dataclasses.replace(image, name="some/real-model")
+    cfg = StreamConfig(prompt="x", size=64, method="live2diff", causal=CausalTemporalConfig(depth=True))
+    with pytest.raises(ConfigError, match="--motion-adapter"):
+        make_pipeline(image, cfg)

@@ -57,11 +57,22 @@ class Mechanism:
     # Frames denoised together before streaming starts (Live2Diff's warmup); 0: none.
     warmup_frames = 0
 
-    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout):
+    def condition(self, frame, components):
+        """Per-frame conditioning computed once when a frame enters (e.g. a depth latent).
+
+        Args:
+            frame: (H, W, 3) uint8 at processing size.
+        Returns:
+            a (1, ...) tensor that travels with the frame through the stream batch, or None.
+        """
+        return None
+
+    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout, cond=None):
         """Run the UNet on one batch of rows.
 
         Args:
             sample: (B, C, h, w) latents; timesteps: (B,); encoder_hidden_states: (B, 77, D).
+            cond: (B, ...) the rows' conditioning from `condition`, or None.
         Returns:
             (B, C, h, w) model output. Video UNets override this to add the frame axis.
         """

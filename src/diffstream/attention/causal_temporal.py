@@ -43,10 +43,16 @@ class CausalTemporalConfig:
             streaming starts; they stay visible to every later frame (the paper's 8).
         window: frames each streamed frame attends to in all (warmup + recent + itself;
             the paper's 16).
+        depth: add Live2Diff's depth prior (Sec. 3.2): each frame's depth map, VAE-encoded
+            and mapped by the checkpoint's depth module, is added after the UNet's conv_in.
+        depth_model: transformers depth-estimation model for `depth` (hub id or folder;
+            DPT/MiDaS as in the paper, or Depth Anything); "tiny" builds a random one.
     """
 
     warmup_frames: int = 8
     window: int = 16
+    depth: bool = False
+    depth_model: str = "Intel/dpt-hybrid-midas"
 
     def __post_init__(self):
         from diffstream.errors import ConfigError
@@ -228,13 +234,46 @@ class CausalTemporal(Mechanism):
 
     name = "live2diff"
 
-    def __init__(self, config: CausalTemporalConfig | None = None):
+    def __init__(self, config: CausalTemporalConfig | None = None, depth_estimator=None, depth_prior=None):
         self.config = config or CausalTemporalConfig()
         self.state = CausalTemporalState(self.config)
         self.warmup_frames = self.config.warmup_frames
+        self.depth_estimator = depth_estimator  # frames -> depth maps (metrics.depth.DepthEstimator)
+        self.depth_prior = depth_prior  # models.motion.DepthPrior
+        self._residual = None  # depth-prior output for the rows of the current UNet call
+
+    def condition(self, frame, components):
+        """The frame's VAE-encoded depth map (1, 4, h, w), or None without --depth."""
+        if self.depth_prior is None:
+            return None
+        import numpy as np
+
+        from diffstream import frames as FR
+        from diffstream.metrics.depth import normalise_depth
+
+        depth = normalise_depth(self.depth_estimator.predict([frame])[0])  # (H, W) in [0, 1]
+        image = np.repeat((depth * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+        pixels = FR.frames_to_tensor(image, device=components.device, dtype=components.dtype)
+        return components.encode_image(pixels)
 
     def attach(self, unet):
-        """Install the causal processors on every motion-module attention layer."""
+        """Install the causal processors (and the depth prior's hook on conv_in)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._install(unet))
+        if self.depth_prior is not None:
+            self.depth_prior.to(device=unet.device, dtype=unet.dtype)
+            handle = unet.conv_in.register_forward_hook(self._add_depth)
+            stack.callback(handle.remove)
+        return stack
+
+    def _add_depth(self, module, inputs, output):
+        """conv_in output (B*F, C0, h, w) + the depth prior's residual for the same rows."""
+        return output if self._residual is None else output + self._residual
+
+    def _install(self, unet):
+        """The causal processors on every motion-module attention layer."""
         if not any(is_temporal(n) for n in unet.attn_processors):
             from diffstream.errors import ConfigError
 
@@ -259,7 +298,7 @@ class CausalTemporal(Mechanism):
     def before_unet(self, layout: BatchLayout) -> None:
         self.state.layout = layout
 
-    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout):
+    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout, cond=None):
         """Add the frame axis: one frame per row while streaming, W-frame clips in warmup.
 
         Args:
@@ -270,9 +309,14 @@ class CausalTemporal(Mechanism):
         videos = b // frames
         # (videos * F, C, h, w) -> (videos, C, F, h, w)
         video = sample.view(videos, frames, c, h, w).transpose(1, 2)
-        # Current diffusers expects the text embeddings once per frame (rows are frames).
-        out = unet(video, timesteps[::frames], encoder_hidden_states=encoder_hidden_states,
-                   return_dict=False)[0]
+        # Rows are frames, in the (video, frame) order UNetMotionModel folds them into.
+        self._residual = self.depth_prior(cond) if (cond is not None and self.depth_prior is not None) else None
+        try:
+            # Current diffusers expects the text embeddings once per frame.
+            out = unet(video, timesteps[::frames], encoder_hidden_states=encoder_hidden_states,
+                       return_dict=False)[0]
+        finally:
+            self._residual = None
         return out.transpose(1, 2).reshape(b, c, h, w)
 
     def cache_bytes(self) -> int:

@@ -170,3 +170,29 @@ def sd15_random_components(dtype=torch.float32):
         text_encoder=sd15_text_encoder().to(dtype), tokenizer=clip_tokenizer(), scheduler=sd_scheduler(),
         name="sd15-random", dtype=dtype,
     )
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter seeded random values (zero-initialised layers included)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return module
+
+
+def tiny_depth_estimator(seed: int = 0):
+    """A random DPT depth model at toy size, wrapped as a DepthEstimator (tests, --depth-model tiny)."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from diffstream.metrics.depth import DepthEstimator
+
+    config = DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=32,
+        patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
+        fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5],
+    )
+    torch.manual_seed(seed)
+    model = DPTForDepthEstimation(config).eval()
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+    return DepthEstimator.from_components(model, processor, device="cpu")

@@ -120,13 +120,18 @@ class FairyWorker:
         self.model_config, self.config, self.lcm = model_config, config, lcm
         self.pipe = None
 
-    def setup(self, num_frames: int, width: int, height: int, size=None) -> tuple[int, int]:
-        """Load the model and plan the clip; returns the processing size (width, height)."""
+    def load(self) -> bool:
+        """Load the model and build the pipeline (once per worker)."""
         from diffstream.models.loading import load_components
         from diffstream.pipelines.fairy import FairyPipeline
 
         if self.pipe is None:
             self.pipe = FairyPipeline(load_components(self.model_config), self.config, lcm=self.lcm)
+        return True
+
+    def begin(self, num_frames: int, width: int, height: int, size=None) -> tuple[int, int]:
+        """Plan a new clip (forgets the previous anchors); returns the processing size."""
+        self.load()
         self.pipe.begin(num_frames, width, height, size=size)
         return self.pipe.size
 
@@ -151,51 +156,36 @@ class FairyWorker:
         return list(self.pipe.edit_range(frames, start, stop))
 
 
-@dataclass
-class _Task:
-    start: int
-    stop: int
-    frames_ref: object
-    tries: int = 0
+class WorkerPool:
+    """Ray actors with the model loaded, reusable for any number of clips.
 
-
-class DistributedEdit:
-    """One clip edited by Ray workers.
-
-        job = DistributedEdit(model_config, fairy_config, clip, RayConfig(workers=2))
-        size = job.start()            # workers loaded, anchors ready
-        for frame in job: ...         # every frame, in order
-        job.close()                   # also done when iteration ends
+        with WorkerPool(model_config, fairy_config, RayConfig(workers=2)) as pool:
+            for clip in clips:
+                job = DistributedEdit(model_config, fairy_config, clip, pool.ray_config, pool=pool)
+                ...
 
     Args:
-        model_config: what each worker loads.
-        config: the FairyConfig (resolved with the model's LCM/turbo facts).
-        clip: a `Clip` (decoded here, once per pass).
-        ray_config: the split.
+        model_config, config: what every worker loads and how it edits.
+        ray_config: cluster, worker count and resources.
         worker_cls: the actor class (tests substitute a subclass that fails on purpose).
-    Attributes:
-        timings: seconds spent in setup and in obtaining the anchors; anchor cache bytes.
-        retries: segments resubmitted after a failure.
     """
 
-    def __init__(self, model_config, config, clip, ray_config: RayConfig, worker_cls=FairyWorker):
-        from diffstream.pipelines.fairy import as_clip, uses_lcm
+    def __init__(self, model_config, config, ray_config: "RayConfig", worker_cls=None):
+        from diffstream.pipelines.fairy import uses_lcm
 
         ray_config.check_available()
         self.model_config, self.config, self.ray_config = model_config, config, ray_config
         self.lcm = uses_lcm(model_config)
-        self.clip = as_clip(clip)
-        self.worker_cls = worker_cls
-        self.timings: dict[str, float] = {}
-        self.retries = 0
+        self.worker_cls = worker_cls or FairyWorker
+        self.actors: list = []
+        self.started = False
         self._started_ray = False
-        self._actors: list = []
         self._closed = False
-        self.size = None
-        self.plan = None
 
-    # --- setup ---------------------------------------------------------------------
-    def _init_ray(self):
+    def start(self) -> "WorkerPool":
+        """Join or start the cluster, start the workers and load the model in each (in parallel)."""
+        if self.started:
+            return self
         import ray
 
         rc = self.ray_config
@@ -215,26 +205,118 @@ class DistributedEdit:
         if per_gpu is None:
             device = self.model_config.device
             per_gpu = 1 if gpus >= 1 and (device == "auto" or device.startswith("cuda")) else 0
-        self.num_workers, self._gpus = workers, per_gpu
-        remote = ray.remote(self.worker_cls)
-        self._remote = remote.options(num_cpus=rc.cpus_per_worker, num_gpus=per_gpu, max_restarts=0)
+        self._remote = ray.remote(self.worker_cls).options(
+            num_cpus=rc.cpus_per_worker, num_gpus=per_gpu, max_restarts=0
+        )
+        self.actors = [self._new_actor() for _ in range(workers)]
+        self.started = True
+        _get([a.load.remote() for a in self.actors])
+        return self
 
     def _new_actor(self):
         return self._remote.remote(self.model_config, self.config, self.lcm, self.ray_config.cpus_per_worker)
 
-    def _prepare_actor(self, actor, wait: bool):
-        """Queue setup and anchors on `actor` (actor calls run in submission order)."""
-        setup = actor.setup.remote(self.plan.num_frames, self.clip.width, self.clip.height, self.size)
-        if self.ray_config.anchor_transfer == "recompute" or self._anchor_pack is None:
-            anchors = actor.make_anchors.remote(self._anchor_frames_ref)
+    def replace(self, actor):
+        """Kill `actor` (a dead or failing worker) and put a fresh one (loading its model) in its slot.
+
+        Returns the actor now in that slot (already replaced ones are left alone)."""
+        import ray
+
+        if actor not in self.actors:
+            return None
+        slot = self.actors.index(actor)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:
+            pass
+        fresh = self._new_actor()
+        fresh.load.remote()  # queued: runs before anything submitted to it later
+        self.actors[slot] = fresh
+        return fresh
+
+    def close(self) -> None:
+        """Stop the workers (and the local Ray cluster if this pool started it); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            import ray
+        except ImportError:
+            return
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class _Task:
+    start: int
+    stop: int
+    frames_ref: object
+    tries: int = 0
+
+
+class DistributedEdit:
+    """One clip edited by Ray workers.
+
+        job = DistributedEdit(model_config, fairy_config, clip, RayConfig(workers=2))
+        size = job.start()            # workers loaded, anchors ready
+        for frame in job: ...         # every frame, in order
+        job.close()                   # also done when iteration ends
+
+    Args:
+        model_config: what each worker loads.
+        config: the FairyConfig (resolved with the model's LCM/turbo facts).
+        clip: a `Clip` or list of frames (decoded here, once per pass).
+        ray_config: the split.
+        pool: running workers to use (kept open afterwards); None starts a pool for
+            this clip and closes it at the end.
+        worker_cls: the actor class of a pool started here.
+    Attributes:
+        timings: seconds spent starting workers and obtaining the anchors; cache bytes.
+        retries: segments resubmitted after a failure.
+    """
+
+    def __init__(self, model_config, config, clip, ray_config: RayConfig, pool: WorkerPool | None = None,
+                 worker_cls=None):
+        from diffstream.pipelines.fairy import as_clip
+
+        ray_config.check_available()
+        self.model_config, self.config, self.ray_config = model_config, config, ray_config
+        self.clip = as_clip(clip)
+        self._own_pool = pool is None
+        self.pool = pool or WorkerPool(model_config, config, ray_config, worker_cls=worker_cls)
+        self.timings: dict[str, float] = {}
+        self.retries = 0
+        self._closed = False
+        self.size = None
+        self.plan = None
+
+    # --- setup ---------------------------------------------------------------------
+    def _begin(self, actor):
+        return actor.begin.remote(self.plan.num_frames, self.clip.width, self.clip.height, self.size)
+
+    def _prepare_fresh(self, actor) -> None:
+        """Queue plan and anchors on a replacement actor (its calls run in order)."""
+        self._begin(actor)
+        if self._anchor_pack is not None:
+            actor.load_anchors.remote(self._anchor_pack)
         else:
-            anchors = actor.load_anchors.remote(self._anchor_pack)
-        if wait:
-            _get([setup, anchors])
-        return anchors
+            actor.make_anchors.remote(self._anchor_frames_ref)
 
     def start(self) -> tuple[int, int]:
-        """Start the workers, load the model in each and prepare the anchors.
+        """Start the workers (unless the pool runs), plan the clip and prepare the anchors.
 
         Returns:
             the processing size (width, height) of the output frames.
@@ -244,37 +326,34 @@ class DistributedEdit:
         from diffstream.pipelines.fairy import EditPlan, anchor_indices
 
         t0 = time.perf_counter()
-        self._init_ray()
+        self.pool.start()
+        self.timings["workers_s"] = time.perf_counter() - t0
         num_frames = len(self.clip)
         self.plan = EditPlan(num_frames, anchor_indices(num_frames, self.config.anchors), self.config.chunk_size)
-        first = self._new_actor()
-        self._actors = [first]
-        self.size = tuple(_get(first.setup.remote(num_frames, self.clip.width, self.clip.height)))
-        self._actors += [self._new_actor() for _ in range(self.num_workers - 1)]
-        self.timings["setup_s"] = time.perf_counter() - t0
+        actors = self.pool.actors
+        sizes = _get([a.begin.remote(num_frames, self.clip.width, self.clip.height) for a in actors])
+        self.size = tuple(sizes[0])
 
         t1 = time.perf_counter()
         anchor_frames = [F.resize(F.to_rgb(f), self.size) for f in self.clip.read(self.plan.anchors)]
         self._anchor_frames_ref = ray.put(anchor_frames)
         self._anchor_pack = None
         if self.ray_config.anchor_transfer == "object_store":
-            self.timings["anchor_compute_s"] = _get(first.make_anchors.remote(self._anchor_frames_ref))
-            self._anchor_pack = first.export_anchors.remote()  # stays in the object store, owned here
+            self.timings["anchor_compute_s"] = _get(actors[0].make_anchors.remote(self._anchor_frames_ref))
             t2 = time.perf_counter()
-            sizes = _get([a.load_anchors.remote(self._anchor_pack) for a in self._actors[1:]])
+            self._anchor_pack = actors[0].export_anchors.remote()  # owned here: lives as long as this job
+            sizes = _get([a.load_anchors.remote(self._anchor_pack) for a in actors[1:]])
             self.timings["anchor_transfer_s"] = time.perf_counter() - t2
             self.timings["anchor_cache_bytes"] = float(sizes[0]) if sizes else 0.0
         else:
-            rest = [a.setup.remote(num_frames, self.clip.width, self.clip.height, self.size) for a in self._actors[1:]]
-            _get(rest)
-            seconds = _get([a.make_anchors.remote(self._anchor_frames_ref) for a in self._actors])
+            seconds = _get([a.make_anchors.remote(self._anchor_frames_ref) for a in actors])
             self.timings["anchor_compute_s"] = max(seconds)
         self.timings["anchors_s"] = time.perf_counter() - t1
         return self.size
 
     # --- the ordered, retried segment loop --------------------------------------------
     def __iter__(self) -> Iterator[np.ndarray]:
-        """Every output frame in order; closes the workers when done or abandoned."""
+        """Every output frame in order; closes the job when done or abandoned."""
         import ray
 
         if self.plan is None:
@@ -282,20 +361,20 @@ class DistributedEdit:
         try:
             frames = iter(self.clip)
             segments = self.plan.segments(self.ray_config.chunks_per_segment)
+            actors = self.pool.actors
             tasks: dict[int, _Task] = {}
             results: dict[int, list] = {}
             inflight: dict = {}  # ObjectRef -> (segment id, slot, actor)
-            load = [0] * len(self._actors)
+            load = [0] * len(actors)
             submitted = written = 0
             exhausted = False
-            limit = 2 * len(self._actors)
+            limit = 2 * len(actors)
 
             def submit(seg_id: int) -> None:
-                slot = min(range(len(self._actors)), key=lambda s: load[s])
-                actor = self._actors[slot]
+                slot = min(range(len(actors)), key=lambda s: load[s])
                 task = tasks[seg_id]
-                ref = actor.edit_segment.remote(task.start, task.stop, task.frames_ref)
-                inflight[ref] = (seg_id, slot, actor)
+                ref = actors[slot].edit_segment.remote(task.start, task.stop, task.frames_ref)
+                inflight[ref] = (seg_id, slot, actors[slot])
                 load[slot] += 1
 
             while True:
@@ -326,18 +405,23 @@ class DistributedEdit:
                     load[slot] -= 1
                     try:
                         results[seg_id] = ray.get(ref)
+                        continue
                     except ray.exceptions.RayTaskError as err:
                         if isinstance(err.cause, DiffstreamError):
                             raise err.cause from None
-                        self._retry(tasks[seg_id], seg_id, err, slot, actor, replace=False)
-                        submit(seg_id)
+                        failure, dead = err, False
                     except ray.exceptions.RayError as err:  # the worker process died
-                        self._retry(tasks[seg_id], seg_id, err, slot, actor, replace=True)
-                        submit(seg_id)
+                        failure, dead = err, True
+                    self._count_retry(tasks[seg_id], failure)
+                    if dead:
+                        fresh = self.pool.replace(actor)
+                        if fresh is not None:
+                            self._prepare_fresh(fresh)
+                    submit(seg_id)
         finally:
             self.close()
 
-    def _retry(self, task: _Task, seg_id: int, err, slot: int, actor, replace: bool) -> None:
+    def _count_retry(self, task: _Task, err) -> None:
         task.tries += 1
         if task.tries > self.ray_config.max_retries:
             reason = " ".join(str(getattr(err, "cause", None) or err).split())[:200]
@@ -346,31 +430,15 @@ class DistributedEdit:
                 f"the {task.start} frames before them were written"
             )
         self.retries += 1
-        if replace and self._actors[slot] is actor:  # first failure seen from this actor: replace it
-            import ray
-
-            ray.kill(actor, no_restart=True)
-            fresh = self._new_actor()
-            self._actors[slot] = fresh
-            self._prepare_actor(fresh, wait=False)
 
     def close(self) -> None:
-        """Stop the workers (and the local Ray cluster if this job started it); idempotent."""
+        """Release the anchors; stop the workers if this job started them. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        try:
-            import ray
-        except ImportError:
-            return
-        for actor in self._actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:
-                pass
-        self._actors = []
-        if self._started_ray and ray.is_initialized():
-            ray.shutdown()
+        self._anchor_pack = self._anchor_frames_ref = None
+        if self._own_pool:
+            self.pool.close()
 
 
 def _get(refs):

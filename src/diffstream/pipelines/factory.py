@@ -7,7 +7,7 @@ from diffstream.models.loading import Components
 from diffstream.pipelines.stream import StreamPipeline
 
 
-def make_mechanism(config: StreamConfig):
+def make_mechanism(config: StreamConfig, components: Components | None = None):
     """The temporal mechanism of `config.method` (None for the per-frame StreamDiffusion baseline)."""
     if config.method == "streamdiffusion":
         return None
@@ -21,10 +21,43 @@ def make_mechanism(config: StreamConfig):
     if config.method == "live2diff":
         from diffstream.attention.causal_temporal import CausalTemporal
 
-        return CausalTemporal(config.causal)
+        estimator = prior = None
+        if config.causal.depth:
+            if components is None:
+                raise ValueError("live2diff with depth needs the components")
+            estimator, prior = _depth_parts(components, config.causal.depth_model)
+        return CausalTemporal(config.causal, depth_estimator=estimator, depth_prior=prior)
     raise ValueError(f"unknown method {config.method!r}")
+
+
+def _depth_parts(components: Components, depth_model: str):
+    """Depth estimator and depth-prior module for live2diff's --depth."""
+    from diffstream.errors import ConfigError
+    from diffstream.models.motion import DepthPrior
+
+    prior = DepthPrior(out_channels=components.unet.config.block_out_channels[0])
+    if components.depth_prior_state is not None:
+        prior.load_state_dict(components.depth_prior_state)
+    elif components.name == "tiny":
+        from diffstream.models.tiny import randomize
+
+        randomize(prior, seed=11)  # a test model whose depth path actually does something
+    else:
+        raise ConfigError(
+            "--depth needs a motion checkpoint with Live2Diff's depth module "
+            "(pass --motion-adapter /path/to/live2diff.ckpt), or leave --depth out"
+        )
+    if depth_model == "tiny":
+        from diffstream.models.tiny import tiny_depth_estimator
+
+        estimator = tiny_depth_estimator()
+    else:
+        from diffstream.metrics.depth import DepthEstimator
+
+        estimator = DepthEstimator(depth_model, device=components.device)
+    return estimator, prior.eval().requires_grad_(False)
 
 
 def make_pipeline(components: Components, config: StreamConfig) -> StreamPipeline:
     """A StreamPipeline running `config.method` on `components`."""
-    return StreamPipeline(components, config, make_mechanism(config))
+    return StreamPipeline(components, config, make_mechanism(config, components))

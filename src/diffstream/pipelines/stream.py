@@ -263,13 +263,14 @@ class StreamPipeline:
         comp = self.components
         pixels = F.frames_to_tensor(frame, device=comp.device, dtype=comp.dtype)  # (1, 3, H, W)
         z0 = comp.encode_image(pixels)  # (1, C, h, w)
+        cond = self.mechanism.condition(frame, comp)
         if not self._warmed:
-            self._warm.append((index, z0))
+            self._warm.append((index, z0, cond))
             if len(self._warm) == self.mechanism.warmup_frames:
                 self._warmup()
             return
         batch = self._ensure_batch(tuple(z0.shape[-2:]))
-        batch.admit(z0, index)
+        batch.admit(z0, index, cond)
         if self.config.stream_batch:
             self._emit(self._step(batch))
         else:
@@ -295,7 +296,7 @@ class StreamPipeline:
             layout = self._layouts[key] = BatchLayout(steps, branches, self.num_steps, phase)
         return layout
 
-    def _guided_eps(self, x, rows, ref, first: int, steps: tuple, phase: str = "stream"):
+    def _guided_eps(self, x, rows, ref, first: int, steps: tuple, phase: str = "stream", cond=None):
         """One UNet call and guidance for rows `x`.
 
         Args:
@@ -304,6 +305,7 @@ class StreamPipeline:
             first: how many leading rows are at their first step (they get the real
                 unconditional pass of onetime-negative RCFG).
             steps: step index of each row.
+            cond: (m, ...) per-frame conditioning for the mechanism, or None.
         Returns:
             (eps (m, C, h, w), new reference latents for the first `first` rows or None).
         """
@@ -321,8 +323,10 @@ class StreamPipeline:
             emb = self._embeddings(key, lambda: self._cond.expand(m, -1, -1).contiguous())
         layout = self._layout(key, steps[:u] + steps, ("uncond",) * u + ("cond",) * m, phase)
 
+        if cond is not None and u:
+            cond = torch.cat([cond[:u], cond])
         self.mechanism.before_unet(layout)
-        out = self.mechanism.call_unet(self.components.unet, x_in, t_in, emb, layout)
+        out = self.mechanism.call_unet(self.components.unet, x_in, t_in, emb, layout, cond)
         self.mechanism.after_unet(layout)
         self.unet_calls += 1
 
@@ -348,7 +352,8 @@ class StreamPipeline:
         """One UNet call that advances every in-flight frame by one step."""
         x = batch.x  # (m, C, h, w), newest frame first
         rows = batch.rows()  # coefficients, (m, 1, 1, 1)
-        eps, new_ref = self._guided_eps(x, rows, batch.ref, first=int(batch.lo == 0), steps=tuple(batch.steps()))
+        eps, new_ref = self._guided_eps(x, rows, batch.ref, first=int(batch.lo == 0), steps=tuple(batch.steps()),
+                                        cond=batch.cond)
         if new_ref is not None:
             batch.set_newest_ref(new_ref)
         return batch.advance(denoise(eps, x, rows))
@@ -357,8 +362,9 @@ class StreamPipeline:
     def _warmup(self) -> None:
         """Denoise the buffered warmup frames together, through every step (Live2Diff's
         warmup stage, Sec. 3.4): the mechanism sees phase "warmup" and one video of W frames."""
-        indices = [i for i, _ in self._warm]
-        z0 = torch.cat([z for _, z in self._warm])  # (W, C, h, w)
+        indices = [i for i, _, _ in self._warm]
+        z0 = torch.cat([z for _, z, _ in self._warm])  # (W, C, h, w)
+        cond = None if self._warm[0][2] is None else torch.cat([c for _, _, c in self._warm])
         self._warm = []
         batch = self._ensure_batch(tuple(z0.shape[-2:]))
         noise, table, n = batch.noise, self._table, self.num_steps
@@ -368,7 +374,7 @@ class StreamPipeline:
         for k in range(n):
             rows = table.rows(k, k + 1)
             eps, new_ref = self._guided_eps(x, rows, ref, first=len(indices) if k == 0 else 0,
-                                            steps=(k,) * len(indices), phase="warmup")
+                                            steps=(k,) * len(indices), phase="warmup", cond=cond)
             if new_ref is not None:
                 ref = new_ref
             x = denoise(eps, x, rows)

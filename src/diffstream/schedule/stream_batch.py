@@ -37,6 +37,7 @@ class StreamBatch:
         """Forget every in-flight frame."""
         self.x: torch.Tensor | None = None  # (m, C, h, w) noisy latents, newest first
         self.ref: torch.Tensor | None = None  # (m, C, h, w) RCFG reference x0 per frame
+        self.cond: torch.Tensor | None = None  # (m, ...) per-frame conditioning (e.g. depth latents)
         self.tags: list = []  # caller's tag per in-flight frame, newest first
         self.lo = 0  # step index of the newest in-flight frame
 
@@ -49,12 +50,13 @@ class StreamBatch:
         """How many frames have started but not finished."""
         return len(self.tags)
 
-    def admit(self, z0: torch.Tensor, tag) -> None:
+    def admit(self, z0: torch.Tensor, tag, cond: torch.Tensor | None = None) -> None:
         """Start a new frame: SDEdit-noise its clean latent to the first step.
 
         Args:
             z0: (1, C, h, w) the frame's clean (VAE) latent.
             tag: anything that identifies the frame (returned when it finishes).
+            cond: (1, ...) conditioning that travels with the frame, or None.
         """
         if self.in_flight and self.lo != 1:
             raise RuntimeError("a frame can join only when the newest in-flight frame is at step 1")
@@ -63,8 +65,10 @@ class StreamBatch:
         if self.in_flight:
             self.x = torch.cat([x_new, self.x], dim=0)
             self.ref = torch.cat([z0, self.ref], dim=0)
+            if cond is not None:
+                self.cond = torch.cat([cond, self.cond], dim=0)
         else:
-            self.x, self.ref = x_new, z0
+            self.x, self.ref, self.cond = x_new, z0, cond
         self.tags.insert(0, tag)
         self.lo = 0
 
@@ -99,6 +103,8 @@ class StreamBatch:
                 denoised[:keep], self.noise[lo + 1 : lo + 1 + keep], nxt.alpha_sqrt, nxt.beta_sqrt
             )
             self.ref = self.ref[:keep]
+            if self.cond is not None:
+                self.cond = self.cond[:keep]
             self.tags = self.tags[:keep]
             self.lo = lo + 1
         else:

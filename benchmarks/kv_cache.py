@@ -1,0 +1,137 @@
+"""Live2Diff's KV cache against recomputing the window, side by side, on the CPU.
+
+A UNetMotionModel at full SD 1.5 width and depth (random SD 1.5 UNet + a random
+MotionAdapter with AnimateDiff v1.5's configuration), 256 px, one denoising step,
+warmup 8 frames, window 16:
+- seconds_per_frame_cached: our stream (causal temporal attention, per-step KV cache);
+- seconds_per_frame_recompute: what a cache-less implementation pays to give a new frame
+  the same context: the UNet runs over all 16 window frames (their latents kept) every
+  frame, since keys/values of every temporal layer depend on every earlier layer. The
+  attention mask changes which scores count, not the cost, so diffusers' own temporal
+  attention stands in for the masked one here;
+- speedup = recompute / cached (target >= 10 at window 16);
+- rss_growth_100_to_1000: the tiny model streaming 1,000 frames, RSS at frame 1,000
+  relative to frame 100 (the cache must not grow).
+
+    python benchmarks/kv_cache.py --json [--frames 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+from diffstream import frames as F
+from diffstream.attention.causal_temporal import CausalTemporalConfig
+from diffstream.config import ModelConfig, StreamConfig
+from diffstream.metrics.timing import current_rss_bytes
+from diffstream.models.loading import load_components
+from diffstream.models.motion import motion_unet
+from diffstream.models.tiny import sd15_random_components
+from diffstream.pipelines.factory import make_pipeline
+from diffstream.testing import benchmark_clip, make_frames
+
+
+def sd15_motion_components():
+    """Random SD 1.5 + AnimateDiff-v1.5-shaped motion modules (MotionAdapter defaults)."""
+    import dataclasses
+
+    from diffusers import MotionAdapter
+
+    base = sd15_random_components()
+    torch.manual_seed(5)
+    adapter = MotionAdapter(block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2,
+                            motion_num_attention_heads=8, motion_max_seq_length=32, use_motion_mid_block=False)
+    return dataclasses.replace(base, unet=motion_unet(base.unet, adapter))
+
+
+def cached_seconds(components, frames, window: int, warmup: int, timed: int) -> float:
+    cfg = StreamConfig(prompt="a watercolor painting", size=max(frames[0].shape[:2]), steps=1, strength=0.5,
+                       guidance=1.0, method="live2diff",
+                       causal=CausalTemporalConfig(warmup_frames=warmup, window=window))
+    with make_pipeline(components, cfg) as pipe:
+        fill = warmup + (window - warmup - 1)  # warmup, then enough frames to fill the window
+        for f in frames[:fill]:
+            pipe.process(f)
+        start = time.perf_counter()
+        for f in frames[fill : fill + timed]:
+            pipe.process(f)
+        return (time.perf_counter() - start) / timed
+
+
+@torch.no_grad()
+def recompute_seconds(components, frames, window: int, timed: int) -> float:
+    """UNet over the whole window of latents, once per new frame."""
+    pixels = F.frames_to_tensor(frames[:window])
+    latents = components.encode_image(pixels)  # (S, 4, h, w)
+    video = latents.transpose(0, 1)[None]  # (1, 4, S, h, w)
+    emb = components.encode_prompt(["a watercolor painting"]).expand(window, -1, -1)
+    t = torch.tensor([499])
+    components.unet(video, t, encoder_hidden_states=emb)  # warm-up
+    start = time.perf_counter()
+    for _ in range(timed):
+        components.unet(video, t, encoder_hidden_states=emb)
+    return (time.perf_counter() - start) / timed
+
+
+def rss_growth(n: int = 1000):
+    tiny = load_components(ModelConfig(model="tiny", motion_adapter="tiny", device="cpu"))
+    frames = make_frames(50, 64, 64)
+    cfg = StreamConfig(prompt="x", size=64, steps=2, strength=0.5, method="live2diff")
+    with make_pipeline(tiny, cfg) as pipe:
+        at_100 = None
+        for i in range(n):
+            pipe.process(frames[i % len(frames)])
+            if i + 1 == 100:
+                gc.collect()
+                at_100 = current_rss_bytes()
+        gc.collect()
+        at_n = current_rss_bytes()
+        cache = pipe.mechanism.cache_bytes()
+    return (at_n - at_100) / at_100, at_100, at_n, cache
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--frames", type=int, default=2, help="frames timed per mode")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--rss-frames", type=int, default=1000)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    frames, origin = benchmark_clip(args.window + args.frames + 1, args.size)
+    print(f"clip: {origin}, {frames[0].shape[1]}x{frames[0].shape[0]}, window {args.window}", file=sys.stderr)
+    components = sd15_motion_components()
+    cached = cached_seconds(components, frames, args.window, args.warmup, args.frames)
+    print(f"cached: {cached:.2f} s/frame", file=sys.stderr)
+    recompute = recompute_seconds(components, frames, args.window, args.frames)
+    print(f"recompute: {recompute:.2f} s/frame", file=sys.stderr)
+    del components
+    gc.collect()
+    torch.set_num_threads(1)
+    growth, at_100, at_n, cache = rss_growth(args.rss_frames)
+    result = {
+        "clip": origin,
+        "window": args.window,
+        "seconds_per_frame_cached": cached,
+        "seconds_per_frame_recompute": recompute,
+        "speedup": recompute / cached,
+        "rss_growth_100_to_1000": growth,
+        "tiny_cache_bytes": cache,
+    }
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
