@@ -136,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_options(run)
     add_stream_options(run)
+
+    from diffstream.metrics.bench import add_bench_arguments
+    from diffstream.metrics.evaluate import add_eval_arguments
+
+    ev = sub.add_parser("eval", help="quality metrics of a result video against its source",
+                        description="Warp error, CLIP consistency / text score / frame accuracy, depth error.")
+    add_eval_arguments(ev)
+    bn = sub.add_parser("bench", help="run several methods on one clip side by side: quality, speed, memory",
+                        description="Run methods on the same clip, model and seed; print one table.")
+    add_model_options(bn)
+    add_bench_arguments(bn)
     return parser
 
 
@@ -195,6 +206,11 @@ def _quiet_libraries() -> None:
 
         dlog.set_verbosity_error()
         tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        dlog.disable_progress_bar()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     except Exception:
         pass
 
@@ -283,6 +299,16 @@ def main(argv=None) -> int:
     try:
         if args.command == "run":
             return cmd_run(run_config(args))
+        if args.command == "eval":
+            _quiet_libraries()
+            from diffstream.metrics.evaluate import eval_command
+
+            return eval_command(args)
+        if args.command == "bench":
+            _quiet_libraries()
+            from diffstream.metrics.bench import bench_command
+
+            return bench_command(args)
         raise ConfigError(f"unknown command {args.command!r}")
     except DiffstreamError as err:
         print(f"diffstream: error: {err}", file=sys.stderr)

@@ -373,6 +373,13 @@ class ClipMeter:
         return ClipResult(frames=n, temporal_consistency=tc, text_score=text, frame_accuracy=acc)
 
 
+def _hub_up() -> bool:
+    """Whether the model hub answers (one quick connection, no retries)."""
+    from diffstream.models.loading import hub_reachable
+
+    return hub_reachable()
+
+
 def _load_clip(name: str, local_files_only: Optional[bool]):
     """(model, image_processor, tokenizer) from a hub id or folder, or ModelLoadError."""
     import os
@@ -384,6 +391,10 @@ def _load_clip(name: str, local_files_only: Optional[bool]):
             f"CLIP model folder {name!r} does not exist; pass --clip-model PATH "
             "to a local CLIP checkpoint folder"
         )
+    if local_files_only is None and not os.path.isdir(os.path.expanduser(name)) and not _hub_up():
+        # With the hub unreachable, from_pretrained retries for about a minute before it
+        # fails; a copy in the local cache still loads with local_files_only.
+        kwargs = {"local_files_only": True}
     try:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 

@@ -1,0 +1,643 @@
+"""`diffstream bench`: several methods on the same clip, model and seed, side by side.
+
+    diffstream bench IN.mp4 --prompt "..." --methods streamdiffusion,streamv2v,live2diff,fairy,fatezero
+                     [--model ...] [--frames N] [--json FILE] [--plot FILE.png]
+
+For each method: quality (warp error on both scales; CLIP temporal consistency and text
+score when a CLIP model loads), speed (fps, per-frame latency p50/p95, first-output
+latency) and peak memory (CUDA allocator peak on a GPU, sampled process RSS on the CPU;
+see `metrics.timing.PeakMemory`). The clip is decoded and resized to the processing size
+once, before anything is timed, so every method sees identical pixels and decoding is
+not charged to anyone. Measurements attach from outside: streaming pipelines report
+through their `on_push` / `on_output` callbacks into a `FrameTimer`; offline methods
+report finished frames through a `progress` callback. Quality is computed after all
+methods have been timed, and the CLIP model is loaded only then, so it neither slows
+nor adds to the memory of any timed run.
+
+Method registry
+---------------
+`REGISTRY` maps a name to a `BenchMethod`. Two kinds:
+
+- ``"stream"``: runs through `pipelines.factory.make_pipeline` with
+  ``StreamConfig(method=name)``; available when the name is in `config.METHODS`
+  (so "live2diff" turns on by itself once it is added there and to the factory).
+  Each stream first runs `warmup` frames, is `reset()`, then is timed.
+  Latency of frame i = time from push of input i to output of output i.
+- ``"offline"``: an adapter function with the signature
+
+      adapter(model, frames, *, prompt, seed, size, progress=None) -> list[Frame]
+
+  model: the loaded `Components` (``takes="components"``, the same model the streams
+  use) or the `ModelConfig` (``takes="model_config"``, for methods that load their own
+  checkpoint); frames: list of N RGB uint8 (h, w, 3) frames already at the processing
+  size; size: (w, h); progress: optional callable(i) the adapter calls when output
+  frame i is finished. Returns N RGB uint8 (h, w, 3) frames. Latency per frame is the
+  amortised total / N (an offline method has no per-frame latency); first-output
+  latency is the time to the first `progress` call, or the total if it never calls it.
+
+  To add fairy / fatezero: define ``bench_adapter`` with that signature in
+  ``diffstream/pipelines/fairy.py`` / ``fatezero.py``. The entries below already point
+  there (``entry="diffstream.pipelines.fairy:bench_adapter"``); until the function
+  exists, asking for the method is a one-line ConfigError naming it. A different
+  function name or ``takes`` is a one-line change of that entry; a new method is one
+  `register_method(BenchMethod(...))` call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from diffstream.errors import ConfigError, DiffstreamError, InputError
+from diffstream.frames import fit_size, resize
+from diffstream.metrics.clip import DEFAULT_CLIP_MODEL, ClipResult
+from diffstream.metrics.evaluate import (
+    FLOW_PRESETS,
+    _clean,
+    _fmt,
+    _quiet,
+    _warn,
+    check_output_path,
+    load_clip_scorer,
+    markdown_table,
+    new_figure,
+    save_figure,
+    write_json,
+)
+from diffstream.metrics.timing import FrameTimer, PeakMemory
+from diffstream.metrics.warp import WarpErrorMeter, WarpErrorResult
+
+__all__ = [
+    "BenchMethod",
+    "REGISTRY",
+    "register_method",
+    "resolve_methods",
+    "MethodResult",
+    "BenchReport",
+    "run_benchmark",
+    "load_clip_frames",
+    "add_bench_arguments",
+    "bench_command",
+]
+
+STREAM, OFFLINE = "stream", "offline"
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One benchmarkable method.
+
+    Attributes:
+        name: what --methods calls it.
+        kind: "stream" (through make_pipeline) or "offline" (through an adapter).
+        adapter: the offline adapter itself (see the module docstring for its signature).
+        entry: or where to import it from, "package.module:function" (resolved only
+            when the method is asked for, so a module that does not exist yet costs
+            nothing until then).
+        takes: what an offline adapter gets as its first argument: "components" or
+            "model_config".
+    """
+
+    name: str
+    kind: str
+    adapter: Optional[Callable] = None
+    entry: Optional[str] = None
+    takes: str = "components"
+
+    def __post_init__(self):
+        if self.kind not in (STREAM, OFFLINE):
+            raise ValueError(f"kind must be {STREAM!r} or {OFFLINE!r}, got {self.kind!r}")
+        if self.takes not in ("components", "model_config"):
+            raise ValueError(f"takes must be 'components' or 'model_config', got {self.takes!r}")
+        if self.kind == OFFLINE and (self.adapter is None) == (self.entry is None):
+            raise ValueError(f"offline method {self.name!r} needs exactly one of adapter= or entry=")
+
+    def resolve(self) -> Optional[Callable]:
+        """Check the method can run here; return its adapter (None for a stream method).
+
+        Raises:
+            ConfigError: one line naming the method when it is not available yet.
+        """
+        if self.kind == STREAM:
+            from diffstream.config import METHODS
+
+            if self.name not in METHODS:
+                raise ConfigError(
+                    f"method {self.name!r} is not available in this version of diffstream yet "
+                    f"(streaming methods here: {', '.join(METHODS)})"
+                )
+            return None
+        if self.adapter is not None:
+            return self.adapter
+        module_name, _, func = self.entry.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                raise ConfigError(
+                    f"method {self.name!r} is not available in this version of diffstream yet "
+                    f"(no module {module_name})"
+                ) from None
+            raise ConfigError(f"method {self.name!r} cannot be loaded: missing module {exc.name!r}") from None
+        except ImportError as exc:
+            raise ConfigError(f"method {self.name!r} cannot be loaded: {' '.join(str(exc).split())}") from None
+        adapter = getattr(module, func or "bench_adapter", None)
+        if not callable(adapter):
+            raise ConfigError(
+                f"method {self.name!r} is not available for benchmarking yet "
+                f"({module_name} has no {func or 'bench_adapter'}())"
+            )
+        return adapter
+
+
+REGISTRY: dict[str, BenchMethod] = {}
+
+
+def register_method(method: BenchMethod) -> None:
+    """Add (or replace) a method of `diffstream bench`."""
+    REGISTRY[method.name] = method
+
+
+register_method(BenchMethod("streamdiffusion", STREAM))
+register_method(BenchMethod("streamv2v", STREAM))
+register_method(BenchMethod("live2diff", STREAM))
+# Offline methods: each module provides `bench_adapter` (signature in the module docstring).
+register_method(BenchMethod("fairy", OFFLINE, entry="diffstream.pipelines.fairy:bench_adapter"))
+register_method(BenchMethod("fatezero", OFFLINE, entry="diffstream.pipelines.fatezero:bench_adapter"))
+
+
+def resolve_methods(spec: str | Sequence[str]) -> list[tuple[BenchMethod, Optional[Callable]]]:
+    """Parse --methods and check every name before any model loads.
+
+    Args:
+        spec: "a,b,c" or a list of names (case-insensitive; duplicates dropped).
+    Returns:
+        [(method, adapter or None)] in the order given.
+    Raises:
+        ConfigError: an empty list, an unknown name, or a method not available yet.
+    """
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = list(dict.fromkeys(n.strip().lower() for n in names if n and n.strip()))
+    if not names:
+        raise ConfigError(f"--methods is empty; choose from {', '.join(REGISTRY)}")
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        listed = ", ".join(repr(n) for n in unknown)
+        raise ConfigError(f"unknown method {listed} in --methods; choose from {', '.join(REGISTRY)}")
+    return [(REGISTRY[n], REGISTRY[n].resolve()) for n in names]
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class MethodResult:
+    """Measurements of one method.
+
+    Attributes:
+        name, kind: the method.
+        timing: `FrameTimer.summary()`-style dict (fps, seconds_per_frame, wall_seconds,
+            wall_fps, latency_mean/p50/p95/max, first_output_latency, frames_pushed,
+            frames_output); seconds.
+        per_frame_latency: latency of each output frame in order, seconds.
+        memory: `PeakMemory.summary()` (memory_kind, peak_bytes, delta_bytes, ...).
+        unet_calls: UNet forward passes (streams only).
+        warp, clip: quality results (None before `score`, or when CLIP is unavailable).
+        error: one line if the method failed (its other fields are then empty).
+        outputs: the output frames, kept until scored (not serialised).
+    """
+
+    name: str
+    kind: str
+    timing: dict = field(default_factory=dict)
+    per_frame_latency: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+    unet_calls: Optional[int] = None
+    warp: Optional[WarpErrorResult] = None
+    clip: Optional[ClipResult] = None
+    error: Optional[str] = None
+    outputs: Optional[list] = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready (undefined values are None)."""
+        t, m = self.timing, self.memory
+        clip = self.clip.to_dict() if self.clip is not None else {}
+        return {
+            "kind": self.kind,
+            "error": self.error,
+            "frames_in": t.get("frames_pushed"),
+            "frames_out": t.get("frames_output"),
+            "unet_calls": self.unet_calls,
+            "warp_error_255": _clean(self.warp.mean_255) if self.warp else None,
+            "warp_error_01": _clean(self.warp.mean_01) if self.warp else None,
+            "per_pair_warp_255": [_clean(e) for e in self.warp.per_pair_255] if self.warp else [],
+            "clip_temporal_consistency": clip.get("clip_temporal_consistency"),
+            "clip_temporal_consistency_x100": clip.get("clip_temporal_consistency_x100"),
+            "clip_text_score": clip.get("clip_text_score"),
+            "clip_text_score_x100": clip.get("clip_text_score_x100"),
+            "fps": _clean(t.get("fps")),
+            "seconds_per_frame": _clean(t.get("seconds_per_frame")),
+            "wall_seconds": _clean(t.get("wall_seconds")),
+            "wall_fps": _clean(t.get("wall_fps")),
+            "latency_mean": _clean(t.get("latency_mean")),
+            "latency_p50": _clean(t.get("latency_p50")),
+            "latency_p95": _clean(t.get("latency_p95")),
+            "latency_max": _clean(t.get("latency_max")),
+            "first_output_latency": _clean(t.get("first_output_latency")),
+            "per_frame_latency": [float(x) for x in self.per_frame_latency],
+            "memory_kind": m.get("memory_kind"),
+            "peak_memory_bytes": m.get("peak_bytes"),
+            "memory_delta_bytes": m.get("delta_bytes"),
+        }
+
+
+@dataclass
+class BenchReport:
+    """All methods' results plus what they were run on.
+
+    Attributes:
+        results: one `MethodResult` per method, in the order asked.
+        reference: warp error / CLIP of the input clip itself (the flow's noise floor:
+            a perfectly consistent output would score about this).
+        info: clip, size, model, device, seed, prompt, schedule, CLIP model.
+        warnings: one-line notes (CLIP unavailable, a method that failed).
+    """
+
+    results: list[MethodResult]
+    reference: MethodResult
+    info: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Run info, then per method every field of `MethodResult.to_dict`, JSON-ready."""
+        return {
+            **self.info,
+            "methods": {r.name: r.to_dict() for r in self.results},
+            "input_reference": {
+                k: v for k, v in self.reference.to_dict().items()
+                if k.startswith(("warp", "per_pair", "clip"))
+            },
+            "warnings": list(self.warnings),
+        }
+
+    def table(self) -> str:
+        """One markdown row per method (and the input as reference)."""
+        header = ["method", "warp err (0-255)", "warp err (0-1)", "CLIP cons. x100", "CLIP text x100",
+                  "fps", "latency p50 s", "latency p95 s", "first output s", "peak mem MiB"]
+        rows = []
+        for r in [*self.results, self.reference]:
+            d = r.to_dict()
+            if r.error:
+                rows.append([r.name, f"failed: {r.error}"[:60]] + [""] * (len(header) - 2))
+                continue
+            mib = d["peak_memory_bytes"] / 2**20 if d["peak_memory_bytes"] is not None else None
+            rows.append([
+                r.name, _fmt(d["warp_error_255"]), _fmt(d["warp_error_01"]),
+                _fmt(d["clip_temporal_consistency_x100"]), _fmt(d["clip_text_score_x100"]),
+                _fmt(d["fps"], 4), _fmt(d["latency_p50"], 4), _fmt(d["latency_p95"], 4),
+                _fmt(d["first_output_latency"], 4), "n/a" if mib is None else f"{mib:.0f}",
+            ])
+        return markdown_table(header, rows)
+
+    def plot(self, path: str) -> None:
+        """PNG at `path`: per-pair warp error and per-frame latency, one curve per method."""
+        fig, (ax_warp, ax_lat) = new_figure(2)
+        for r in self.results:
+            if r.warp is not None and r.warp.num_pairs:
+                ax_warp.plot(range(1, r.warp.num_pairs + 1), r.warp.per_pair_255, marker=".", label=r.name)
+            if r.per_frame_latency:
+                ax_lat.plot(range(len(r.per_frame_latency)), r.per_frame_latency, marker=".", label=r.name)
+        ref = self.reference.warp
+        if ref is not None and ref.num_pairs:
+            ax_warp.plot(range(1, ref.num_pairs + 1), ref.per_pair_255, color="gray", linestyle="--",
+                         label="input (reference)")
+        ax_warp.set_ylabel("warp error (0-255)")
+        ax_warp.set_xlabel("frame t (pair t-1 -> t)")
+        ax_warp.set_title(f"{self.info.get('input_name', 'clip')}: {self.info.get('prompt', '')}"[:90])
+        ax_lat.set_ylabel("latency (s)")
+        ax_lat.set_xlabel("output frame")
+        for ax in (ax_warp, ax_lat):
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _release_memory(device) -> None:
+    """Free what the previous method left, so the next one's peak starts low."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _with_motion_modules(components, model_config):
+    """The same model with motion modules inserted (live2diff needs a video UNet)."""
+    import dataclasses
+
+    from diffstream.config import DEFAULT_MOTION_ADAPTER
+    from diffstream.models.motion import load_motion_adapter, motion_unet
+
+    spec = getattr(model_config, "motion_adapter", None) or (
+        "tiny" if components.name == "tiny" else DEFAULT_MOTION_ADAPTER
+    )
+    adapter, depth_state, _ = load_motion_adapter(spec, components.unet.config.block_out_channels)
+    return dataclasses.replace(components, unet=motion_unet(components.unet, adapter), depth_prior_state=depth_state)
+
+
+def _run_stream(name: str, components, stream_config, frames: list, warmup: int) -> MethodResult:
+    from diffstream.pipelines.factory import make_pipeline
+
+    pipe = make_pipeline(components, stream_config.replace(method=name))
+    try:
+        if warmup > 0:
+            # First calls pay for kernel selection and allocations; reset() then drops
+            # every trace of the warm-up frames (in-flight latents, banks, noise batch).
+            for frame in frames[:warmup]:
+                pipe.push(frame)
+            pipe.flush()
+            pipe.reset()
+        timer = FrameTimer()
+        pipe.on_push.append(timer.on_push)
+        pipe.on_output.append(timer.on_output)
+        outputs = []
+        _release_memory(components.device)
+        with PeakMemory(components.device) as mem:
+            for frame in frames:
+                outputs.extend(pipe.process(frame))
+            outputs.extend(pipe.flush())
+        return MethodResult(name, STREAM, timer.summary(), timer.latencies(), mem.summary(),
+                            unet_calls=pipe.unet_calls, outputs=outputs)
+    finally:
+        pipe.close()
+
+
+def _run_offline(name: str, adapter: Callable, model, frames: list, prompt: str, seed: int,
+                 size: tuple[int, int], device) -> MethodResult:
+    first: list[float] = []
+
+    def progress(_index: int) -> None:
+        if not first:
+            first.append(time.perf_counter())
+
+    _release_memory(device)
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        outputs = list(adapter(model, frames, prompt=prompt, seed=seed, size=size, progress=progress))
+        total = time.perf_counter() - start
+    if len(outputs) != len(frames):
+        raise ValueError(f"{name} returned {len(outputs)} frames for {len(frames)} inputs")
+    outputs = [np.asarray(o) for o in outputs]
+    n = len(outputs)
+    per_frame = total / n
+    timing = {
+        "frames_pushed": n,
+        "frames_output": n,
+        "fps": n / total if total > 0 else None,
+        "seconds_per_frame": per_frame,
+        "wall_seconds": total,
+        "wall_fps": n / total if total > 0 else None,
+        # No per-frame latency exists offline: every frame waits for the whole clip.
+        # The amortised time per frame is reported in its place (see module docstring).
+        "latency_mean": per_frame,
+        "latency_p50": per_frame,
+        "latency_p95": per_frame,
+        "latency_max": per_frame,
+        "first_output_latency": (first[0] - start) if first else total,
+    }
+    return MethodResult(name, OFFLINE, timing, [per_frame] * n, mem.summary(), outputs=outputs)
+
+
+def _score(result: MethodResult, inputs: list, clip, prompt: Optional[str], flow_preset: str) -> None:
+    """Quality metrics of `result.outputs` against `inputs`; then the outputs are dropped."""
+    outputs = result.outputs or []
+    meter = WarpErrorMeter(flow_preset)
+    for a, b in zip(inputs, outputs):
+        meter.update(a, b)
+    result.warp = meter.result()
+    if clip is not None and outputs:
+        result.clip = clip.evaluate(outputs, prompt or None)
+    result.outputs = None
+
+
+def run_benchmark(
+    frames: list,
+    methods: Sequence,
+    *,
+    prompt: str,
+    stream_config=None,
+    components=None,
+    model_config=None,
+    clip=None,
+    clip_loader: Optional[Callable] = None,
+    warmup: int = 1,
+    flow_preset: str = "medium",
+    info: Optional[dict] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> BenchReport:
+    """Run `methods` on the same frames, model and seed; then score every output.
+
+    Args:
+        frames: N >= 2 RGB uint8 frames (h, w, 3), already at the processing size.
+        methods: names, or the (BenchMethod, adapter) pairs of `resolve_methods`.
+        prompt: the target prompt (also the CLIP text-score prompt).
+        stream_config: base `StreamConfig` of the streaming methods (method replaced per
+            run); default: `StreamConfig(prompt=prompt, size=max(h, w))`.
+        components: loaded `Components` (streams and offline methods that take them).
+        model_config: `ModelConfig` for offline methods with takes="model_config".
+        clip: a `ClipScorer`, or None; `clip_loader` is then called (after all timing)
+            and returns (scorer or None, warning or None).
+        warmup: frames pushed (then reset) before timing each stream.
+        flow_preset: DIS preset of warp error.
+        info: extra fields for the report (clip name, model, ...).
+        log: called with a one-line progress message per method (e.g. print to stderr).
+    Returns:
+        a `BenchReport`. A method that raises is recorded with `error` and the others
+        still run.
+    """
+    from diffstream.config import StreamConfig
+
+    if len(frames) < 2:
+        raise InputError(f"the benchmark needs at least 2 frames, got {len(frames)}")
+    if not methods or isinstance(methods[0], str):
+        methods = resolve_methods(list(methods))
+    h, w = frames[0].shape[:2]
+    seed = stream_config.seed if stream_config is not None else 2
+    if stream_config is None:
+        stream_config = StreamConfig(prompt=prompt, size=max(h, w), seed=seed)
+    device = components.device if components is not None else "cpu"
+    results: list[MethodResult] = []
+    warnings: list[str] = []
+    for method, adapter in methods:
+        try:
+            if method.kind == STREAM:
+                if components is None:
+                    raise ValueError("streaming methods need loaded components")
+                model = components
+                if method.name == "live2diff" and not components.is_video_unet:
+                    model = _with_motion_modules(components, model_config)
+                elif method.name != "live2diff" and components.is_video_unet:
+                    raise ValueError(f"{method.name} needs an image UNet, the loaded model has motion modules")
+                result = _run_stream(method.name, model, stream_config, frames, warmup)
+            else:
+                model = components if method.takes == "components" else model_config
+                if model is None:
+                    raise ValueError(f"{method.name} needs {method.takes.replace('_', ' ')}")
+                result = _run_offline(method.name, adapter, model, frames, prompt, seed, (w, h), device)
+        except Exception as exc:  # one broken method must not lose the others' results
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            result = MethodResult(method.name, method.kind, error=message)
+            warnings.append(f"{method.name} failed: {message}")
+        results.append(result)
+        if log is not None and result.error is None:
+            fps = result.timing.get("fps")
+            log(f"{method.name}: {result.timing.get('frames_output')} frames"
+                + (f", {fps:.3g} fps" if fps else ""))
+    if clip is None and clip_loader is not None:
+        clip, note = clip_loader()
+        if note:
+            warnings.append(note)
+    for result in results:
+        if result.error is None:
+            _score(result, frames, clip, prompt, flow_preset)
+    reference = MethodResult("input (reference)", "reference", outputs=list(frames))
+    _score(reference, frames, clip, prompt, flow_preset)
+    report_info = {
+        "frames": len(frames),
+        "width": w,
+        "height": h,
+        "prompt": prompt,
+        "seed": seed,
+        "steps": len(stream_config.t_indices(bool(getattr(components, "turbo", False)))),
+        "strength": stream_config.strength,
+        "device": str(device),
+        "dtype": str(getattr(components, "dtype", "")).replace("torch.", "") or None,
+        "model": getattr(components, "name", None) or getattr(model_config, "model", None),
+        "warmup_frames": warmup,
+        "flow_preset": flow_preset,
+        "clip_model": getattr(clip, "name", None),
+        "memory_kind": "cuda" if str(device).startswith("cuda") else "rss",
+        **(info or {}),
+    }
+    return BenchReport(results, reference, report_info, warnings)
+
+
+def load_clip_frames(spec: str, max_frames: int, size: int, multiple: int = 64) -> tuple[list, tuple[int, int]]:
+    """Decode the first `max_frames` frames of `spec`, resized to the processing size.
+
+    Args:
+        spec: anything `io.sources.open_source` opens.
+        size: longer side of the processing size; multiple: rounding of both sides
+            (the model's `size_multiple`).
+    Returns:
+        (list of (h, w, 3) uint8 frames, (w, h)).
+    """
+    from diffstream.io.sources import open_source
+
+    with open_source(spec, max_frames=max_frames) as src:
+        target = fit_size(src.width, src.height, size, multiple)
+        frames = [resize(f, target) for f in src]
+    return frames, target
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `diffstream bench` (the parser already has `cli.add_model_options`)."""
+    parser.add_argument("input", help="the clip to run every method on (video file or image folder)")
+    parser.add_argument("--prompt", required=True, help="target prompt for every method (and the CLIP text score)")
+    parser.add_argument("--methods", default="streamdiffusion,streamv2v",
+                        help=f"comma-separated, from {', '.join(REGISTRY)} (default: streamdiffusion,streamv2v)")
+    parser.add_argument("--frames", type=int, default=16, help="frames of the clip to use (default: 16)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write every field as JSON")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="PNG with per-frame warp error and latency curves per method")
+    parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID_OR_PATH",
+                        help=f"CLIP checkpoint for the quality metrics, or 'none' (default: {DEFAULT_CLIP_MODEL})")
+    parser.add_argument("--size", type=int, default=512, help="longer side of the processing size (default: 512)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps of the streams (default: 4, turbo: 1)")
+    parser.add_argument("--strength", type=float, default=0.4, help="SDEdit strength (default: 0.4)")
+    parser.add_argument("--seed", type=int, default=2, help="one seed for every method (default: 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed frames per stream before timing (default: 1)")
+    parser.add_argument("--flow-preset", default="medium", choices=FLOW_PRESETS,
+                        help="optical-flow quality for warp error (default: medium)")
+
+
+def bench_command(args: argparse.Namespace, *, clip=None, components=None) -> int:
+    """`diffstream bench`: run, print the markdown table, write JSON / plot if asked.
+
+    Args:
+        args: parsed `cli.add_model_options` + `add_bench_arguments` options.
+        clip: a prebuilt `ClipScorer` used instead of loading --clip-model.
+        components: prebuilt `Components` used instead of loading --model.
+    Returns:
+        exit code: 0; 1 if a method failed (the others are still reported); 2 after a
+        one-line error (bad option, input, model).
+    """
+    try:
+        # Everything that can be checked without a model is checked first.
+        methods = resolve_methods(args.methods)
+        if args.frames < 2:
+            raise ConfigError(f"--frames must be at least 2 (warp error compares pairs), got {args.frames}")
+        if args.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+        check_output_path(args.json, "--json")
+        check_output_path(args.plot, "--plot", (".png",))
+        from diffstream.cli import model_config as model_config_from
+        from diffstream.config import StreamConfig
+
+        stream_config = StreamConfig(prompt=args.prompt, seed=args.seed, size=args.size, steps=args.steps,
+                                     strength=args.strength)
+        model_config = model_config_from(args)
+        from diffstream.io.sources import open_source
+
+        open_source(args.input, max_frames=1).close()  # a bad input fails before the model loads
+        _quiet()
+        needs_components = any(m.kind == STREAM or m.takes == "components" for m, _ in methods)
+        if components is None and needs_components:
+            from diffstream.models.loading import load_components
+
+            import dataclasses
+
+            # Image UNet for every method; live2diff gets its motion modules inserted later.
+            components = load_components(dataclasses.replace(model_config, motion_adapter=None))
+        multiple = components.size_multiple if components is not None else 64
+        frames, (w, h) = load_clip_frames(args.input, args.frames, args.size, multiple)
+        print(f"diffstream: bench {os.path.basename(args.input)}: {len(frames)} frames at {w}x{h}, "
+              f"model {model_config.model}, seed {args.seed}", file=sys.stderr)
+        report = run_benchmark(
+            frames, methods, prompt=args.prompt, stream_config=stream_config, components=components,
+            model_config=model_config, clip=clip,
+            clip_loader=lambda: load_clip_scorer(args.clip_model, getattr(args, "device", "auto")),
+            warmup=args.warmup, flow_preset=args.flow_preset,
+            info={"input": str(args.input), "input_name": os.path.basename(str(args.input))},
+            log=lambda line: print(f"diffstream: {line}", file=sys.stderr),
+        )
+        for note in report.warnings:
+            _warn(note)
+        print(report.table())
+        if args.json:
+            write_json(args.json, report.to_dict())
+        if args.plot:
+            report.plot(args.plot)
+        # A method that crashed is in the table and JSON; the exit code says so too.
+        return 1 if any(r.error for r in report.results) else 0
+    except DiffstreamError as err:
+        print(f"diffstream: error: {err}", file=sys.stderr)
+        return err.exit_code

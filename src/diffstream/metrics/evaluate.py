@@ -1,0 +1,523 @@
+"""`diffstream eval`: every quality metric of one result video against its source.
+
+    diffstream eval --source IN.mp4 --output OUT.mp4 [--prompt "..."] [--source-prompt "..."]
+                    [--json FILE] [--plot FILE.png] [--clip-model ID_OR_PATH|none]
+                    [--depth-model ID_OR_PATH] [--max-frames N]
+
+Both videos are decoded in lockstep, one frame pair at a time, and every metric is a
+streaming accumulator (`WarpErrorMeter`, `ClipMeter`, a batched depth accumulator), so
+no video is ever held in memory. Source frames are resized to the output size
+(`frames.resize`) when the two differ: an output made at the processing size (512 px
+longer side) is judged against the source at that size.
+
+Model-based metrics are optional extras: a CLIP or depth model that cannot be loaded
+(no network, wrong path) produces a one-line warning naming the option to pass, and
+those metrics are reported as null / "n/a" while the rest are still computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+
+from diffstream.errors import ConfigError, DiffstreamError, InputError, ModelLoadError, OutputError
+from diffstream.frames import Frame, resize
+from diffstream.metrics.clip import DEFAULT_CLIP_MODEL, ClipResult
+from diffstream.metrics.warp import WarpErrorMeter, WarpErrorResult
+
+__all__ = [
+    "EvalReport",
+    "evaluate_frames",
+    "evaluate_files",
+    "load_clip_scorer",
+    "load_depth_estimator",
+    "add_eval_arguments",
+    "eval_command",
+    "FLOW_PRESETS",
+]
+
+FLOW_PRESETS = ("ultrafast", "fast", "medium")
+# Value of --clip-model that skips the CLIP metrics without a warning.
+NO_MODEL = "none"
+
+
+def _clean(x) -> Optional[float]:
+    """A float for JSON: None stays None, NaN becomes None."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def _fmt(x, digits: int = 5) -> str:
+    """Table cell: `digits` significant digits (102.99, 0.0015843, 96.583), or "n/a"."""
+    x = _clean(x)
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-style markdown table with padded columns.
+
+    Args:
+        header: column titles (C strings).
+        rows: R rows of C cells each (already formatted strings).
+    Returns:
+        the table as one string of R + 2 lines (no trailing newline).
+    """
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+# ------------------------------------------------------------------------------ depth
+
+
+class _DepthAccumulator:
+    """Streaming depth MSE: the procedure of `metrics.depth.depth_mse`, fed pair by pair.
+
+    Pairs are buffered `batch_size` at a time (the estimator's batch), so memory stays
+    bounded however long the video is.
+    """
+
+    def __init__(self, estimator, batch_size: int = 8):
+        self.estimator = estimator
+        self.batch_size = max(1, int(batch_size))
+        self._inputs: list = []
+        self._outputs: list = []
+        self._total = 0.0
+        self._count = 0
+
+    def update(self, input_frame: Frame, output_frame: Frame) -> None:
+        """Add one pair; `input_frame` must already have the output's size (H, W, 3)."""
+        self._inputs.append(input_frame)
+        self._outputs.append(output_frame)
+        if len(self._outputs) >= self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        from diffstream.metrics.depth import normalise_depth
+
+        if not self._outputs:
+            return
+        ins, outs = self._inputs, self._outputs
+        self._inputs, self._outputs = [], []
+        d_in = normalise_depth(self.estimator.predict(ins, batch_size=self.batch_size))
+        d_out = normalise_depth(self.estimator.predict(outs, batch_size=self.batch_size))
+        per_frame = ((d_in - d_out) ** 2).mean(axis=(1, 2), dtype=np.float64)
+        self._total += float(per_frame.sum())
+        self._count += len(per_frame)
+
+    def result(self) -> float:
+        """Depth MSE in [0, 1] over all pairs so far (NaN for none)."""
+        self._flush()
+        return self._total / self._count if self._count else float("nan")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class EvalReport:
+    """Quality metrics of one output video against its source.
+
+    Attributes:
+        frames: number of frame pairs compared.
+        size: (width, height) of the output (the size every metric is computed at).
+        source_size: (width, height) of the source before resizing.
+        warp: warp error per consecutive pair and its means (both scales).
+        clip: CLIP metrics, or None when no CLIP model was available.
+        depth_mse: depth MSE in [0, 1], or None without a depth model.
+        source, output, prompt, source_prompt, clip_model, depth_model: what was compared
+            and with which models (None when unused).
+        warnings: one-line notes (a model that did not load, unequal frame counts).
+    """
+
+    frames: int
+    size: tuple[int, int]
+    source_size: tuple[int, int]
+    warp: WarpErrorResult
+    clip: Optional[ClipResult] = None
+    depth_mse: Optional[float] = None
+    source: Optional[str] = None
+    output: Optional[str] = None
+    prompt: Optional[str] = None
+    source_prompt: Optional[str] = None
+    clip_model: Optional[str] = None
+    depth_model: Optional[str] = None
+    flow_preset: str = "medium"
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready: metrics that could not be computed are None."""
+        clip = self.clip.to_dict() if self.clip is not None else {}
+        return {
+            "source": self.source,
+            "output": self.output,
+            "frames": self.frames,
+            "width": self.size[0],
+            "height": self.size[1],
+            "source_width": self.source_size[0],
+            "source_height": self.source_size[1],
+            "source_resized": tuple(self.size) != tuple(self.source_size),
+            "prompt": self.prompt,
+            "source_prompt": self.source_prompt,
+            "flow_preset": self.flow_preset,
+            "warp_error_255": _clean(self.warp.mean_255),
+            "warp_error_01": _clean(self.warp.mean_01),
+            "warp_pairs": self.warp.num_pairs,
+            "per_pair_warp_255": [_clean(e) for e in self.warp.per_pair_255],
+            "warp_valid_fraction": [float(v) for v in self.warp.valid_fraction],
+            "clip_model": self.clip_model if self.clip is not None else None,
+            "clip_temporal_consistency": clip.get("clip_temporal_consistency"),
+            "clip_temporal_consistency_x100": clip.get("clip_temporal_consistency_x100"),
+            "clip_text_score": clip.get("clip_text_score"),
+            "clip_text_score_x100": clip.get("clip_text_score_x100"),
+            "clip_frame_accuracy": clip.get("clip_frame_accuracy"),
+            "depth_model": self.depth_model if self.depth_mse is not None else None,
+            "depth_mse": _clean(self.depth_mse),
+            "warnings": list(self.warnings),
+        }
+
+    def table(self) -> str:
+        """The metrics as a markdown table (metric | value | better)."""
+        d = self.to_dict()
+        rows = [
+            ["frames compared", str(d["frames"]), ""],
+            ["warp error (0-255 scale)", _fmt(d["warp_error_255"]), "lower"],
+            ["warp error (0-1 scale)", _fmt(d["warp_error_01"]), "lower"],
+            ["CLIP temporal consistency (x100)", _fmt(d["clip_temporal_consistency_x100"]), "higher"],
+            ["CLIP text score (x100)", _fmt(d["clip_text_score_x100"]), "higher"],
+            ["CLIP frame accuracy (0-1)", _fmt(d["clip_frame_accuracy"]), "higher"],
+            ["depth MSE (0-1)", _fmt(d["depth_mse"]), "lower"],
+        ]
+        return markdown_table(["metric", "value", "better"], rows)
+
+
+def evaluate_frames(
+    inputs: Iterable[Frame],
+    outputs: Iterable[Frame],
+    *,
+    prompt: Optional[str] = None,
+    source_prompt: Optional[str] = None,
+    clip=None,
+    depth=None,
+    flow_preset: str = "medium",
+    clip_batch: int = 16,
+    depth_batch: int = 8,
+) -> EvalReport:
+    """All metrics of `outputs` against `inputs` in one streaming pass.
+
+    Args:
+        inputs: source frames, RGB uint8 (H, W, 3), any size (resized to the output size).
+        outputs: output frames, RGB uint8 (h, w, 3), all of one size.
+        prompt: target prompt (CLIP text score; frame accuracy with `source_prompt`).
+        source_prompt: prompt describing the source (frame accuracy); needs `prompt`.
+        clip: a `ClipScorer`, or None to skip the CLIP metrics.
+        depth: a `DepthEstimator`, or None to skip depth MSE.
+        flow_preset: DIS preset of the warp-error flow ("ultrafast", "fast", "medium").
+        clip_batch, depth_batch: frames per model forward pass.
+    Returns:
+        an `EvalReport` over the common prefix of the two sequences (a warning says so
+        when their lengths differ).
+    Raises:
+        ConfigError: `source_prompt` without `prompt`.
+        InputError: no frames, or output frames that change size.
+    """
+    if source_prompt is not None and prompt is None:
+        raise ConfigError("--source-prompt needs --prompt as well (frame accuracy compares the two)")
+    warp = WarpErrorMeter(flow_preset)
+    clip_meter = clip.meter(prompt, source_prompt, batch_size=clip_batch) if clip is not None else None
+    depth_acc = _DepthAccumulator(depth, depth_batch) if depth is not None else None
+    warnings: list[str] = []
+    it_in, it_out = iter(inputs), iter(outputs)
+    n = 0
+    size = source_size = None
+    while True:
+        a = next(it_in, None)
+        b = next(it_out, None)
+        if a is None or b is None:
+            if a is not None:
+                warnings.append(f"the source has more frames than the output: compared the first {n}")
+            elif b is not None:
+                warnings.append(f"the output has more frames than the source: compared the first {n}")
+            break
+        b = np.asarray(b)
+        a = np.asarray(a)
+        if size is None:
+            size, source_size = (b.shape[1], b.shape[0]), (a.shape[1], a.shape[0])
+        elif (b.shape[1], b.shape[0]) != size:
+            raise InputError(
+                f"output frame {n} is {b.shape[1]}x{b.shape[0]}, but earlier frames are {size[0]}x{size[1]}"
+            )
+        a = resize(a, size)  # the source at the output's size, so every metric shares one grid
+        try:
+            warp.update(a, b)
+        except ValueError as exc:  # frames too small for optical flow, not RGB
+            raise InputError(f"cannot compute warp error: {exc}") from None
+        if clip_meter is not None:
+            clip_meter.update(b)
+        if depth_acc is not None:
+            depth_acc.update(a, b)
+        n += 1
+    if n == 0:
+        raise InputError("no frames to compare")
+    return EvalReport(
+        frames=n,
+        size=size,
+        source_size=source_size,
+        warp=warp.result(),
+        clip=clip_meter.result() if clip_meter is not None else None,
+        depth_mse=depth_acc.result() if depth_acc is not None else None,
+        prompt=prompt,
+        source_prompt=source_prompt,
+        clip_model=getattr(clip, "name", None),
+        depth_model=getattr(depth, "name", None),
+        flow_preset=flow_preset,
+        warnings=warnings,
+    )
+
+
+def evaluate_files(
+    source: str,
+    output: str,
+    *,
+    max_frames: Optional[int] = None,
+    **kwargs,
+) -> EvalReport:
+    """`evaluate_frames` on two videos (files, image folders), decoded frame by frame.
+
+    Args:
+        source, output: anything `io.sources.open_source` opens.
+        max_frames: compare only the first N frames.
+        **kwargs: passed to `evaluate_frames` (prompt, source_prompt, clip, depth, ...).
+    Raises:
+        InputError: an input that cannot be opened.
+    """
+    from diffstream.io.sources import open_source
+
+    with open_source(source, max_frames=max_frames) as src, open_source(output, max_frames=max_frames) as out:
+        report = evaluate_frames(iter(src), iter(out), **kwargs)
+        notes = list(src.warnings) + list(out.warnings)
+    report.source, report.output = str(source), str(output)
+    report.warnings.extend(notes)
+    return report
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _torch_device(device: Optional[str]):
+    """None for "auto" (the metric classes pick cuda, else cpu), else the string."""
+    return None if device in (None, "", "auto") else device
+
+
+def load_clip_scorer(name: Optional[str], device: Optional[str] = None):
+    """A `ClipScorer` for `name`, or (None, warning) when it cannot be loaded.
+
+    Args:
+        name: hub id or local folder; None or "none" skips CLIP without a warning.
+        device: "auto"/None or a torch device string.
+    Returns:
+        (scorer or None, one-line warning or None).
+    """
+    if name is None or str(name).lower() == NO_MODEL:
+        return None, None
+    from diffstream.metrics.clip import ClipScorer
+
+    try:
+        return ClipScorer(str(name), device=_torch_device(device)), None
+    except ModelLoadError as err:
+        return None, f"CLIP metrics skipped: {err}"
+
+
+def load_depth_estimator(name: Optional[str], device: Optional[str] = None):
+    """A `DepthEstimator` for `name`, or (None, warning) when it cannot be loaded.
+
+    Args:
+        name: hub id or local folder; None skips depth MSE.
+        device: "auto"/None or a torch device string.
+    Returns:
+        (estimator or None, one-line warning or None).
+    """
+    if name is None or str(name).lower() == NO_MODEL:
+        return None, None
+    from diffstream.metrics.depth import DepthEstimator
+
+    try:
+        return DepthEstimator(str(name), device=_torch_device(device)), None
+    except ModelLoadError as err:
+        return None, f"depth MSE skipped: {err}"
+
+
+# ------------------------------------------------------------------------ output files
+
+
+def check_output_path(path: Optional[str], option: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Fail before any work if `path` (for `option`) cannot be written.
+
+    Raises:
+        ConfigError: wrong suffix, or its folder does not exist.
+    """
+    if path is None:
+        return
+    if suffixes and not str(path).lower().endswith(suffixes):
+        raise ConfigError(f"{option} must name a {'/'.join(suffixes)} file, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(str(path))))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"cannot write {option} {path!r}: folder {folder!r} does not exist")
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write `data` as indented JSON (NaN must already be None). Raises OutputError."""
+    try:
+        with open(os.path.expanduser(path), "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, allow_nan=False)
+            f.write("\n")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+
+
+def new_figure(rows: int, width: float = 9.0, row_height: float = 3.2):
+    """A matplotlib Figure with `rows` stacked axes, drawn with the Agg canvas.
+
+    pyplot is not used, so no global backend is switched and no window can open.
+    Returns:
+        (figure, list of `rows` axes).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, row_height * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, 1, i + 1) for i in range(rows)]
+    return fig, axes
+
+
+def save_figure(fig, path: str) -> None:
+    """Save a figure from `new_figure` as PNG. Raises OutputError."""
+    fig.tight_layout()
+    try:
+        fig.savefig(os.path.expanduser(path), format="png")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+
+
+def plot_report(report: EvalReport, path: str) -> None:
+    """Per-pair warp error and the share of non-occluded pixels, as a PNG at `path`."""
+    fig, (ax_err, ax_valid) = new_figure(2)
+    pairs = list(range(1, report.warp.num_pairs + 1))
+    ax_err.plot(pairs, report.warp.per_pair_255, marker=".", color="tab:red")
+    ax_err.set_ylabel("warp error (0-255)")
+    ax_err.set_title(f"{os.path.basename(report.output or 'output')} vs {os.path.basename(report.source or 'source')}")
+    ax_err.grid(alpha=0.3)
+    ax_valid.plot(pairs, report.warp.valid_fraction, marker=".", color="tab:blue")
+    ax_valid.set_ylabel("non-occluded share")
+    ax_valid.set_xlabel("frame t (pair t-1 -> t)")
+    ax_valid.set_ylim(0, 1.02)
+    ax_valid.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `diffstream eval` (adds --device too unless the parser has one)."""
+    parser.add_argument("--source", required=True, help="the input video (file or image folder)")
+    parser.add_argument("--output", required=True, help="the result to judge (file or image folder)")
+    parser.add_argument("--prompt", default=None, help="target prompt: adds the CLIP text score")
+    parser.add_argument("--source-prompt", default=None,
+                        help="prompt describing the source: adds CLIP frame accuracy (needs --prompt)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write every field as JSON")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="plot per-pair warp error to a PNG")
+    parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID_OR_PATH",
+                        help=f"CLIP checkpoint: hub id or local folder, or 'none' (default: {DEFAULT_CLIP_MODEL})")
+    parser.add_argument("--depth-model", default=None, metavar="ID_OR_PATH",
+                        help="depth-estimation checkpoint (e.g. Intel/dpt-hybrid-midas or a folder): adds depth MSE")
+    parser.add_argument("--max-frames", type=int, default=None, help="compare only the first N frames")
+    parser.add_argument("--flow-preset", default="medium", choices=FLOW_PRESETS,
+                        help="optical-flow quality for warp error (default: medium)")
+    if "--device" not in getattr(parser, "_option_string_actions", {}):
+        parser.add_argument("--device", default="auto", help="device of the CLIP/depth models: auto, cpu, cuda, ...")
+
+
+def _warn(message: str) -> None:
+    print(f"diffstream: warning: {message}", file=sys.stderr)
+
+
+def eval_command(args: argparse.Namespace, *, clip=None, depth=None) -> int:
+    """`diffstream eval`: print the metrics table; optionally write JSON and a plot.
+
+    Args:
+        args: parsed options of `add_eval_arguments`.
+        clip: a prebuilt `ClipScorer` used instead of loading --clip-model.
+        depth: a prebuilt `DepthEstimator` used instead of loading --depth-model.
+    Returns:
+        exit code: 0, or 2 after printing a one-line error (bad option/input/output).
+    """
+    try:
+        if args.max_frames is not None and args.max_frames < 1:
+            raise ConfigError(f"--max-frames must be >= 1, got {args.max_frames}")
+        if args.source_prompt is not None and args.prompt is None:
+            raise ConfigError("--source-prompt needs --prompt as well (frame accuracy compares the two)")
+        check_output_path(args.json, "--json")
+        check_output_path(args.plot, "--plot", (".png",))
+        from diffstream.io.sources import open_source
+
+        # Open both inputs before any model loads, so a bad path fails at once.
+        for spec in (args.source, args.output):
+            open_source(spec, max_frames=1).close()
+        _quiet()
+        device = getattr(args, "device", "auto")
+        notes = []
+        if clip is None:
+            clip, note = load_clip_scorer(args.clip_model, device)
+            notes.append(note)
+        if depth is None:
+            depth, note = load_depth_estimator(args.depth_model, device)
+            notes.append(note)
+        for note in notes:
+            if note:
+                _warn(note)
+        report = evaluate_files(
+            args.source, args.output, max_frames=args.max_frames, prompt=args.prompt,
+            source_prompt=args.source_prompt, clip=clip, depth=depth, flow_preset=args.flow_preset,
+        )
+        for note in report.warnings:
+            _warn(note)
+        report.warnings[:0] = [n for n in notes if n]
+        print(report.table())
+        if args.json:
+            write_json(args.json, report.to_dict())
+        if args.plot:
+            plot_report(report, args.plot)
+        return 0
+    except DiffstreamError as err:
+        print(f"diffstream: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _quiet() -> None:
+    """Library chatter (deprecations, config notes) is not for CLI users."""
+    from diffstream.cli import _quiet_libraries
+
+    _quiet_libraries()
+    try:  # transformers 5 draws a "Loading weights" bar for every from_pretrained
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+        disable_progress_bars()
+    except Exception:
+        pass
