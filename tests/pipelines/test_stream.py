@@ -248,3 +248,19 @@ def test_tiny_vae(tiny_taesd_model, frames):
     pipe = StreamPipeline(tiny_taesd_model, StreamConfig(prompt="x", size=64, steps=2, strength=0.5))
     outs, _ = run(pipe, frames)
     assert len(outs) == len(frames) and outs[0].shape == (48, 64, 3)
+
+
+def test_process_drains_frames_that_finish_together(tiny):
+    """A skipped frame is ready together with its predecessor; process() returns both,
+    so the similarity filter never adds latency."""
+    frame = make_frames(1)[0]
+    pipe = StreamPipeline(tiny, StreamConfig(prompt="x", size=64, steps=2, strength=0.5,
+                                             similarity_threshold=0.5, max_skip=100))
+    counts = [len(pipe.process(f)) for f in [frame] * 6]
+    # frame 0 in flight; frames 1.. skipped (identical): they wait for frame 0's output
+    assert counts == [0, 0, 0, 0, 0, 0] and len(pipe.flush()) == 6
+    pipe.reset()
+    rng = np.random.default_rng(3)
+    moving = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(4)]  # cosine ~0: never skipped
+    counts = [len(pipe.process(f)) for f in [moving[0], moving[1], moving[1], moving[2], moving[3]]]
+    assert counts == [0, 1, 0, 2, 1]  # the skip is emitted right after the frame it copies
