@@ -31,6 +31,9 @@ from diffstream.config import (
 from diffstream.errors import ConfigError, DiffstreamError
 
 
+EDIT_METHODS = ("fairy", "fatezero")
+
+
 def _float_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.replace(",", " ").split())
@@ -136,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_options(run)
     add_stream_options(run)
+
+    edit = sub.add_parser("edit", help="edit a whole recorded clip (fairy, fatezero)",
+                          description="Edit every frame of a recorded clip; output frames 1:1 with input, audio kept.")
+    edit.add_argument("input", help="video file or image folder")
+    edit.add_argument("-o", "--output", required=True, help="output .mp4 file or PNG folder")
+    edit.add_argument("--method", required=True, choices=EDIT_METHODS, help="editing method")
+    edit.add_argument("--prompt", default="", help="target text")
+    edit.add_argument("--seed", type=int, default=2, help="seed of every random draw")
+    edit.add_argument("--size", type=int, default=512, help="longer side of the processing size (default: 512)")
+    edit.add_argument("--max-frames", type=int, default=None, help="edit only the first N frames")
+    edit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(edit)
+    from diffstream.pipelines import fairy, fatezero
+
+    fairy.add_edit_arguments(edit.add_argument_group("fairy (--method fairy)"))
+    fatezero.add_edit_arguments(edit.add_argument_group("fatezero (--method fatezero)"))
 
     from diffstream.metrics.bench import add_bench_arguments
     from diffstream.metrics.evaluate import add_eval_arguments
@@ -299,6 +318,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "run":
             return cmd_run(run_config(args))
+        if args.command == "edit":
+            from diffstream.pipelines import fairy, fatezero
+
+            return {"fairy": fairy, "fatezero": fatezero}[args.method].edit_command(args)
         if args.command == "eval":
             _quiet_libraries()
             from diffstream.metrics.evaluate import eval_command

@@ -17,15 +17,17 @@ or "first" reference this is exact, not an approximation: a frame's computation
 depends only on itself and the reference frame (Eq. 8 is the only place frames meet;
 every other UNet operation is per frame), and the reference frame depends only on
 itself, so each window recomputes the very same reference trajectory and every frame
-comes out as if the whole clip had been one batch (the tests check this). With the
+comes out as if the whole clip had been one batch (up to floating-point summation
+order, which depends on the batch size: within one grey level in the tests). With the
 "previous" reference, frame i depends on the whole chain before it; a window then
 starts with the previous window's last frame as context, whose own reference is
 itself, so consistency across a window boundary is carried by one overlapping frame
 and is approximate.
 
-Memory. Only what the fusion schedule reads is stored (see `FusionPlan`), as fp16
-attention inputs (not maps), in an `AttentionStore` that keeps `store_budget` bytes in
-RAM and spills the rest to a memory-mapped file. `fusion_source="recompute"` stores
+Memory. Only what the fusion schedule reads is stored (see `FusionPlan`): fp16
+attention inputs (not maps) of the fused layers at the fused steps, and one reduced
+blend map per step when blending, in an `AttentionStore` that keeps `store_budget`
+bytes in RAM and spills the rest to a memory-mapped file. `fusion_source="recompute"` stores
 no attention at all: at each fused step it re-runs the UNet on the stored inversion
 latent of that step, which reproduces the inversion's attention exactly, for one
 extra UNet call of the frames per fused step.
@@ -422,7 +424,7 @@ def inversion_meta(model: str, config: FateZeroEditConfig, size: tuple[int, int]
         steps=fz.steps, size=list(size), num_frames=num_frames, window=config.window,
         reference_frame=fz.reference_frame, fusion_source=config.fusion_source, store_dtype=config.store_dtype,
         cross_replace=fz.cross_replace, self_replace=fz.self_replace, fuse_min_downsample=fz.fuse_min_downsample,
-        blend=config.blend_words is not None, windows_done=0,
+        blend=config.blend_words[0] if config.blend_words else None, windows_done=0,
     )
 
 
@@ -461,9 +463,10 @@ def check_inversion_meta(meta: dict, expected: dict, directory) -> None:
         if expected["fuse_min_downsample"] < meta["fuse_min_downsample"]:
             raise ConfigError(f"--load-inversion {directory} stored layers downsampled >= {meta['fuse_min_downsample']}"
                               f", this edit fuses >= {expected['fuse_min_downsample']}: re-invert")
-        if expected["blend"] and not meta["blend"]:
-            raise ConfigError(f"--load-inversion {directory} was made without --blend-words, so it holds no "
-                              f"blend maps: re-invert with --blend-words")
+        if expected["blend"] is not None and meta["blend"] != expected["blend"]:
+            made = f"source blend words {meta['blend']!r}" if meta["blend"] else "no --blend-words"
+            raise ConfigError(f"--load-inversion {directory} was made with {made}, so it holds no blend map of "
+                              f"{expected['blend']!r}: re-invert with these --blend-words")
 
 
 def edit_frames(
@@ -475,7 +478,12 @@ def edit_frames(
     progress: Callable | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Edit a clip window by window; yields (frame index, edited frame) in clip order.
+    """Edit a clip window by window; the returned iterator yields (frame index, edited
+    frame) in clip order.
+
+    Everything that can be checked is checked before this returns (a saved inversion's
+    settings, frames and entries), so a caller can open its output afterwards and
+    lose nothing on a bad `load_inversion`.
 
     Args:
         components: loaded model.
@@ -486,6 +494,8 @@ def edit_frames(
         load_inversion: folder of a saved inversion of the same frames to edit from.
         progress: called once per UNet step (inversion and editing).
         log: receives one-line notes (the memory plan).
+    Raises:
+        ConfigError / InputError: a saved inversion this edit cannot use.
     """
     n = len(frames)
     height, width = frames[0].shape[:2]
@@ -493,43 +503,60 @@ def edit_frames(
     editor = FateZeroEditor(components, config, (height // vf, width // vf))
     windows = plan_windows(n, config.window, config.fatezero.reference_frame)
     expected = inversion_meta(components.name, config, (width, height), n)
-    save_dir = Path(save_inversion) if save_inversion else None
     if load_inversion:
-        check_inversion_meta(read_inversion_meta(load_inversion), expected, load_inversion)
+        _check_saved_windows(load_inversion, editor, windows, frames, expected)
+    save_dir = Path(save_inversion) if save_inversion else None
     if save_dir is not None:
         _write_meta(save_dir, expected)
     if log is not None:
         rows = max(len(w.rows) for w in windows)
         ref = reference_index(n, config.fatezero.reference_frame)
         budget = "no limit" if config.store_budget is None else format_bytes(config.store_budget)
-        note = (f"{n} frames in {len(windows)} window(s) of up to {config.window}"
-                + (f" sharing reference frame {ref}" if ref is not None else " chained by the previous frame")
-                + f"; attention store {format_bytes(editor.store_bytes(rows))} per window"
-                + f" (RAM budget {budget}, the rest spills to disk)")
-        log(note)
+        log(f"{n} frames in {len(windows)} window(s) of up to {config.window}"
+            + (f" sharing reference frame {ref}" if ref is not None else " chained by the previous frame")
+            + f"; attention store {format_bytes(editor.store_bytes(rows))} per window"
+            + f" (RAM budget {budget}, the rest spills to disk)")
+    return _edit_windows(editor, windows, frames, expected, save_dir, load_inversion, progress)
+
+
+def _check_saved_windows(directory, editor: FateZeroEditor, windows, frames, expected: dict) -> None:
+    """Settings, completeness, frames and entries of a saved inversion (reads only indexes)."""
+    saved = read_inversion_meta(directory)
+    check_inversion_meta(saved, expected, directory)
+    if saved.get("windows_done", 0) < len(windows):
+        raise InputError(f"--load-inversion {directory} holds {saved.get('windows_done', 0)} of "
+                         f"{len(windows)} windows (the saving run was interrupted): re-invert")
+    required = editor.required_keys()
+    for window in windows:
+        store = AttentionStore.load(Path(directory) / f"window_{window.index:04d}")
+        try:
+            digest = _frames_digest([frames[i] for i in window.rows])
+            if store.meta.get("digest") != digest or list(store.meta.get("rows", [])) != list(window.rows):
+                raise InputError(f"--load-inversion {directory} was made from other frames "
+                                 f"(window {window.index} differs): pass the same input or re-invert")
+            missing = required - set(store.keys())
+            if missing:
+                kind, name, step = sorted(missing, key=str)[0]
+                raise ConfigError(f"--load-inversion {directory} lacks {kind} entry {name} at step {step}: "
+                                  f"it was made with another fusion schedule; re-invert")
+        finally:
+            store.close()
+
+
+def _edit_windows(editor: FateZeroEditor, windows, frames, meta: dict, save_dir, load_inversion, progress):
+    """The window loop of `edit_frames` (a generator: the work happens as frames are taken)."""
     for window in windows:
         rows = [frames[i] for i in window.rows]
-        digest = _frames_digest(rows)
         if load_inversion:
             store = AttentionStore.load(Path(load_inversion) / f"window_{window.index:04d}")
-            if store.meta.get("digest") != digest or list(store.meta.get("rows", [])) != list(window.rows):
-                store.close()
-                raise InputError(f"--load-inversion {load_inversion} was made from other frames "
-                                 f"(window {window.index} differs): pass the same input or re-invert")
-            missing = editor.required_keys() - set(store.keys())
-            if missing:
-                store.close()
-                kind, name, step = sorted(missing, key=str)[0]
-                raise ConfigError(f"--load-inversion {load_inversion} lacks {kind} entry {name} at step {step}: "
-                                  f"it was made with another fusion schedule; re-invert")
         else:
             store = editor.new_store()
             editor.invert(editor.encode(rows), window.ref_rows, store, progress)
             if save_dir is not None:
-                store.meta = dict(rows=list(window.rows), digest=digest)
+                store.meta = dict(rows=list(window.rows), digest=_frames_digest(rows))
                 store.save(save_dir / f"window_{window.index:04d}")
-                expected["windows_done"] = window.index + 1
-                _write_meta(save_dir, expected)
+                meta["windows_done"] = window.index + 1
+                _write_meta(save_dir, meta)
         try:
             latents = editor.edit(store, window.ref_rows, progress)
         finally:
@@ -573,7 +600,8 @@ def add_edit_arguments(group) -> None:
                        help="fraction of the editing steps (from the noisiest) whose cross-attention of shared words "
                             "comes from the inversion (default: 0.8, i.e. t in [0.2T, T])")
     group.add_argument("--self-replace", type=float, default=0.8,
-                       help="fraction of the editing steps whose self-attention comes from the inversion (default: 0.8)")
+                       help="fraction of the editing steps whose self-attention comes from the inversion "
+                            "(default: 0.8)")
     group.add_argument("--fz-reweight", action="append", type=_reweight, default=[], metavar="WORD=FACTOR",
                        help="scale a target word's cross-attention during fusion, e.g. watercolor=5; repeatable")
     group.add_argument("--reference-frame", default="middle", choices=REFERENCE_FRAMES,
@@ -592,7 +620,8 @@ def add_edit_arguments(group) -> None:
     group.add_argument("--store-dir", default=None, help="folder for the store's spill file (default: system temp)")
     group.add_argument("--fusion-source", default="store", choices=FUSION_SOURCES,
                        help="store: keep the inversion's attention; recompute: keep only its latents and re-run "
-                            "the source branch at each fused step (less memory, ~1.4x time)")
+                            "the source branch at each fused step (MiBs instead of GiBs, one extra UNet call "
+                            "per fused step)")
     group.add_argument("--save-inversion", default=None, metavar="DIR",
                        help="save the inversion to DIR (a new or empty folder) to edit again later")
     group.add_argument("--load-inversion", default=None, metavar="DIR",
@@ -701,18 +730,25 @@ def edit_command(args) -> int:
         for frame in source:
             buffer.append(resize(frame, size))
         frames = buffer.array()
-        sink = open_sink(args.output, fps=source.fps, size=size, audio_path=source.audio_path)
         windows = plan_windows(len(frames), config.window, config.fatezero.reference_frame)
-        if progress_on:
-            from tqdm import tqdm
+        per_window = config.fatezero.steps * (1 if args.load_inversion else 2)
 
-            per_window = config.fatezero.steps * (1 if args.load_inversion else 2)
-            bar = tqdm(total=per_window * len(windows), unit="step", desc="fatezero", dynamic_ncols=True,
-                       file=sys.stderr)
+        def progress():
+            # created on the first step, so the plan line printed before it stays readable
+            nonlocal bar
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=per_window * len(windows), unit="step", desc="fatezero", dynamic_ncols=True,
+                           file=sys.stderr)
+            bar.update(1)
+
         log = lambda text: print(f"diffstream: fatezero: {text}", file=sys.stderr)  # noqa: E731
-        start = time.perf_counter()
+        # validates a saved inversion completely before the output is touched
         edits = edit_frames(components, frames, config, save_inversion=args.save_inversion,
-                            load_inversion=args.load_inversion, progress=bar.update if bar else None, log=log)
+                            load_inversion=args.load_inversion, progress=progress if progress_on else None, log=log)
+        sink = open_sink(args.output, fps=source.fps, size=size, audio_path=source.audio_path)
+        start = time.perf_counter()
         for _, frame in edits:
             sink.write(frame)
             written += 1

@@ -1,0 +1,626 @@
+"""FateZero's attention control: store during inversion, fuse during editing.
+
+Qi et al., "FateZero: Fusing Attentions for Zero-shot Text-based Video Editing"
+(ICCV 2023), Sec. 3.2:
+
+- Spatial-temporal self-attention (Eq. 8): frame i attends to its own tokens and to a
+  reference frame's, K = W^K [z^i; z^w], V = W^V [z^i; z^w], with the pretrained
+  weights unchanged. z^w is the middle frame (the paper), the first, or the previous.
+  This is the model's attention in every call (inversion, editing, recomputation).
+- Inversion attention fusion (Eqs. 4-5): DDIM inversion under the source prompt keeps,
+  per step, what its attention saw; the editing pass under the target prompt then
+  replaces its own maps by the inversion's during the fusion interval (Sec. 4.1:
+  t in [0.2 T, T], i.e. the first 80% of the editing steps):
+    * cross-attention: maps of target tokens aligned with a source token are the source
+      maps (Prompt-to-Prompt refinement), optionally re-weighted per word;
+    * self-attention: replaced by the source maps, or blended with the mask
+      M_t = Heaviside(source cross-attention of the blend words, tau) as
+      M s_edit + (1 - M) s_src (Eqs. 6-7).
+  Only the conditional rows of a classifier-free-guidance batch are fused (as in the
+  reference code); the unconditional rows keep their own maps.
+
+What is stored is not the maps. A self-attention map of frame i is softmax(Q K^T)
+with Q = W^Q h_i and K = W^K [h_i; h_w], so the layer's input tokens h (frames x HW x C)
+determine it completely; a cross-attention map is fixed by h and the source prompt.
+Storing h instead of the (HW x 2HW) map per head is 2 HW heads / C times smaller
+(51x at the 32x32 layers of SD 1.5 at 512 px) and the map is recomputed exactly when
+fusion reads it. The blend mask needs only the blend words' columns of the source
+cross-attention, reduced over heads and layers: that one (frames x h x w) map per step
+is what is stored for it. Only layers and steps that the fusion schedule reads are
+stored (`FusionPlan`), in the store's dtype (fp16), in a store that spills to disk
+(`diffstream.attention.store`). Every layer and step that is not fused runs the fast
+SDPA path; explicit maps exist only for the fused rows, a few frames at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from diffstream.attention.base import (
+    SDPAAttnProcessor,
+    attend,
+    attention_inputs,
+    attention_output,
+    block_of,
+    install_processors,
+    is_self_attention,
+)
+from diffstream.errors import ConfigError
+
+REFERENCE_FRAMES = ("middle", "first", "previous")
+# Store key (kind, name) of the per-step blend map (the reduced blend-word columns).
+BLEND_KEY = ("blend", "mask")
+# Kinds of store entries that hold attention data (the rest are latents).
+ATTENTION_KINDS = ("self", "cross", "blend")
+# Largest number of attention-map elements materialised at once in the fused path
+# (2^26 fp32 values = 256 MiB per map); rows are processed in chunks below this.
+_MAP_CHUNK_ELEMENTS = 2**26
+
+
+@dataclass(frozen=True)
+class FateZeroConfig:
+    """Settings of FateZero's attention fusion.
+
+    Attributes:
+        steps: DDIM steps of inversion and editing (Sec. 4.1: 50).
+        cross_replace: fraction of the editing steps, counted from the noisiest, whose
+            cross-attention maps of shared words come from the inversion. Sec. 4.1 fuses
+            t in [0.2 T, T] for style and attribute edits: 0.8 (shape edits: 0.5).
+        self_replace: the same for self-attention maps (0.8).
+        blend_threshold: tau of Eq. 6 (0.3) on the max-normalised source cross-attention
+            of the blend words.
+        reference_frame: Eq. 8's z^w: "middle" (round(n/2), the paper), "first" or
+            "previous" (frame i-1; frame 0 uses itself).
+        fuse_min_downsample: store and fuse only the attention layers whose token grid
+            is at least this many times smaller per side than the latent. 2 is the
+            reference implementation's rule (maps with <= 32x32 queries at 512 px: the
+            full-resolution layers keep their own maps); 1 fuses every layer.
+    """
+
+    steps: int = 50
+    cross_replace: float = 0.8
+    self_replace: float = 0.8
+    blend_threshold: float = 0.3
+    reference_frame: str = "middle"
+    fuse_min_downsample: int = 2
+
+    def __post_init__(self):
+        if not 1 <= int(self.steps) <= 1000:
+            raise ConfigError(f"--fz-steps must be between 1 and 1000, got {self.steps}")
+        for name, value in (("--cross-replace", self.cross_replace), ("--self-replace", self.self_replace)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(f"{name} must be a fraction of the steps in [0, 1], got {value}")
+        if not 0.0 <= float(self.blend_threshold) < 1.0:
+            raise ConfigError(f"--blend-threshold must be in [0, 1), got {self.blend_threshold}")
+        if self.reference_frame not in REFERENCE_FRAMES:
+            raise ConfigError(
+                f"--reference-frame must be one of {', '.join(REFERENCE_FRAMES)}, got {self.reference_frame!r}"
+            )
+        if int(self.fuse_min_downsample) < 1:
+            raise ConfigError(f"--fz-fuse-min-downsample must be >= 1, got {self.fuse_min_downsample}")
+
+    def _steps_of(self, fraction: float) -> range:
+        # int(n * f) as the reference does, guarded against 0.29 * 100 = 28.999...
+        return range(int(self.steps * float(fraction) + 1e-9))
+
+    @property
+    def cross_steps(self) -> range:
+        """Editing steps (0 = noisiest) with cross-attention fusion."""
+        return self._steps_of(self.cross_replace)
+
+    @property
+    def self_steps(self) -> range:
+        """Editing steps with self-attention fusion (and blending)."""
+        return self._steps_of(self.self_replace)
+
+
+@dataclass(frozen=True)
+class TokenFusion:
+    """What cross-attention fusion and blending need to know about the two prompts.
+
+    Attributes:
+        mapper: for each target token position (77), the source position whose map it
+            takes, or -1 to keep the edit's own map (`prompt_align.align_prompts`).
+        weights: per target position, the re-weighting factor (empty: all ones).
+        blend_columns: source token positions of the blend words (empty: no blending,
+            self-attention maps are replaced outright).
+    """
+
+    mapper: tuple[int, ...]
+    weights: tuple[float, ...] = ()
+    blend_columns: tuple[int, ...] = ()
+
+    @staticmethod
+    def identity(length: int = 77) -> "TokenFusion":
+        """Every target token reads the same source position (target == source)."""
+        return TokenFusion(mapper=tuple(range(length)))
+
+
+@dataclass(frozen=True)
+class AttnLayer:
+    """One attention layer of a UNet at a given latent size.
+
+    Attributes:
+        name: processor name (`...attn1.processor` self, `...attn2.processor` cross).
+        kind: "self" or "cross".
+        tokens: query tokens per frame (L = grid height x width).
+        channels: channels of the processor's input tokens (what the store keeps).
+        heads: attention heads.
+        kv_tokens: keys per query: 2 L for spatial-temporal self-attention (Eq. 8),
+            the text length for cross-attention.
+        grid: (height, width) of the layer's token grid.
+        downsample: latent side / grid side.
+    """
+
+    name: str
+    kind: str
+    tokens: int
+    channels: int
+    heads: int
+    kv_tokens: int
+    grid: tuple[int, int]
+    downsample: int
+
+    @property
+    def block(self) -> str:
+        return block_of(self.name)
+
+
+class _ProbeProcessor(SDPAAttnProcessor):
+    """Plain attention that records each layer's shapes."""
+
+    def __init__(self, name: str, found: dict):
+        self.name = name
+        self.found = found
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+        channels = hidden_states.shape[-1] if hidden_states.ndim == 3 else hidden_states.shape[1]
+        kv = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
+        self.found[self.name] = (tokens, channels, attn.heads, kv)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+@torch.no_grad()
+def probe_layers(unet, latent_hw: tuple[int, int], text_tokens: int = 77) -> list[AttnLayer]:
+    """Run one UNet call on zeros and describe every attention layer at this latent size.
+
+    Works on the meta device too (a UNet built from config without weights), which is
+    how the memory benchmark reads SD 1.5's real layer shapes.
+
+    Args:
+        latent_hw: (h, w) of the latents (frame size / 8).
+        text_tokens: text sequence length (77 for CLIP).
+    Returns:
+        AttnLayer per attention processor, in the UNet's call order.
+    """
+    found: dict = {}
+    param = next(unet.parameters())
+    h, w = latent_hw
+    sample = torch.zeros(1, unet.config.in_channels, h, w, device=param.device, dtype=param.dtype)
+    text = torch.zeros(1, text_tokens, unet.config.cross_attention_dim, device=param.device, dtype=param.dtype)
+    with install_processors(unet, lambda name, _: _ProbeProcessor(name, found)):
+        unet(sample, 10, encoder_hidden_states=text)
+    layers = []
+    for name, (tokens, channels, heads, kv) in found.items():
+        down = max(1, round(math.sqrt(h * w / tokens)))
+        grid = (-(-h // down), -(-w // down))
+        if grid[0] * grid[1] != tokens:
+            raise ValueError(f"cannot place {tokens} tokens of {name} on a grid of latent {h}x{w}")
+        kind = "self" if is_self_attention(name) else "cross"
+        kv_tokens = 2 * tokens if kind == "self" else kv
+        layers.append(AttnLayer(name, kind, tokens, channels, heads, kv_tokens, grid, down))
+    return layers
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """Which layers are fused and stored at which editing steps.
+
+    Attributes:
+        self_layers, cross_layers: names of the fused self-/cross-attention layers.
+        mask_layers: cross-attention layers whose source maps make the blend mask: the
+            down/up-block layers at the coarsest resolution (16x16 at 512 px, the
+            reference's choice).
+        self_steps, cross_steps: editing steps with self-/cross-attention fusion.
+        blend: whether a blend mask is used; its source map (`BLEND_KEY`) is then
+            stored at every self-attention step.
+    """
+
+    layers: tuple[AttnLayer, ...]
+    self_layers: tuple[str, ...]
+    cross_layers: tuple[str, ...]
+    mask_layers: tuple[str, ...]
+    self_steps: tuple[int, ...]
+    cross_steps: tuple[int, ...]
+    blend: bool
+    num_steps: int
+
+    @staticmethod
+    def build(layers, config: FateZeroConfig, blend: bool) -> "FusionPlan":
+        """The plan of `config` on `layers` (from `probe_layers`)."""
+        layers = tuple(layers)
+        fused = [l for l in layers if l.downsample >= config.fuse_min_downsample]
+        outer = [l for l in layers if l.kind == "cross" and l.block != "mid_block"]
+        coarsest = max((l.downsample for l in outer), default=None)
+        if blend and not outer:
+            raise ConfigError("--blend-words needs cross-attention in the UNet's down/up blocks; this UNet has none")
+        return FusionPlan(
+            layers=layers,
+            self_layers=tuple(l.name for l in fused if l.kind == "self"),
+            cross_layers=tuple(l.name for l in fused if l.kind == "cross"),
+            mask_layers=tuple(l.name for l in outer if l.downsample == coarsest),
+            self_steps=tuple(config.self_steps),
+            cross_steps=tuple(config.cross_steps),
+            blend=bool(blend),
+            num_steps=int(config.steps),
+        )
+
+    @property
+    def fused_steps(self) -> tuple[int, ...]:
+        """Steps with any fusion."""
+        return tuple(sorted(set(self.self_steps) | set(self.cross_steps)))
+
+    def keys_at(self, step: int) -> list[tuple[str, str]]:
+        """(kind, name) entries the editing step reads from the inversion: ("self", layer),
+        ("cross", layer) and, when blending, `BLEND_KEY`."""
+        keys = []
+        if step in self.self_steps:
+            keys += [("self", name) for name in self.self_layers]
+        if step in self.cross_steps:
+            keys += [("cross", name) for name in self.cross_layers]
+        if self.blend and step in self.self_steps:
+            keys.append(BLEND_KEY)
+        return keys
+
+    def entry_bytes(self, key: tuple[str, str], rows: int, itemsize: int = 2) -> int:
+        """Bytes of one stored entry: a layer's input tokens (rows x L x C, store dtype),
+        or the blend map (rows x h x w at the mask layers' grid, fp32)."""
+        if key == BLEND_KEY:
+            mask = next(l for l in self.layers if l.name == self.mask_layers[0])
+            return rows * mask.tokens * 4
+        layer = next(l for l in self.layers if l.name == key[1])
+        return rows * layer.tokens * layer.channels * itemsize
+
+    def store_bytes(self, rows: int, itemsize: int = 2) -> int:
+        """Bytes of attention entries stored for `rows` frames over the whole schedule."""
+        per_step = {}
+        total = 0
+        for step in range(self.num_steps):
+            keys = tuple(self.keys_at(step))
+            if keys not in per_step:
+                per_step[keys] = sum(self.entry_bytes(k, rows, itemsize) for k in keys)
+            total += per_step[keys]
+        return total
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) in fp32, the map SDPA computes implicitly.
+
+    Args:
+        query: (B, heads, L_q, d); key: (B, heads, L_kv, d).
+    Returns:
+        (B, heads, L_q, L_kv) float32.
+    """
+    scores = query.float() @ key.float().transpose(-1, -2)
+    return torch.softmax(scores * query.shape[-1] ** -0.5, dim=-1)
+
+
+def blend_mask_source(maps: list[torch.Tensor], grids: list[tuple[int, int]], columns, pool: bool = True):
+    """The pre-threshold blend map from source cross-attention (Eq. 6, before Heaviside).
+
+    As the reference: attention of the blend-word tokens summed over the words,
+    averaged over heads and layers, max-pooled 3x3 to close small holes.
+
+    Args:
+        maps: per mask layer, (R, heads, L, T) cross-attention maps (same grid for all).
+        grids: per layer, the (h, w) of its L tokens.
+        columns: source token positions of the blend words.
+        pool: apply the 3x3 max pooling (False: the plain mean, for accumulating).
+    Returns:
+        (R, 1, h, w) float32.
+    """
+    cols = torch.as_tensor(list(columns), device=maps[0].device)
+    per_layer = []
+    for m, (gh, gw) in zip(maps, grids):
+        words = m.index_select(-1, cols).sum(-1).mean(1)  # (R, L): sum over words, mean over heads
+        per_layer.append(words.reshape(m.shape[0], 1, gh, gw))  # (R, 1, h, w)
+    mean = torch.stack(per_layer).mean(0)
+    return F.max_pool2d(mean, kernel_size=3, stride=1, padding=1) if pool else mean
+
+
+def blend_mask(source: torch.Tensor, grid: tuple[int, int], threshold: float) -> torch.Tensor:
+    """M_t of Eq. 6 at one self-attention layer's resolution.
+
+    Args:
+        source: (R, 1, h, w) from `blend_mask_source`.
+        grid: (h', w') of the layer's token grid.
+        threshold: tau.
+    Returns:
+        (R, h' w') float: 1 where the edit's own self-attention is kept, 0 where the
+        source map replaces it.
+    """
+    resized = F.interpolate(source, size=grid)  # nearest, as the reference
+    peak = resized.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return (resized / peak > threshold).float().flatten(1)
+
+
+@dataclass
+class CallLayout:
+    """What the rows of the next UNet call are.
+
+    The batch is `groups` branch groups of `rows` frames each (inversion: one group;
+    editing with CFG: unconditional then conditional).
+
+    Attributes:
+        phase: "plain" (Eq. 8 attention only), "store" (also put the plan's entries for
+            `step` into `sink`) or "fuse" (fuse the `fused_group` rows with `source`).
+        step: editing-step index of the call (0 = noisiest); inversion step k runs the
+            UNet at the timestep of editing step k.
+        rows: frames per group.
+        groups: branch groups in the batch.
+        ref_rows: (rows,) long, Eq. 8 reference row of each row within its group.
+        fused_group: the group whose maps are fused (the conditional one), or None.
+    """
+
+    phase: str
+    step: int
+    rows: int
+    groups: int
+    ref_rows: torch.Tensor
+    fused_group: int | None = None
+
+
+@dataclass
+class FateZeroState:
+    """Per-clip state of the processors: the call layout, the store, caches.
+
+    Attributes:
+        config, plan: the fusion settings and the layers/steps they cover.
+        fusion: the prompts' token alignment, weights and blend columns.
+        source_text: (1, T, D) source-prompt embedding (keys of source cross-attention).
+        call: layout of the next UNet call (None: behave like stock attention).
+        sink: store that a "store" call writes into.
+        source: store that a "fuse" call reads from.
+    """
+
+    config: FateZeroConfig
+    plan: FusionPlan
+    fusion: TokenFusion | None = None
+    source_text: torch.Tensor | None = None
+    call: CallLayout | None = None
+    sink: object | None = None
+    source: object | None = None
+    _mask_source: torch.Tensor | None = field(default=None, repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
+    _blend_maps: list = field(default_factory=list, repr=False)
+    _token_tensors: dict = field(default_factory=dict, repr=False)
+    _plan_keys: dict = field(default_factory=dict, repr=False)
+
+    def plan_keys(self, step: int) -> frozenset:
+        """The (kind, layer) entries that editing step `step` reads (cached)."""
+        keys = self._plan_keys.get(step)
+        if keys is None:
+            keys = self._plan_keys[step] = frozenset(self.plan.keys_at(step))
+        return keys
+
+    def reset(self) -> None:
+        """Forget the call, the stores and every cache (a new clip or window)."""
+        self.call = None
+        self.sink = None
+        self.source = None
+        self._mask_source = None
+        self._masks = {}
+        self._blend_maps = []
+        self._token_tensors = {}
+
+    def tokens(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(mapper clamped >= 0, alphas, weights or None) as tensors on `device`. Each (T,)."""
+        cached = self._token_tensors.get(device)
+        if cached is None:
+            mapper = torch.tensor(self.fusion.mapper, device=device)
+            alphas = (mapper >= 0).float()
+            weights = torch.tensor(self.fusion.weights, device=device) if self.fusion.weights else None
+            cached = self._token_tensors[device] = (mapper.clamp_min(0), alphas, weights)
+        return cached
+
+    def mask(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """Blend mask (R, h w) of this step at a layer grid, or None when not blending."""
+        if self._mask_source is None:
+            return None
+        mask = self._masks.get(grid)
+        if mask is None:
+            mask = self._masks[grid] = blend_mask(self._mask_source, grid, self.config.blend_threshold)
+        return mask
+
+
+def spatial_temporal(tensor: torch.Tensor, call: CallLayout) -> torch.Tensor:
+    """Eq. 8: append each row's reference-frame tokens to its own.
+
+    Args:
+        tensor: (groups*R, heads, L, d) keys or values.
+    Returns:
+        (groups*R, heads, 2L, d): [own; reference] per row.
+    """
+    b, heads, length, d = tensor.shape
+    grouped = tensor.view(call.groups, call.rows, heads, length, d)  # (G, R, heads, L, d)
+    ref = grouped.index_select(1, call.ref_rows.to(tensor.device))
+    return torch.cat([grouped, ref], dim=3).view(b, heads, 2 * length, d)
+
+
+class FateZeroAttnProcessor(SDPAAttnProcessor):
+    """Spatial-temporal self-attention or cross-attention with FateZero's store/fuse."""
+
+    def __init__(self, state: FateZeroState, layer: AttnLayer):
+        self.state = state
+        self.layer = layer
+        self.is_self = layer.kind == "self"
+        fused = state.plan.self_layers if self.is_self else state.plan.cross_layers
+        self.fused_layer = layer.name in fused
+        self.is_mask_layer = layer.name in state.plan.mask_layers
+
+    def _collect_blend_map(self, inputs) -> None:
+        """Source cross-attention of the blend words at this mask layer (Eq. 6's input);
+        after the last mask layer of the call, their reduction goes into the sink."""
+        state, call = self.state, self.state.call
+        maps = attention_probs(inputs.query, inputs.key)  # (R, heads, L, T)
+        state._blend_maps.append(blend_mask_source([maps], [self.layer.grid], state.fusion.blend_columns, pool=False))
+        if len(state._blend_maps) == len(state.plan.mask_layers):
+            mean = torch.stack(state._blend_maps).mean(0)  # over layers: (R, 1, h, w)
+            state._blend_maps = []
+            pooled = F.max_pool2d(mean, kernel_size=3, stride=1, padding=1)
+            state.sink.put((*BLEND_KEY, call.step), pooled, dtype=torch.float32)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        state, call = self.state, self.state.call
+        if call is None or (not self.is_self and call.phase == "plain"):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("FateZero attention does not support attention masks")
+        inputs = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
+        key_id = (self.layer.kind, self.layer.name, call.step)
+        if call.phase == "store":
+            wanted = state.plan_keys(call.step)
+            if (self.layer.kind, self.layer.name) in wanted:
+                state.sink.put(key_id, hidden_states)  # (R, L, C): the map's sufficient input
+            if self.is_mask_layer and BLEND_KEY in wanted:
+                self._collect_blend_map(inputs)
+        key, value = inputs.key, inputs.value
+        if self.is_self:
+            key, value = spatial_temporal(key, call), spatial_temporal(value, call)  # (B, heads, 2L, d)
+        steps = state.plan.self_steps if self.is_self else state.plan.cross_steps
+        if call.phase == "fuse" and call.fused_group is not None and self.fused_layer and call.step in steps:
+            out = self._fused(attn, inputs, key, value, key_id)
+        else:
+            out = attend(inputs.query, key, value)
+        return attention_output(attn, out, inputs)
+
+    def _fused(self, attn, inputs, key, value, key_id) -> torch.Tensor:
+        """Attention of the fused group with maps fused from the source; others via SDPA."""
+        state, call = self.state, self.state.call
+        r, g = call.rows, call.fused_group
+        rows = slice(g * r, (g + 1) * r)
+        query = inputs.query
+        device, dtype = query.device, query.dtype
+
+        # Source maps from the stored input tokens (R, L, C), through the same projections.
+        src_hidden = state.source.get(key_id, device=device, dtype=dtype)
+        if self.is_self:
+            src = attention_inputs(attn, src_hidden)
+            src_q = src.query
+            single = CallLayout("plain", call.step, r, 1, call.ref_rows)
+            src_k = spatial_temporal(src.key, single)  # (R, heads, 2L, d)
+            mask = state.mask(self.layer.grid)  # (R, L) or None
+        else:
+            text = state.source_text.to(device=device, dtype=dtype).expand(r, -1, -1)
+            src = attention_inputs(attn, src_hidden, text)
+            src_q, src_k = src.query, src.key  # (R, heads, L, d), (R, heads, T, d)
+            mapper, alphas, weights = state.tokens(device)
+
+        q_e, k_e, v_e = query[rows], key[rows], value[rows]
+        heads, length, kv = q_e.shape[1], q_e.shape[2], k_e.shape[2]
+        chunk = max(1, _MAP_CHUNK_ELEMENTS // (heads * length * kv))
+        pieces = []
+        for lo in range(0, r, chunk):
+            c = slice(lo, min(r, lo + chunk))
+            source = attention_probs(src_q[c], src_k[c])  # (c, heads, L, L_kv)
+            if self.is_self and mask is None:
+                fused = source  # Sec. 3.2: self-attention replaced by the inversion's
+            elif self.is_self:
+                m = mask[c, None, :, None]  # (c, 1, L, 1) over query positions
+                fused = m * attention_probs(q_e[c], k_e[c]) + (1 - m) * source  # Eq. 7
+            else:
+                # Prompt-to-Prompt refinement: aligned tokens take the source column.
+                edit = attention_probs(q_e[c], k_e[c])
+                fused = source.index_select(-1, mapper) * alphas + edit * (1 - alphas)
+                if weights is not None:
+                    fused = fused * weights
+            out = fused @ v_e[c].float()  # (c, heads, L, d)
+            pieces.append(out.transpose(1, 2).reshape(out.shape[0], length, -1).to(dtype))
+        fused_out = torch.cat(pieces, dim=0)  # (R, L, heads*d)
+
+        parts = []
+        if g > 0:
+            parts.append(attend(query[: g * r], key[: g * r], value[: g * r]))
+        parts.append(fused_out)
+        if (g + 1) * r < query.shape[0]:
+            parts.append(attend(query[(g + 1) * r :], key[(g + 1) * r :], value[(g + 1) * r :]))
+        return torch.cat(parts, dim=0)
+
+
+class FateZero:
+    """FateZero on one UNet: installs the processors and tells them what each call is.
+
+    Usage::
+
+        fz = FateZero(unet, config, layers, fusion, source_text)
+        with fz.attach():
+            fz.store(step, ref_rows, sink); unet(...)          # inversion
+            fz.fuse(step, ref_rows, source, groups=2); unet(...)  # editing
+
+    Args:
+        unet: the diffusers UNet.
+        config: fusion settings.
+        layers: `probe_layers(unet, latent_hw)`.
+        fusion: token alignment / weights / blend columns (None: identity, no blend).
+        source_text: (1, T, D) source prompt embedding.
+    """
+
+    def __init__(self, unet, config: FateZeroConfig, layers, fusion: TokenFusion | None = None, source_text=None):
+        fusion = fusion or TokenFusion.identity(next(l.kv_tokens for l in layers if l.kind == "cross"))
+        self.unet = unet
+        self.layers = {l.name: l for l in layers}
+        self.plan = FusionPlan.build(layers, config, blend=bool(fusion.blend_columns))
+        self.state = FateZeroState(config=config, plan=self.plan, fusion=fusion, source_text=source_text)
+
+    def attach(self) -> contextlib.AbstractContextManager:
+        """Install FateZero processors on every self-attention layer (Eq. 8 everywhere) and
+        on the cross-attention layers it stores or fuses; others keep their processor."""
+        wanted = set(self.plan.cross_layers) | set(self.plan.mask_layers)
+
+        def make(name, _):
+            layer = self.layers.get(name)
+            if layer is None or (layer.kind == "cross" and name not in wanted):
+                return None
+            return FateZeroAttnProcessor(self.state, layer)
+
+        return install_processors(self.unet, make)
+
+    def reset(self) -> None:
+        """Forget the call layout, stores and caches."""
+        self.state.reset()
+
+    @staticmethod
+    def _refs(ref_rows) -> torch.Tensor:
+        return torch.as_tensor(list(ref_rows), dtype=torch.long)
+
+    def plain(self, ref_rows, groups: int = 1) -> None:
+        """Next call: spatial-temporal attention only (reconstruction, recompute-mode inversion)."""
+        refs = self._refs(ref_rows)
+        self.state.call = CallLayout("plain", -1, len(refs), groups, refs)
+
+    def store(self, step: int, ref_rows, sink) -> None:
+        """Next call is inversion step `step` (one group of frames): put its entries into `sink`."""
+        refs = self._refs(ref_rows)
+        self.state.sink = sink
+        self.state._blend_maps = []
+        self.state.call = CallLayout("store", step, len(refs), 1, refs)
+
+    def fuse(self, step: int, ref_rows, source, groups: int = 2, fused_group: int | None = None) -> None:
+        """Next call is editing step `step`: fuse group `fused_group` (default: the last,
+        conditional one) with the inversion entries of `source`."""
+        refs = self._refs(ref_rows)
+        state = self.state
+        state.source = source
+        fused_group = groups - 1 if fused_group is None else fused_group
+        state.call = CallLayout("fuse", step, len(refs), groups, refs, fused_group)
+        state._masks = {}
+        state._mask_source = None
+        if self.plan.blend and step in self.plan.self_steps:
+            param = next(self.unet.parameters())
+            state._mask_source = source.get((*BLEND_KEY, step), device=param.device, dtype=torch.float32)
