@@ -11,3 +11,11 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet -e ".[dev]"
+# The browser test drives Debian's Chromium with Playwright (never `playwright install`,
+# which downloads a browser). Without root or apt the test skips and says why.
+if [ "${DIFFSTREAM_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 \
+      || echo "install.sh: could not install chromium; the browser test will be skipped" >&2
+  fi
+fi

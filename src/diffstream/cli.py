@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from diffstream.metrics.bench import add_bench_arguments
     from diffstream.metrics.evaluate import add_eval_arguments
+    from diffstream.server.serve import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="live web demo: your webcam restyled in the browser",
+                           description="Serve the live demo page (FastAPI + WebSocket) on 127.0.0.1.")
+    add_model_options(serve)
+    add_serve_arguments(serve)
 
     ev = sub.add_parser("eval", help="quality metrics of a result video against its source",
                         description="Warp error, CLIP consistency / text score / frame accuracy, depth error.")
@@ -318,6 +324,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "run":
             return cmd_run(run_config(args))
+        if args.command == "serve":
+            from diffstream.server.serve import serve_command
+
+            return serve_command(args)
         if args.command == "edit":
             from diffstream.pipelines import fairy, fatezero
 

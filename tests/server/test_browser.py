@@ -1,0 +1,211 @@
+"""The live demo in a real browser: headless Chromium, a fake camera, the tiny model.
+
+Chromium's fake capture device plays a .y4m file written here (a moving pattern), the
+page streams it to a uvicorn server on 127.0.0.1 running the tiny model, and the test
+checks that restyled frames are drawn and keep changing, that a prompt typed in the
+page reaches the server and comes back applied, that a second page is told the server
+is busy and reconnects by itself once the first leaves, and takes screenshots.
+
+Needs Debian's chromium (/usr/bin/chromium) and the `playwright` Python package (its
+own browser download is never used); without them the test is skipped, saying which is
+missing and how to install it.
+"""
+
+import importlib.util
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffstream.server.app import create_app
+from diffstream.testing import make_frames
+
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+# As root on this kind of machine Chromium needs no sandbox and must not phone home
+# (background networking to Google's hosts is refused here and slows every start).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+]
+TIMEOUT_MS = 60_000
+
+
+def find_chromium() -> str | None:
+    env = os.environ.get("DIFFSTREAM_CHROMIUM")
+    for path in ((env,) if env else ()) + CHROMIUM_CANDIDATES:
+        if path and Path(path).is_file() and os.access(path, os.X_OK):
+            return path
+    return shutil.which("chromium")
+
+
+def write_y4m(path: Path, count: int = 30, width: int = 160, height: int = 120) -> None:
+    """A short clip of a drifting pattern as YUV4MPEG2 (what Chromium's fake camera plays)."""
+    import av
+
+    from diffstream.frames import frame_to_av_frame
+
+    with av.open(str(path), "w", format="yuv4mpegpipe") as container:
+        stream = container.add_stream("rawvideo", rate=15)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i, frame in enumerate(make_frames(count, height=height, width=width, seed=3)):
+            av_frame = frame_to_av_frame(frame)
+            av_frame.pts = i
+            for packet in stream.encode(av_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture
+def browser_tools():
+    """(chromium path, playwright.sync_api), or a skip that says what is missing."""
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("Chromium not found: install it with `apt-get install -y chromium` (or set DIFFSTREAM_CHROMIUM)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        pytest.skip("Playwright not installed: `pip install playwright` (the browser comes from Debian's chromium)")
+    if not any(importlib.util.find_spec(name) for name in ("websockets", "wsproto")):
+        pytest.skip("uvicorn cannot serve WebSockets without the websockets package: `pip install websockets`")
+    return chromium, sync_api
+
+
+@pytest.fixture
+def live_server(tiny):
+    """The demo app on the tiny model, served by uvicorn on 127.0.0.1 in a thread."""
+    import uvicorn
+
+    # One session only, so a second page has to wait for the first (busy, then reconnect).
+    app = create_app(tiny, size=64, max_clients=1, stats_interval=0.25)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_per_message_deflate=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+CANVAS_PIXELS = """() => {
+    const c = document.getElementById('output');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    return {width: c.width, height: c.height, data: Array.from(d)};
+}"""
+
+
+def canvas_pixels(page) -> np.ndarray:
+    snap = page.evaluate(CANVAS_PIXELS)
+    return np.array(snap["data"], dtype=np.uint8).reshape(snap["height"], snap["width"], 4)
+
+
+def frames_drawn(page) -> int:
+    return int(page.text_content("#stat-frames"))
+
+
+def wait_for_frames(page, at_least: int) -> None:
+    # Predicates are functions, not expressions: the page's CSP forbids eval, which
+    # Playwright would need for an expression string.
+    page.wait_for_function(
+        "(n) => Number(document.getElementById('stat-frames').textContent) >= n", arg=at_least, timeout=TIMEOUT_MS
+    )
+
+
+def test_live_demo_in_headless_chromium(browser_tools, live_server, tmp_path):
+    chromium, sync_api = browser_tools
+    url, app = live_server
+    clip = tmp_path / "pattern.y4m"
+    write_y4m(clip)
+    console = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_ARGS + [f"--use-file-for-fake-video-capture={clip}"],
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1100, "height": 820})
+            context.grant_permissions(["camera"], origin=url)
+            page = context.new_page()
+            page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+            page.on("pageerror", lambda err: console.append(f"pageerror: {err}"))
+            page.goto(url)
+
+            # Restyled frames are drawn, and they change over time (the input moves).
+            wait_for_frames(page, 3)
+            first = canvas_pixels(page)
+            assert first.shape[:2] == (48, 64), first.shape  # the server's processing size
+            assert first[:, :, 3].min() == 255 and first[:, :, :3].std() > 5
+            drawn = frames_drawn(page)
+            wait_for_frames(page, drawn + 5)
+            later = canvas_pixels(page)
+            assert np.abs(first.astype(int) - later.astype(int)).mean() > 1.0
+
+            # A prompt typed in the page reaches the server and comes back applied,
+            # and frames keep coming without a reset.
+            page.fill("#prompt", "a watercolor fox")
+            page.press("#prompt", "Enter")
+            page.wait_for_function(
+                "(p) => document.getElementById('applied').dataset.prompt === p",
+                arg="a watercolor fox",
+                timeout=TIMEOUT_MS,
+            )
+            assert "a watercolor fox" in page.text_content("#applied")
+            (session,) = app.state.engine.sessions
+            assert session.applied.prompt == "a watercolor fox"
+            drawn = frames_drawn(page)
+            wait_for_frames(page, drawn + 3)
+
+            assert page.get_attribute("#status", "data-state") == "ok", page.text_content("#status")
+            assert page.is_hidden("#error"), page.text_content("#error")
+            page.wait_for_function(
+                "() => Number(document.getElementById('stat-fps').textContent) > 0 && "
+                "document.getElementById('stat-latency').textContent.endsWith('ms')",
+                timeout=TIMEOUT_MS,
+            )
+            shot = tmp_path / "live_demo.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+
+            # A second page finds the only session taken: it says so and waits; once
+            # the first page is gone it reconnects by itself and streams.
+            second = context.new_page()
+            second.on("pageerror", lambda err: console.append(f"pageerror: {err}"))
+            second.goto(url)
+            second.wait_for_function(
+                "() => document.getElementById('status').dataset.state === 'busy'", timeout=TIMEOUT_MS
+            )
+            assert "Server busy" in second.text_content("#status")
+            busy_shot = tmp_path / "live_demo_busy.png"
+            second.screenshot(path=str(busy_shot))
+            page.close()
+            wait_for_frames(second, 2)
+            assert second.get_attribute("#status", "data-state") == "ok"
+            keep = os.environ.get("DIFFSTREAM_SCREENSHOT_DIR")
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                for path in (shot, busy_shot):
+                    shutil.copy(path, Path(keep) / path.name)
+        finally:
+            browser.close()
+    assert not [line for line in console if line.startswith(("error", "pageerror"))], console
