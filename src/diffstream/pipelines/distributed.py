@@ -39,10 +39,14 @@ TRANSFERS = ("recompute", "object_store")
 RAY_EXTRA_HINT = "pip install 'diffstream[ray]'"
 
 
-class SegmentError(DiffstreamError):
-    """A segment failed on every retry; frames before it have been written."""
+class DistributedError(DiffstreamError):
+    """The Ray workers could not do the job (the message says what and what to do)."""
 
     exit_code = 1
+
+
+class SegmentError(DistributedError):
+    """A segment failed on every retry; frames before it have been written."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class RayConfig:
         chunks_per_segment: chunks per unit of work sent to a worker: larger segments
             amortise the transfer, smaller ones balance load and lose less on a failure.
         max_retries: resubmissions of one segment after its worker failed.
+        start_timeout: seconds to wait for the workers to be scheduled and load the model.
         cpus_per_worker: CPUs (and torch threads) each worker reserves.
         gpus_per_worker: GPUs each worker reserves; None: 1 when the cluster has GPUs
             and the model's device is auto/cuda, else 0.
@@ -69,6 +74,7 @@ class RayConfig:
     anchor_transfer: str = "recompute"
     chunks_per_segment: int = 4
     max_retries: int = 2
+    start_timeout: float = 600.0
     cpus_per_worker: int = 1
     gpus_per_worker: float | None = None
 
@@ -210,7 +216,19 @@ class WorkerPool:
         )
         self.actors = [self._new_actor() for _ in range(workers)]
         self.started = True
-        _get([a.load.remote() for a in self.actors])
+        try:
+            _get([a.load.remote() for a in self.actors], timeout=rc.start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            free = ray.available_resources()
+            self.close()  # pending actors would take the resources whenever they free up
+            raise DistributedError(
+                f"{workers} Ray workers ({rc.cpus_per_worker} CPU, {per_gpu} GPU each) did not start within "
+                f"{rc.start_timeout:.0f} s; the cluster has {free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} "
+                f"GPUs free: use fewer --workers or free the cluster"
+            ) from None
+        except BaseException:  # a worker could not load the model (or Ctrl-C): stop them all
+            self.close()
+            raise
         return self
 
     def _new_actor(self):
@@ -321,15 +339,22 @@ class DistributedEdit:
         Returns:
             the processing size (width, height) of the output frames.
         """
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> tuple[int, int]:
         import ray
 
-        from diffstream.pipelines.fairy import EditPlan, anchor_indices
+        from diffstream.pipelines.fairy import EditPlan
 
         t0 = time.perf_counter()
         self.pool.start()
         self.timings["workers_s"] = time.perf_counter() - t0
         num_frames = len(self.clip)
-        self.plan = EditPlan(num_frames, anchor_indices(num_frames, self.config.anchors), self.config.chunk_size)
+        self.plan = EditPlan.build(num_frames, self.config.anchors, self.config.chunk_size)
         actors = self.pool.actors
         sizes = _get([a.begin.remote(num_frames, self.clip.width, self.clip.height) for a in actors])
         self.size = tuple(sizes[0])
@@ -364,6 +389,7 @@ class DistributedEdit:
             actors = self.pool.actors
             tasks: dict[int, _Task] = {}
             results: dict[int, list] = {}
+            failed: dict[int, SegmentError] = {}  # given up on; raised once its turn to be written comes
             inflight: dict = {}  # ObjectRef -> (segment id, slot, actor)
             load = [0] * len(actors)
             submitted = written = 0
@@ -397,6 +423,8 @@ class DistributedEdit:
                     del tasks[written]
                     written += 1
                     continue
+                if written in failed:  # every earlier frame is out: now report the failure
+                    raise failed[written]
                 if exhausted and written >= submitted:
                     return
                 ready, _ = ray.wait(list(inflight), num_returns=1)
@@ -412,24 +440,30 @@ class DistributedEdit:
                         failure, dead = err, False
                     except ray.exceptions.RayError as err:  # the worker process died
                         failure, dead = err, True
-                    self._count_retry(tasks[seg_id], failure)
                     if dead:
                         fresh = self.pool.replace(actor)
                         if fresh is not None:
                             self._prepare_fresh(fresh)
-                    submit(seg_id)
+                    error = self._count_retry(tasks[seg_id], failure)
+                    if error is None:
+                        submit(seg_id)
+                    else:
+                        failed[seg_id] = error
+                        exhausted = True  # nothing after a lost segment can be written: submit no more
         finally:
             self.close()
 
-    def _count_retry(self, task: _Task, err) -> None:
+    def _count_retry(self, task: _Task, err) -> SegmentError | None:
+        """Count a failure of `task`; the error to report once retries are used up, else None."""
         task.tries += 1
         if task.tries > self.ray_config.max_retries:
             reason = " ".join(str(getattr(err, "cause", None) or err).split())[:200]
-            raise SegmentError(
+            return SegmentError(
                 f"frames {task.start}-{task.stop - 1} failed {task.tries} times on Ray workers ({reason}); "
                 f"the {task.start} frames before them were written"
             )
         self.retries += 1
+        return None
 
     def close(self) -> None:
         """Release the anchors; stop the workers if this job started them. Idempotent."""
@@ -441,12 +475,12 @@ class DistributedEdit:
             self.pool.close()
 
 
-def _get(refs):
+def _get(refs, timeout=None):
     """ray.get that turns a worker's DiffstreamError back into itself (one-line message)."""
     import ray
 
     try:
-        return ray.get(refs)
+        return ray.get(refs, timeout=timeout)
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, DiffstreamError):
             raise err.cause from None

@@ -22,8 +22,10 @@ Two editing modes:
   branches run in one UNet batch: (instruction, image), (empty text, image), (empty text,
   no image), combined as in InstructPix2Pix (Brooks et al. 2023, eq. 3) with a text scale
   `guidance` and an image scale `image_guidance`. Sampler: DDIM (eta 0), 10 steps: Fairy's
-  step ablation finds quality holds from 10 steps on and uses 10 for all experiments, and
-  a deterministic sampler means a frame's only randomness is its initial noise.
+  step ablation (supplement) finds quality holds from 10 steps on and uses 10 for all
+  experiments. DDIM rather than an ancestral sampler: ancestral sampling injects fresh,
+  independent noise into every frame at every step, which pulls neighbouring frames
+  apart; with DDIM a frame's only randomness is its initial noise.
 - SDEdit (plain text-to-image checkpoints, 4-channel UNet): each frame's latent is noised
   to `strength` and denoised towards `prompt` with classifier-free guidance. DDIM with 10
   steps for ordinary checkpoints (diffusers' img2img convention: steps x strength of them
@@ -46,16 +48,20 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from diffstream import frames as F
-from diffstream.attention.anchor import AnchorConfig, AnchorState, anchor_indices, install_anchor_attention
 from diffstream.config import TIMESTEP_TABLE_SIZE, StreamConfig
 from diffstream.errors import ConfigError, InputError, ModelLoadError
-from diffstream.schedule.timesteps import add_noise, denoise, make_step_table, model_output_to_eps
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, diffusers and the attention/schedule modules are imported where they are used, so
+# that building the command-line parser (add_edit_arguments) and validating FairyConfig
+# stay as cheap as the rest of the CLI's option handling.
 
 # The checkpoint `--instruction` uses when --model is left at its default.
 INSTRUCT_DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
@@ -184,22 +190,28 @@ class FairyConfig:
     @property
     def num_branches(self) -> int:
         """Guidance branches per frame in a UNet call (rows are branch-major)."""
-        guidance = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+        guidance = self.guidance
+        if guidance is None:
+            guidance = DEFAULT_LCM_GUIDANCE if self.sampler == "lcm" else DEFAULT_GUIDANCE
         if self.instructing:
             # InstructPix2Pix runs its three branches only when both scales do something.
             return 3 if guidance > 1.0 and self.image_guidance >= 1.0 else 1
         return 2 if guidance > 1.0 else 1
 
 
-def frame_generator(seed: int, index: int) -> torch.Generator:
+def frame_generator(seed: int, index: int) -> "torch.Generator":
     """The CPU generator of frame `index`: seeded from (seed, index) only, never from
     the position of the frame in a chunk, segment or worker."""
+    import torch
+
     state = np.random.SeedSequence([int(seed) % 2**64, int(index)]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
-def frame_noise(seed: int, index: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+def frame_noise(seed: int, index: int, count: int, shape: tuple[int, ...]) -> "torch.Tensor":
     """`count` standard-normal tensors of `shape` (C, h, w) for frame `index`: (count, C, h, w) fp32."""
+    import torch
+
     return torch.randn((count, *shape), generator=frame_generator(seed, index))
 
 
@@ -216,6 +228,13 @@ class EditPlan:
     num_frames: int
     anchors: tuple[int, ...]
     chunk_size: int
+
+    @classmethod
+    def build(cls, num_frames: int, num_anchors: int, chunk_size: int) -> "EditPlan":
+        """The plan of a clip: `num_anchors` anchors spread evenly (`anchor_indices`)."""
+        from diffstream.attention.anchor import anchor_indices
+
+        return cls(num_frames, anchor_indices(num_frames, num_anchors), chunk_size)
 
     @property
     def num_ordinary(self) -> int:
@@ -356,6 +375,8 @@ class FairyPipeline:
     """
 
     def __init__(self, components, config: FairyConfig, lcm: bool = False):
+        from diffstream.attention.anchor import AnchorConfig, AnchorState, install_anchor_attention
+
         self.components = components
         self.config = config = config.resolve(lcm=lcm, turbo=components.turbo)
         channels, latent = components.unet_in_channels, components.latent_channels
@@ -378,7 +399,7 @@ class FairyPipeline:
         text = config.instruction if config.instructing else config.prompt
         emb = components.encode_prompt([text, config.negative_prompt])  # (2, 77, D)
         self._text, self._negative = emb[0:1], emb[1:2]
-        self._emb_cache: dict[int, torch.Tensor] = {}
+        self._emb_cache: dict = {}  # frames per batch -> (branches * n, 77, D) text rows
         self._setup_sampler()
         self.plan: EditPlan | None = None
         self.size: tuple[int, int] | None = None
@@ -398,6 +419,8 @@ class FairyPipeline:
 
     # --- the sampler ------------------------------------------------------------------
     def _setup_sampler(self) -> None:
+        from diffstream.schedule.timesteps import make_step_table
+
         comp, c = self.components, self.config
         if c.sampler == "ddim":
             from diffusers import DDIMScheduler
@@ -450,7 +473,7 @@ class FairyPipeline:
         self.state.reset()
         self._anchor_outputs = {}
         self.size = tuple(size) if size is not None else self.processing_size(width, height)
-        self.plan = EditPlan(num_frames, anchor_indices(num_frames, self.config.anchors), self.config.chunk_size)
+        self.plan = EditPlan.build(num_frames, self.config.anchors, self.config.chunk_size)
         return self.plan
 
     def prepare(self, frame: np.ndarray) -> np.ndarray:
@@ -538,8 +561,10 @@ class FairyPipeline:
         return F.tensor_to_frames(comp.decode_latents(latents))
 
     # --- the denoising loop -------------------------------------------------------------
-    def _embeddings(self, n: int) -> torch.Tensor:
+    def _embeddings(self, n: int) -> "torch.Tensor":
         """Text rows for n frames, branch-major: (branches * n, 77, D)."""
+        import torch
+
         emb = self._emb_cache.get(n)
         if emb is None:
             if self.config.instructing:  # (text, image), (-, image), (-, -): InstructPix2Pix's order
@@ -549,8 +574,7 @@ class FairyPipeline:
             emb = self._emb_cache[n] = torch.cat([r.expand(n, -1, -1) for r in rows]).contiguous()
         return emb
 
-    @torch.no_grad()
-    def denoise(self, pixels: torch.Tensor, indices: Sequence[int], mode: str = "off") -> torch.Tensor:
+    def denoise(self, pixels: "torch.Tensor", indices: Sequence[int], mode: str = "off") -> "torch.Tensor":
         """Edit a batch of frames in latent space.
 
         Args:
@@ -561,6 +585,16 @@ class FairyPipeline:
         Returns:
             (n, C, H/8, W/8) edited latents (scaled, ready for `decode_latents`).
         """
+        import torch
+
+        with torch.no_grad():
+            return self._denoise(pixels, indices, mode)
+
+    def _denoise(self, pixels, indices, mode):
+        import torch
+
+        from diffstream.schedule.timesteps import add_noise, denoise, model_output_to_eps
+
         comp, c = self.components, self.config
         n, branches = len(indices), self.num_branches
         # (n, C, h, w): InstructPix2Pix conditions on the *unscaled* posterior mode of the
@@ -612,7 +646,7 @@ class FairyPipeline:
                     x = add_noise(x, noise[step + 1], nxt.alpha_sqrt, nxt.beta_sqrt)
         return x
 
-    def _guide(self, out: torch.Tensor) -> torch.Tensor:
+    def _guide(self, out: "torch.Tensor") -> "torch.Tensor":
         """Combine the branch outputs (branch-major rows) into one prediction per frame."""
         c = self.config
         if self.num_branches == 1:
@@ -626,13 +660,15 @@ class FairyPipeline:
         return uncond + c.guidance * (cond - uncond)
 
 
-def _unscaled_latents(comp, pixels: torch.Tensor) -> torch.Tensor:
+def _unscaled_latents(comp, pixels: "torch.Tensor") -> "torch.Tensor":
     """Pixels (n, 3, H, W) in [-1, 1] to the VAE's unscaled posterior mode (n, C, H/8, W/8).
 
     `Components.encode_image` returns scaled latents; dividing by the scaling factor
     again would not give back the same float bits, and InstructPix2Pix checkpoints were
     trained on the unscaled mode.
     """
+    import torch
+
     with torch.no_grad():
         if comp.is_tiny_vae:
             return comp.vae.encode(pixels).latents
@@ -816,3 +852,24 @@ def _quiet_libraries() -> None:
     from diffstream import cli
 
     cli._quiet_libraries()
+
+
+def bench_adapter(components, frames, *, prompt, seed, size, progress=None):
+    """`diffstream bench`: Fairy in SDEdit mode (--prompt) on the bench's model.
+
+    Args:
+        frames: list of (H, W, 3) uint8 frames; size: (width, height) of the bench clip.
+        progress: called with each finished frame's index (first-output latency).
+    Returns:
+        the edited frames, in order.
+    """
+    pipe = FairyPipeline(components, FairyConfig(prompt=prompt, seed=seed, size=max(size)))
+    try:
+        outs = []
+        for i, out in enumerate(pipe.edit(list(frames))):
+            outs.append(out)
+            if progress is not None:
+                progress(i)
+        return outs
+    finally:
+        pipe.close()

@@ -773,3 +773,22 @@ def edit_command(args) -> int:
     extra = f" ({written / elapsed:.2f} frames/s)" if status == 0 and written else ""
     print(f"diffstream: {verb} {written} frames to {args.output}{extra}", file=sys.stderr)
     return status
+
+
+def bench_adapter(components, frames, *, prompt, seed, size, progress=None):
+    """`diffstream bench`: FateZero on the bench's model. The bench has no source prompt,
+    so the clip is inverted and edited under `prompt` (inversion + fused editing: the
+    method's full cost; use `diffstream edit` for real edits).
+
+    Args:
+        frames: list of (H, W, 3) uint8 frames; seed is unused (DDIM is deterministic).
+        progress: called with each finished frame's index.
+    Returns:
+        the edited frames, in order.
+    """
+    outs = []
+    for i, (_, frame) in enumerate(edit_frames(components, list(frames), FateZeroEditConfig(source_prompt=prompt, prompt=prompt))):
+        outs.append(frame)
+        if progress is not None:
+            progress(i)
+    return outs
