@@ -2,9 +2,9 @@
 
     diffstream run INPUT -o OUTPUT --prompt "..." [options]
 
-Options are parsed into typed configs first (a bad option fails before torch is even
-imported), then the input is opened (a bad input fails before the model loads), then
-the model loads. Exit codes: 0 done, 2 bad option/input/model, 130 interrupted
+Options are parsed into typed configs first (a bad option fails in one line before
+any model loads), then the input is opened (a bad input fails before the model loads),
+then the model loads. Exit codes: 0 done, 2 bad option/input/model, 130 interrupted
 (Ctrl-C or SIGTERM; the output is finalised and holds every frame produced).
 """
 

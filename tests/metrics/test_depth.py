@@ -9,24 +9,9 @@ from diffstream.metrics.depth import DepthEstimator, depth_mse, normalise_depth 
 
 
 def _tiny_dpt():
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+    from diffstream.models.tiny import tiny_dpt
 
-    config = DPTConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=37,
-        image_size=32,
-        patch_size=8,
-        backbone_out_indices=[0, 1, 2, 3],
-        neck_hidden_sizes=[8, 8, 16, 16],
-        fusion_hidden_size=16,
-        reassemble_factors=[4, 2, 1, 0.5],
-    )
-    torch.manual_seed(0)
-    model = DPTForDepthEstimation(config).eval()
-    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
-    return model, processor
+    return tiny_dpt(seed=0)
 
 
 def _tiny_depth_anything():

@@ -199,26 +199,17 @@ def _same_size_groups(inputs: list, outputs: list):
     return list(groups.values())
 
 
-def _hub_up() -> bool:
-    """Whether the model hub answers (one quick connection, no retries)."""
-    from diffstream.models.loading import hub_reachable
-
-    return hub_reachable()
-
-
 def _load_depth(name: str, local_files_only: Optional[bool]):
     """(model, image_processor) from a hub id or folder, or ModelLoadError."""
-    kwargs = {} if local_files_only is None else {"local_files_only": bool(local_files_only)}
     looks_like_path = os.sep in name and (name.startswith((".", "/", "~")) or os.path.isabs(name))
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         raise ModelLoadError(
             f"depth model folder {name!r} does not exist; pass --depth-model PATH "
             "to a local depth-estimation checkpoint folder"
         )
-    if local_files_only is None and not os.path.isdir(os.path.expanduser(name)) and not _hub_up():
-        # With the hub unreachable, from_pretrained retries for about a minute before it
-        # fails; a copy in the local cache still loads with local_files_only.
-        kwargs = {"local_files_only": True}
+    from diffstream.models.loading import hub_kwargs
+
+    kwargs = hub_kwargs(name, local_files_only)
     try:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 

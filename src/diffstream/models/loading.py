@@ -193,6 +193,19 @@ def _from_pretrained(spec: str, dtype: torch.dtype, local_files_only: bool) -> d
         raise
 
 
+def hub_kwargs(name: str, local_files_only: bool | None = None) -> dict:
+    """`from_pretrained` keyword arguments for a hub id or folder.
+
+    With the hub unreachable, from_pretrained retries for about a minute before it
+    fails; asking for the local cache only fails (or succeeds) at once.
+    """
+    if local_files_only is not None:
+        return {"local_files_only": bool(local_files_only)}
+    if Path(name).expanduser().is_dir() or _offline() or not hub_reachable():
+        return {"local_files_only": True}
+    return {}
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers at all (checked once, fast, no retries)."""
     import socket
@@ -254,9 +267,8 @@ def load_tiny_vae(spec: str, dtype: torch.dtype):
 
         return tiny_taesd(full_size=True).to(dtype)
     spec = TINY_VAE_PRESETS.get(spec, spec)
-    local_only = Path(spec).is_dir() or _offline() or not hub_reachable()
     try:
-        return AutoencoderTiny.from_pretrained(spec, torch_dtype=dtype, local_files_only=local_only)
+        return AutoencoderTiny.from_pretrained(spec, torch_dtype=dtype, **hub_kwargs(spec))
     except Exception as exc:
         raise ModelLoadError(
             f"cannot load tiny VAE {spec!r} ({type(exc).__name__}): pass a local AutoencoderTiny folder "
@@ -296,7 +308,7 @@ def fuse_loras(modules: dict, loras: list[tuple[str, float]]) -> None:
             spec_arg = str(path.parent)
         else:
             spec_arg = spec
-            kwargs["local_files_only"] = path.is_dir() or _offline() or not hub_reachable()
+            kwargs.update(hub_kwargs(spec))
         try:
             pipe.load_lora_weights(spec_arg, adapter_name=f"lora{i}", **kwargs)
         except Exception as exc:

@@ -202,12 +202,10 @@ def load_motion_adapter(spec: str, block_out_channels, dtype=torch.float32):
                 f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:2]})"
             )
         return adapter.to(dtype).eval(), (converted.depth or None), converted
-    from diffstream.models.loading import _offline, hub_reachable
+    from diffstream.models.loading import hub_kwargs
 
     try:
-        adapter = MotionAdapter.from_pretrained(
-            spec, torch_dtype=dtype, local_files_only=path.is_dir() or _offline() or not hub_reachable()
-        )
+        adapter = MotionAdapter.from_pretrained(spec, torch_dtype=dtype, **hub_kwargs(spec))
     except Exception as exc:
         raise ModelLoadError(
             f"cannot load motion adapter {spec!r} ({type(exc).__name__}): pass a local MotionAdapter folder or an "

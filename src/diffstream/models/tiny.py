@@ -181,11 +181,9 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
     return module
 
 
-def tiny_depth_estimator(seed: int = 0):
-    """A random DPT depth model at toy size, wrapped as a DepthEstimator (tests, --depth-model tiny)."""
+def tiny_dpt(seed: int = 0):
+    """A random DPT depth model at toy size and its image processor (tests)."""
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
-
-    from diffstream.metrics.depth import DepthEstimator
 
     config = DPTConfig(
         hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=32,
@@ -195,4 +193,11 @@ def tiny_depth_estimator(seed: int = 0):
     torch.manual_seed(seed)
     model = DPTForDepthEstimation(config).eval()
     processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
-    return DepthEstimator.from_components(model, processor, device="cpu")
+    return model, processor
+
+
+def tiny_depth_estimator(seed: int = 0):
+    """The tiny DPT wrapped as a DepthEstimator (tests, --depth-model tiny)."""
+    from diffstream.metrics.depth import DepthEstimator
+
+    return DepthEstimator.from_components(*tiny_dpt(seed), device="cpu")
