@@ -7,7 +7,8 @@ TAESD-size AutoencoderTiny (ours) and an SD-size AutoencoderKL (diffusers'), 256
 Prints human-readable lines, then as its last line one JSON object (with --json):
 - fps, seconds_per_frame: our stream (stream batch, RCFG self, tiny VAE), fp32 eager;
 - model_seconds_per_frame: the same UNet call (same batch shape) + VAE encode + decode,
-  timed in isolation in this process; overhead_ratio = seconds_per_frame / that;
+  timed in isolation in this process, interleaved with the stream's frames (medians);
+  overhead_ratio = seconds_per_frame / that;
 - vs_diffusers_img2img: our best CPU throughput (the fastest of the settings tried,
   named in best_settings) over a plain loop of StableDiffusionImg2ImgPipeline at its
   defaults (CFG 7.5, strength 0.8, full VAE) with the same UNet, 2 denoising steps;
@@ -31,8 +32,19 @@ from diffstream.testing import benchmark_clip
 
 
 
-def time_stream(components, frames, steps: int):
-    """Seconds per frame of our stream in steady state (the stream batch already full)."""
+def time_stream_and_models(components, frames, steps: int):
+    """Seconds per frame of our stream in steady state, and of the same model calls alone.
+
+    The two are measured interleaved (one streamed frame, then the same UNet batch, VAE
+    encode and decode called directly, and again), and each is summarised by its median,
+    so drift in the machine's speed hits both sides alike.
+
+    Returns:
+        (stream seconds per frame, model-only seconds per frame)
+    """
+    import statistics
+
+    from diffstream import frames as F
     from diffstream.config import StreamConfig
     from diffstream.pipelines.stream import StreamPipeline
 
@@ -41,35 +53,32 @@ def time_stream(components, frames, steps: int):
     pipe = StreamPipeline(components, cfg)
     for f in frames[:steps]:  # fill the stream batch; first UNet calls also warm up kernels
         pipe.push(f)
-    timed = frames[steps:]
-    start = time.perf_counter()
-    for f in timed:
-        out = pipe.push(f)
-        assert out is not None
-    elapsed = time.perf_counter() - start
-    pipe.flush()
-    pipe.close()
-    return elapsed / len(timed)
-
-
-def time_models_alone(components, frame, steps: int, repeats: int):
-    """The model calls one streamed frame costs, without the engine around them."""
-    from diffstream import frames as F
-
-    dev, dt = components.device, components.dtype
-    pixels = F.frames_to_tensor(frame, device=dev, dtype=dt)
+    pixels = F.frames_to_tensor(frames[0], device=components.device, dtype=components.dtype)
     with torch.no_grad():
         z = components.encode_image(pixels)
-        x = z.repeat(steps, 1, 1, 1)
+        x = z.repeat(steps, 1, 1, 1)  # the stream's UNet batch: one row per step
         t = torch.arange(steps, dtype=torch.long) * 200 + 99
         emb = components.encode_prompt(["a watercolor painting"]).expand(steps, -1, -1).contiguous()
-        components.unet(x, t, encoder_hidden_states=emb)  # warm-up
+    stream_times, model_times = [], []
+    for f in frames[steps:]:
         start = time.perf_counter()
-        for _ in range(repeats):
+        out = pipe.push(f)
+        stream_times.append(time.perf_counter() - start)
+        assert out is not None
+        with torch.no_grad():
+            start = time.perf_counter()
             components.encode_image(pixels)
             components.unet(x, t, encoder_hidden_states=emb)
             components.decode_latents(z)
-        return (time.perf_counter() - start) / repeats
+            model_times.append(time.perf_counter() - start)
+    pipe.flush()
+    pipe.close()
+    return statistics.median(stream_times), statistics.median(model_times)
+
+
+def time_stream(components, frames, steps: int) -> float:
+    """Seconds per frame of our stream in steady state (median)."""
+    return time_stream_and_models(components, frames, steps)[0]
 
 
 def time_diffusers_img2img(unet, text_encoder, tokenizer, frames):
@@ -118,8 +127,7 @@ def main() -> int:
     unet, text_encoder, tokenizer = base.unet, base.text_encoder, base.tokenizer
 
     results = {"clip": origin, "width": w, "height": h, "steps": args.steps, "threads": torch.get_num_threads()}
-    spf = time_stream(base, frames, args.steps)
-    model_spf = time_models_alone(base, frames[0], args.steps, repeats=args.frames)
+    spf, model_spf = time_stream_and_models(base, frames, args.steps)
     results.update(fps=1 / spf, seconds_per_frame=spf, model_seconds_per_frame=model_spf,
                    overhead_ratio=spf / model_spf)
     print(f"ours fp32 eager: {spf:.3f} s/frame; model calls alone {model_spf:.3f} s -> overhead {spf / model_spf:.3f}",
