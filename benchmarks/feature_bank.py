@@ -25,7 +25,7 @@ import time
 import torch
 
 from diffstream.config import ModelConfig, StreamConfig
-from diffstream.metrics.timing import PeakMemory, current_rss_bytes
+from diffstream.metrics.timing import PeakMemory, stream_rss_growth
 from diffstream.models.loading import load_components
 from diffstream.models.tiny import sd15_random_components
 from diffstream.pipelines.factory import make_pipeline
@@ -53,18 +53,9 @@ def time_method(components, frames, method: str, steps: int):
 def rss_growth(n: int = 1000):
     """RSS growth from frame 100 to frame n, tiny model, streamv2v with its defaults."""
     tiny = load_components(ModelConfig(model="tiny", device="cpu"))
-    frames = make_frames(50, 64, 64)
     cfg = StreamConfig(prompt="x", size=64, steps=2, strength=0.5, method="streamv2v")
     with make_pipeline(tiny, cfg) as pipe:
-        at_100 = None
-        for i in range(n):
-            pipe.push(frames[i % len(frames)])
-            if i + 1 == 100:
-                gc.collect()
-                at_100 = current_rss_bytes()
-        gc.collect()
-        at_n = current_rss_bytes()
-    return (at_n - at_100) / at_100, at_100, at_n
+        return stream_rss_growth(pipe, make_frames(50, 64, 64), n)
 
 
 def tiny_warp_errors(clip_frames):

@@ -30,7 +30,7 @@ import torch
 from diffstream import frames as F
 from diffstream.attention.causal_temporal import CausalTemporalConfig
 from diffstream.config import ModelConfig, StreamConfig
-from diffstream.metrics.timing import current_rss_bytes
+from diffstream.metrics.timing import stream_rss_growth
 from diffstream.models.loading import load_components
 from diffstream.models.motion import motion_unet
 from diffstream.models.tiny import sd15_random_components
@@ -82,19 +82,10 @@ def recompute_seconds(components, frames, window: int, timed: int) -> float:
 
 def rss_growth(n: int = 1000):
     tiny = load_components(ModelConfig(model="tiny", motion_adapter="tiny", device="cpu"))
-    frames = make_frames(50, 64, 64)
     cfg = StreamConfig(prompt="x", size=64, steps=2, strength=0.5, method="live2diff")
     with make_pipeline(tiny, cfg) as pipe:
-        at_100 = None
-        for i in range(n):
-            pipe.process(frames[i % len(frames)])
-            if i + 1 == 100:
-                gc.collect()
-                at_100 = current_rss_bytes()
-        gc.collect()
-        at_n = current_rss_bytes()
-        cache = pipe.mechanism.cache_bytes()
-    return (at_n - at_100) / at_100, at_100, at_n, cache
+        growth, at_100, at_n = stream_rss_growth(pipe, make_frames(50, 64, 64), n)
+        return growth, at_100, at_n, pipe.mechanism.cache_bytes()
 
 
 def main() -> int:

@@ -131,3 +131,19 @@ def test_peak_memory_sees_a_real_allocation():
         pytest.skip("RSS not available on this platform")
     assert mem.peak_bytes >= mem.start_bytes
     assert mem.delta_bytes >= size // 2
+
+
+def test_stream_rss_growth_reads_rss_at_both_points(monkeypatch):
+    import diffstream.metrics.timing as timing
+
+    class Pipe:
+        pushed = 0
+
+        def process(self, frame):
+            self.pushed += 1
+            return []
+
+    pipe = Pipe()
+    monkeypatch.setattr(timing, "current_rss_bytes", lambda: 1000 + pipe.pushed)
+    growth, first, last = timing.stream_rss_growth(pipe, [object()], n=300, first=100)
+    assert (first, last) == (1100, 1300) and growth == pytest.approx(0.2 / 1.1)

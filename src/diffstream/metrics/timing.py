@@ -253,3 +253,25 @@ class PeakMemory:
             "delta_bytes": self.delta_bytes,
             "rss_peak_bytes": self.rss_peak_bytes,
         }
+
+
+def stream_rss_growth(pipe, frames, n: int = 1000, first: int = 100) -> tuple[float, int, int]:
+    """Relative RSS growth of a stream between frame `first` and frame `n`.
+
+    Pushes `n` frames (cycling through `frames`) and reads the process RSS after a
+    garbage collection at both points: a stream whose state is bounded shows ~0.
+
+    Returns:
+        (growth as a fraction, RSS bytes at `first`, RSS bytes at `n`)
+    """
+    import gc
+
+    at_first = None
+    for i in range(n):
+        pipe.process(frames[i % len(frames)])
+        if i + 1 == first:
+            gc.collect()
+            at_first = current_rss_bytes()
+    gc.collect()
+    at_n = current_rss_bytes()
+    return (at_n - at_first) / at_first, at_first, at_n
