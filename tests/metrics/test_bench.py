@@ -32,22 +32,10 @@ def clip_video(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scorer():
     """A tiny random CLIP (real CLIP BPE tokenizer), built from config."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
     from diffstream.metrics.clip import ClipScorer
-    from diffstream.models.tokenizer import VOCAB_SIZE, clip_tokenizer
+    from diffstream.models.tiny import tiny_clip
 
-    config = CLIPConfig(
-        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return ClipScorer.from_components(CLIPModel(config).eval(), processor, clip_tokenizer(), device="cpu")
+    return ClipScorer.from_components(*tiny_clip(), device="cpu")
 
 
 def _args(*argv):

@@ -44,38 +44,22 @@ def videos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     """A tiny random CLIP (real CLIP BPE tokenizer) saved as a checkpoint folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from diffstream.models.tiny import tiny_clip
 
-    from diffstream.models.tokenizer import VOCAB_SIZE, clip_tokenizer
-
-    config = CLIPConfig(
-        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).eval().save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    clip_tokenizer().save_pretrained(folder)
+    for part in tiny_clip():
+        part.save_pretrained(folder)
     return str(folder)
 
 
 @pytest.fixture(scope="module")
 def depth_folder(tmp_path_factory):
     """A tiny random DPT depth model saved as a checkpoint folder."""
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+    from diffstream.models.tiny import tiny_dpt
 
-    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
-                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
-                       neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5])
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-dpt")
-    DPTForDepthEstimation(config).eval().save_pretrained(folder)
-    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
+    for part in tiny_dpt(seed=0):
+        part.save_pretrained(folder)
     return str(folder)
 
 

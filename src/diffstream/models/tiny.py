@@ -201,3 +201,26 @@ def tiny_depth_estimator(seed: int = 0):
     from diffstream.metrics.depth import DepthEstimator
 
     return DepthEstimator.from_components(*tiny_dpt(seed), device="cpu")
+
+
+def tiny_clip(seed: int = 0):
+    """A random CLIP model at toy size with the real CLIP BPE tokenizer (metrics tests).
+
+    Returns:
+        (CLIPModel, CLIPImageProcessor, CLIPTokenizer)
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from diffstream.models.tokenizer import VOCAB_SIZE, clip_tokenizer
+
+    config = CLIPConfig(
+        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
+                         eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPModel(config).eval(), processor, clip_tokenizer()
