@@ -1,7 +1,7 @@
 """diffstream: text-driven video-to-video translation with image diffusion models.
 
 The public API is re-exported lazily so that `import diffstream` stays cheap
-(the CLI validates options before torch and diffusers are imported).
+(diffusers and transformers load only when a model does).
 """
 
 __version__ = "0.1.0"
