@@ -205,3 +205,17 @@ def test_depth_needs_the_checkpoint_module():
     cfg = StreamConfig(prompt="x", size=64, method="live2diff", causal=CausalTemporalConfig(depth=True))
     with pytest.raises(ConfigError, match="--motion-adapter"):
         make_pipeline(image, cfg)
+
+
+def test_schedule_change_warms_up_again(video):
+    cfg = StreamConfig(prompt="x", size=64, steps=2, strength=0.6, guidance=1.0, method="live2diff",
+                       causal=CausalTemporalConfig(warmup_frames=W, window=WINDOW))
+    frames = make_frames(12)
+    with make_pipeline(video, cfg) as pipe:
+        outs = []
+        for i, f in enumerate(frames):
+            if i == 6:
+                pipe.update(strength=0.8, steps=3)  # new steps: old caches mean nothing
+            outs += pipe.process(f)
+        outs += pipe.flush()
+    assert len(outs) == 12

@@ -264,3 +264,21 @@ def test_process_drains_frames_that_finish_together(tiny):
     moving = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(4)]  # cosine ~0: never skipped
     counts = [len(pipe.process(f)) for f in [moving[0], moving[1], moving[1], moving[2], moving[3]]]
     assert counts == [0, 1, 0, 2, 1]  # the skip is emitted right after the frame it copies
+
+
+def test_seed_change_keeps_the_stream_going(tiny, frames):
+    """A new seed changes only the noise: no drain, no reset; frames pushed after it are
+    exactly those of a stream seeded that way from the start."""
+    base = StreamConfig(prompt="x", size=64, steps=3, strength=0.6, seed=1)
+    reseeded, _ = run(StreamPipeline(tiny, base.replace(seed=7)), frames)
+    pipe = StreamPipeline(tiny, base)
+    outs = []
+    for i, f in enumerate(frames):
+        if i == 3:
+            pipe.update(seed=7)
+        outs += pipe.process(f)
+    calls_before_flush = pipe.unet_calls
+    outs += pipe.flush()
+    assert calls_before_flush == len(frames)  # one UNet call per frame: nothing was drained
+    assert len(outs) == len(frames)
+    assert_frames_close(outs[3:], reseeded[3:])

@@ -223,14 +223,16 @@ class StreamPipeline:
             self._cond, self._uncond = emb[0:1], emb[1:2]
             self._emb_cache: dict = {}
             self._prompt_key = prompt_key
-        schedule_key = (c.t_indices(turbo), c.seed, c.size)
+        schedule_key = (c.t_indices(turbo), c.size)
         if schedule_key != self._schedule_key:
             if getattr(self, "_batch", None) is not None and self._batch.in_flight:
                 self._drain()  # finish in-flight frames under the schedule they started with
-            if self._schedule_key is not None:
-                # Temporal state (banks, caches) is kept per denoising step; features of
-                # the old steps' noise levels would mislead the new ones.
+            if self._schedule_key is not None and self.mechanism.warmup_frames:
+                # Live2Diff's caches hold keys/values of the old steps' noise levels: the
+                # next frames warm up again. (A feature bank keeps its features; it drops
+                # them itself when the number of step slots changes.)
                 self.mechanism.reset()
+                self._warmed = False
             self._t_indices = schedule_key[0]
             comp = self.components
             table = make_step_table(
@@ -244,6 +246,13 @@ class StreamPipeline:
             self._batch = None  # rebuilt with fresh noise at the next frame
             self._layouts: dict = {}
             self._schedule_key = schedule_key
+            self._seed = c.seed
+        elif c.seed != self._seed:
+            # A new seed only changes the fixed noise: in-flight frames keep going and
+            # take the new noise at their remaining steps; nothing is reset.
+            self._seed = c.seed
+            if self._batch is not None:
+                self._batch.noise = self._slot_noise(tuple(self._batch.noise.shape[-2:]))
         self._cfg_type = c.resolved_cfg_type(turbo)
 
     def _ensure_batch(self, latent_hw: tuple[int, int]) -> StreamBatch:
@@ -251,13 +260,17 @@ class StreamPipeline:
             return self._batch
         if self._batch is not None and self._batch.in_flight:
             self._drain()
-        comp = self.components
-        generator = torch.Generator().manual_seed(int(self.config.seed))
-        # Fixed noise per step slot, drawn on the CPU so every device gets the same numbers.
-        noise = torch.randn((self.num_steps, comp.latent_channels, *latent_hw), generator=generator)
-        self._batch = StreamBatch(self._table, noise.to(device=comp.device, dtype=comp.dtype))
+        self._batch = StreamBatch(self._table, self._slot_noise(latent_hw))
         self._latent_hw = latent_hw
         return self._batch
+
+    def _slot_noise(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Fixed noise per step slot (num_steps, C, h, w), drawn on the CPU from the seed so
+        every device gets the same numbers."""
+        comp = self.components
+        generator = torch.Generator().manual_seed(int(self.config.seed))
+        noise = torch.randn((self.num_steps, comp.latent_channels, *latent_hw), generator=generator)
+        return noise.to(device=comp.device, dtype=comp.dtype)
 
     def _process(self, index: int, frame: np.ndarray) -> None:
         comp = self.components

@@ -453,7 +453,8 @@ class Engine:
         pipe = session.pipe
         session.inputs[pipe.frames_in] = frame
         try:
-            out = pipe.push(image)
+            # Every output that is ready: a warmup or a filter skip can finish several.
+            outs = pipe.process(image)
         except Exception:
             # A push that failed half-way leaves the stream state in doubt: start afresh.
             self._reset_pipe(session, close=True)
@@ -461,19 +462,19 @@ class Engine:
         with self._cond:
             session.processed += 1
             session.skipped = session.skipped_before + pipe.skipped
-        if out is None:
-            return
-        # Outputs leave in input order, so the one just returned is number frames_out - 1.
-        source = session.inputs.pop(pipe.frames_out - 1, None)
-        frame_id = source.id if source is not None else frame.id
-        message = pack_output(frame_id, F.encode_jpeg(out, self.jpeg_quality))
-        now = time.monotonic()
-        with self._cond:
-            session.outputs += 1
-            session.output_times.append(now)
-            if source is not None:
-                session.latencies.append(now - source.received)
-        session.deliver(message)
+        # Outputs leave in input order: the k-th of these is number frames_out - len + k.
+        first = pipe.frames_out - len(outs)
+        for k, out in enumerate(outs):
+            source = session.inputs.pop(first + k, None)
+            frame_id = source.id if source is not None else frame.id
+            message = pack_output(frame_id, F.encode_jpeg(out, self.jpeg_quality))
+            now = time.monotonic()
+            with self._cond:
+                session.outputs += 1
+                session.output_times.append(now)
+                if source is not None:
+                    session.latencies.append(now - source.received)
+            session.deliver(message)
 
     def _release(self, session: Session) -> None:
         """Close a finished session's pipeline (restores the UNet's processors)."""
