@@ -298,22 +298,13 @@ def test_model_must_fit_the_mode(tiny, instruct):
 
 # --- the command ------------------------------------------------------------------------
 
-def edit_parser():
-    """What the lead's `diffstream edit` will hold: model options, shared options, Fairy's."""
-    from diffstream.cli import _Parser, add_model_options
+class edit_parser:
+    """The real `diffstream edit` parser with --method fairy filled in."""
 
-    p = _Parser(prog="diffstream edit")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--method", default="fairy", choices=("fairy", "fatezero"))
-    p.add_argument("--prompt", default="")
-    p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--max-frames", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    add_model_options(p)
-    add_edit_arguments(p.add_argument_group("fairy"))
-    return p
+    def parse_args(self, argv):
+        from diffstream.cli import build_parser
+
+        return build_parser().parse_args(["edit", "--method", "fairy", *argv])
 
 
 def read_video(path):

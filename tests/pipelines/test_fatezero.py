@@ -1,6 +1,5 @@
 """FateZero editing on the tiny model: inversion, fusion, windows, store modes, CLI."""
 
-import argparse
 import json
 
 import av
@@ -228,20 +227,13 @@ def test_a_saved_inversion_edits_like_a_fresh_one(tiny, tmp_path):
 
 
 # --- the CLI entry point -------------------------------------------------------------------
-def parser():
-    from diffstream.cli import add_model_options
+class parser:
+    """The real `diffstream edit` parser with --method fatezero filled in."""
 
-    p = argparse.ArgumentParser()
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--prompt", default="")
-    p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--max-frames", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    add_model_options(p)
-    fzp.add_edit_arguments(p.add_argument_group("fatezero"))
-    return p
+    def parse_args(self, argv):
+        from diffstream.cli import build_parser
+
+        return build_parser().parse_args(["edit", "--method", "fatezero", *argv])
 
 
 @pytest.fixture(scope="module")
