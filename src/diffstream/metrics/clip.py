@@ -32,17 +32,11 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from diffstream.errors import ModelLoadError
 from diffstream.frames import Frame
 
 __all__ = ["DEFAULT_CLIP_MODEL", "ClipScorer", "ClipMeter", "ClipResult"]
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    first = " ".join(str(text).split())
-    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def _features(output):
@@ -375,29 +369,9 @@ class ClipMeter:
 
 def _load_clip(name: str, local_files_only: Optional[bool]):
     """(model, image_processor, tokenizer) from a hub id or folder, or ModelLoadError."""
-    import os
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    looks_like_path = os.sep in name and (name.startswith((".", "/", "~")) or os.path.isabs(name))
-    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
-        raise ModelLoadError(
-            f"CLIP model folder {name!r} does not exist; pass --clip-model PATH "
-            "to a local CLIP checkpoint folder"
-        )
-    from diffstream.models.loading import hub_kwargs
+    from diffstream.models.loading import load_pretrained_parts
 
-    kwargs = hub_kwargs(name, local_files_only)
-    try:
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-        path = os.path.expanduser(name) if looks_like_path else name
-        model = CLIPModel.from_pretrained(path, **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except ImportError:
-        raise
-    except Exception as exc:  # OSError, HF hub errors, bad configs: all mean "can't load"
-        raise ModelLoadError(
-            f"cannot load CLIP model {name!r} ({type(exc).__name__}: {_one_line(exc, 120)}); "
-            "pass --clip-model PATH to a local CLIP checkpoint folder"
-        ) from exc
-    return model, image_processor, tokenizer
+    return load_pretrained_parts(name, (CLIPModel, AutoImageProcessor, AutoTokenizer), "CLIP model",
+                                 "--clip-model", local_files_only)

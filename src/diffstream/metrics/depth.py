@@ -19,22 +19,15 @@ not to that table. What diffstream does:
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from diffstream.errors import ModelLoadError
 from diffstream.frames import Frame, resize
 
 __all__ = ["DEFAULT_DEPTH_MODEL", "DepthEstimator", "depth_mse", "normalise_depth"]
 
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
-
-
-def _one_line(text, limit: int = 120) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def normalise_depth(depth: np.ndarray) -> np.ndarray:
@@ -201,26 +194,9 @@ def _same_size_groups(inputs: list, outputs: list):
 
 def _load_depth(name: str, local_files_only: Optional[bool]):
     """(model, image_processor) from a hub id or folder, or ModelLoadError."""
-    looks_like_path = os.sep in name and (name.startswith((".", "/", "~")) or os.path.isabs(name))
-    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
-        raise ModelLoadError(
-            f"depth model folder {name!r} does not exist; pass --depth-model PATH "
-            "to a local depth-estimation checkpoint folder"
-        )
-    from diffstream.models.loading import hub_kwargs
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-    kwargs = hub_kwargs(name, local_files_only)
-    try:
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+    from diffstream.models.loading import load_pretrained_parts
 
-        path = os.path.expanduser(name) if looks_like_path else name
-        model = AutoModelForDepthEstimation.from_pretrained(path, **kwargs)
-        processor = AutoImageProcessor.from_pretrained(path, **kwargs)
-    except ImportError:
-        raise
-    except Exception as exc:  # OSError, HF hub errors, unsupported configs
-        raise ModelLoadError(
-            f"cannot load depth model {name!r} ({type(exc).__name__}: {_one_line(exc)}); "
-            "pass --depth-model PATH to a local depth-estimation checkpoint folder"
-        ) from exc
-    return model, processor
+    return load_pretrained_parts(name, (AutoModelForDepthEstimation, AutoImageProcessor), "depth model",
+                                 "--depth-model", local_files_only)

@@ -206,6 +206,35 @@ def hub_kwargs(name: str, local_files_only: bool | None = None) -> dict:
     return {}
 
 
+def load_pretrained_parts(name: str, loaders, what: str, flag: str, local_files_only: bool | None = None):
+    """Load several `from_pretrained` parts (model, processor, tokenizer...) of one checkpoint.
+
+    Args:
+        name: hub id or local folder ("~" expanded).
+        loaders: classes with `from_pretrained`, loaded in order.
+        what: what it is, for messages ("CLIP model"); flag: the option to name ("--clip-model").
+    Returns:
+        tuple of the loaded parts.
+    Raises:
+        ModelLoadError: one line naming `flag PATH`.
+    """
+    path = os.path.expanduser(name)
+    looks_like_path = os.sep in name and (name.startswith((".", "/", "~")) or os.path.isabs(name))
+    if looks_like_path and not os.path.isdir(path):
+        raise ModelLoadError(f"{what} folder {name!r} does not exist; pass {flag} PATH to a local checkpoint folder")
+    kwargs = hub_kwargs(name, local_files_only)
+    source = path if looks_like_path else name
+    try:
+        return tuple(loader.from_pretrained(source, **kwargs) for loader in loaders)
+    except ImportError:
+        raise
+    except Exception as exc:  # OSError, hub errors, bad configs: all mean "can't load"
+        reason = " ".join(str(exc).split())[:120]
+        raise ModelLoadError(
+            f"cannot load {what} {name!r} ({type(exc).__name__}: {reason}); pass {flag} PATH to a local checkpoint folder"
+        ) from exc
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers at all (checked once, fast, no retries)."""
     import socket
