@@ -1,6 +1,5 @@
 """Shared fixtures: one thread per test process and the tiny model, built once."""
 
-import numpy as np
 import pytest
 import torch
 

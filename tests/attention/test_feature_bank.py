@@ -8,7 +8,6 @@ import torch
 
 from diffstream.attention.base import BatchLayout, SDPAAttnProcessor
 from diffstream.attention.feature_bank import (
-    FeatureBank,
     FeatureBankAttnProcessor,
     FeatureBankConfig,
     FeatureBankState,

@@ -28,7 +28,6 @@ from diffstream.pipelines.fairy import (
     EditPlan,
     FairyConfig,
     FairyPipeline,
-    add_edit_arguments,
     edit_command,
     edit_model_config,
     fairy_config,
