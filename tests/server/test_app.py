@@ -22,7 +22,7 @@ from diffstream.config import METHODS, StreamConfig
 from diffstream.errors import ConfigError, ModelLoadError
 from diffstream.frames import decode_image_bytes, encode_jpeg
 from diffstream.pipelines.factory import make_pipeline
-from diffstream.server.app import create_app, is_loopback
+from diffstream.server.app import create_app
 from diffstream.server.protocol import Limits, unpack_output
 from diffstream.testing import make_frames
 
@@ -200,7 +200,7 @@ def test_method_change_starts_a_new_stream(make_client):
 
 
 def test_methods_the_model_cannot_run_are_refused_with_the_reason(make_client, tiny):
-    from diffstream.server.app import probe_methods
+    from diffstream.server.engine import probe_methods
 
     usable, reasons = probe_methods(tiny, StreamConfig())
     assert "streamdiffusion" in usable and set(usable) | set(reasons) == set(METHODS)
@@ -469,54 +469,3 @@ def test_create_app_rejects_bad_settings(tiny):
         create_app(tiny, max_clients=0)
     with pytest.raises(ConfigError, match="jpeg-quality"):
         create_app(tiny, jpeg_quality=0)
-
-
-# --- serve ------------------------------------------------------------------------------
-def test_loopback_detection_and_host_warning():
-    from diffstream.server.serve import host_warning
-
-    for host in ("127.0.0.1", "127.3.2.1", "localhost", "::1", "[::1]"):
-        assert is_loopback(host) and host_warning(host) is None
-    for host in ("0.0.0.0", "192.168.1.10", "::", "example.org"):
-        assert not is_loopback(host)
-        assert "without authentication" in host_warning(host)
-
-
-def test_serve_says_which_server_library_is_missing(monkeypatch):
-    import importlib.util
-
-    from diffstream.server import serve
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name in ("websockets", "wsproto") else real(name, *a)
-    )
-    with pytest.raises(ConfigError, match=r"needs websockets: pip install websockets \(or pip install 'diffstream\[server\]'\)"):
-        serve.serve_command(serve.build_parser().parse_args(["--model", "tiny", "--port", "0"]))
-
-
-def test_serve_arguments_and_one_line_errors(capsys):
-    import socket
-
-    from diffstream.server.serve import bind_socket, build_parser, serve_command
-
-    args = build_parser().parse_args(["--model", "tiny"])
-    assert (args.host, args.port, args.max_clients, args.size) == ("127.0.0.1", 7860, 4, 512)
-    assert (args.no_stream_batch, args.threads, args.allow_origin) == (False, None, [])
-    with pytest.raises(ConfigError, match="--max-clients must be >= 1"):
-        serve_command(build_parser().parse_args(["--max-clients", "0"]))
-    with pytest.raises(ConfigError, match="--port must be between"):
-        serve_command(build_parser().parse_args(["--port", "70000"]))
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    try:
-        port = taken.getsockname()[1]
-        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: .*choose another --port"):
-            bind_socket("127.0.0.1", port)
-    finally:
-        taken.close()
-    # A model that cannot load fails with its one line before anything is served.
-    with pytest.raises(ModelLoadError):
-        serve_command(build_parser().parse_args(["--model", "/nonexistent/model", "--port", "0"]))
-    assert "serving" not in capsys.readouterr().out

@@ -15,6 +15,8 @@ from diffstream.server.protocol import (
     ProtocolError,
     apply_params,
     check_frame,
+    is_loopback,
+    origin_allowed,
     pack_output,
     parse_control,
     public_params,
@@ -184,3 +186,27 @@ def test_public_params_is_json_and_covers_every_field():
     assert json.loads(json.dumps(params)) == params
     assert set(PARAM_FIELDS) <= set(params)
     assert params["t_index_list"] == [10, 20]
+
+
+def test_loopback_hosts_and_allowed_origins():
+    for host in ("127.0.0.1", "127.3.2.1", "localhost", "::1", "[::1]"):
+        assert is_loopback(host)
+    for host in ("0.0.0.0", "192.168.1.10", "::", "example.org"):
+        assert not is_loopback(host)
+    assert origin_allowed({"host": "127.0.0.1:7860"}, ())  # no Origin: not a browser
+    assert origin_allowed({"origin": "http://127.0.0.1:7860", "host": "127.0.0.1:7860"}, ())
+    assert not origin_allowed({"origin": "http://evil.example", "host": "127.0.0.1:7860"}, ())
+    assert origin_allowed({"origin": "https://demo.example", "host": "127.0.0.1:7860"}, ("https://demo.example",))
+
+
+def test_the_engine_needs_no_web_framework():
+    """server/engine.py is transport-free: FastAPI and Starlette stay in server/app.py."""
+    import ast
+    from pathlib import Path
+
+    import diffstream.server.engine as engine
+
+    tree = ast.parse(Path(engine.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {name for name in imported if name.split(".")[0] in ("fastapi", "starlette", "uvicorn")}

@@ -21,17 +21,21 @@ Server -> client:
   then closes with code 1013, "try again later").
 
 Every check here runs before anything touches the model, and every failure is a
-`ProtocolError` with one line that says what to send instead.
+`ProtocolError` with one line that says what to send instead. Who may connect at all is
+decided here too: `is_loopback` (the serve command warns about other hosts) and
+`origin_allowed` (the browser page's origin check).
 """
 
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import math
 import re
 import struct
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from diffstream.config import CFG_TYPES, METHODS, StreamConfig
 from diffstream.errors import ConfigError
@@ -324,3 +328,29 @@ def public_params(config: StreamConfig) -> dict:
         "max_skip": config.max_skip,
         "size": config.size,
     }
+
+
+# --- connections -----------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_allowed(headers, allowed_origins: tuple[str, ...]) -> bool:
+    """Browsers send Origin; only pages served by this server (or listed) may connect.
+
+    WebSockets are exempt from the same-origin policy, so without this check any web page
+    the user visits could open a session on the local demo. Clients that send no Origin
+    (scripts, the load test) are not browsers and are allowed.
+    """
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    if origin in allowed_origins:
+        return True
+    return urlsplit(origin).netloc.lower() == (headers.get("host") or "").lower()
