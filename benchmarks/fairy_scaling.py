@@ -54,7 +54,7 @@ def run_one_process(pipe, clip_path: str, out_path: str):
     """Edit a clip in this process into an mp4. Returns (peak RSS bytes, seconds, frame digests)."""
     from diffstream.io.sinks import open_sink
     from diffstream.metrics.timing import PeakMemory
-    from diffstream.pipelines.fairy import Clip
+    from diffstream.io.clip import Clip
 
     clip = Clip(clip_path)
     digests = []
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
 
     from diffstream.config import ModelConfig
     from diffstream.models.loading import load_components
-    from diffstream.pipelines.fairy import Clip, FairyConfig, FairyPipeline
+    from diffstream.io.clip import Clip
+    from diffstream.pipelines.fairy import FairyConfig, FairyPipeline
 
     model = ModelConfig(model="tiny", device="cpu", instruct=True)
     config = FairyConfig(instruction="Turn into a marble Roman sculpture", anchors=3, chunk_size=4,

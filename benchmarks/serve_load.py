@@ -1,6 +1,6 @@
 """Load test of the live demo server: N WebSocket clients streaming frames at once.
 
-Starts `python -m diffstream.server.serve` on 127.0.0.1 with the given model (default:
+Starts `python -m diffstream.commands.serve` on 127.0.0.1 with the given model (default:
 the tiny random model) unless --url names a running local server, connects --clients
 clients that each send a moving pattern as JPEG frames at --fps for --seconds, and
 reports per client: output fps, latency (client-measured, from sending a frame to
@@ -62,7 +62,7 @@ def parse_args(argv=None):
 
 def check_local(url: str) -> str:
     """The URL if it points at this machine; this tool never loads anything else."""
-    from diffstream.server.app import is_loopback
+    from diffstream.server.protocol import is_loopback
 
     host = urlsplit(url).hostname or ""
     if not is_loopback(host):
@@ -73,7 +73,7 @@ def check_local(url: str) -> str:
 def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
     """Launch the server on a free loopback port; returns (process, base URL)."""
     cmd = [
-        sys.executable, "-m", "diffstream.server.serve", "--model", args.model, "--host", "127.0.0.1",
+        sys.executable, "-m", "diffstream.commands.serve", "--model", args.model, "--host", "127.0.0.1",
         "--port", "0", "--size", str(args.size), "--max-clients", str(args.max_clients or args.clients),
     ]
     if args.threads:

@@ -14,7 +14,7 @@ import pytest
 from diffstream.cli import main
 from diffstream.testing import make_frames, write_video
 
-TINY = ["--model", "tiny", "--size", "64", "--no-progress"]
+TINY = ["--model", "tiny", "--size", "64", "--no-progress", "--prompt", "x"]
 
 
 def count_frames(path):
@@ -112,7 +112,7 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path, capsys, kind):
 
 
 def test_missing_model_is_one_line_exit_2(clip, tmp_path, capsys):
-    assert main(["run", clip, "-o", str(tmp_path / "o.mp4"), "--model", "/no/such/model", "--no-progress"]) == 2
+    assert main(["run", clip, "-o", str(tmp_path / "o.mp4"), "--model", "/no/such/model", "--no-progress", "--prompt", "x"]) == 2
     line = one_error_line(capsys)
     assert "--model tiny" in line
 
@@ -140,7 +140,8 @@ def _run_and_signal(tmp_path, sig):
     out = tmp_path / "o.mp4"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffstream", "run", src, "-o", str(out), "--model", "tiny", "--size", "64"],
+        [sys.executable, "-m", "diffstream", "run", src, "-o", str(out), "--model", "tiny", "--size", "64",
+         "--prompt", "x"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
     )
     seen = []
@@ -168,6 +169,7 @@ def _run_and_signal(tmp_path, sig):
     return code, out, seen[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_finalizes_a_valid_file(tmp_path, sig):
     code, out, err = _run_and_signal(tmp_path, sig)

@@ -91,6 +91,19 @@ class ModelConfig:
         return dataclasses.replace(self, **values)
 
 
+def uses_lcm(model: ModelConfig) -> bool:
+    """Whether a ModelConfig fuses an LCM-LoRA (so SDEdit should use the LCM sampler)."""
+    lora = model.resolved().lcm_lora
+    return bool(lora) and lora.lower() != "none"
+
+
+def uses_turbo(model: ModelConfig) -> bool:
+    """Whether a ModelConfig is a turbo model: --turbo if given, else "turbo" in the
+    checkpoint's name (the one rule model loading uses too)."""
+    resolved = model.resolved()
+    return resolved.turbo if resolved.turbo is not None else "turbo" in resolved.model.lower()
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """How frames are denoised (StreamDiffusion: SDEdit on a few-step schedule).
@@ -220,6 +233,7 @@ class IOConfig:
         keep_size: scale outputs back to the input size instead of the processing size.
         queue_size: capacity of the threaded input/output queues.
         progress: show a progress bar.
+        fps: frame rate of an image-folder input (None: 30); videos keep their own.
     """
 
     input: str
@@ -228,12 +242,15 @@ class IOConfig:
     keep_size: bool = False
     queue_size: int = 8
     progress: bool = True
+    fps: float | None = None
 
     def __post_init__(self):
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"--max-frames must be >= 1, got {self.max_frames}")
         if self.queue_size < 1:
             raise ConfigError(f"--queue-size must be >= 1, got {self.queue_size}")
+        if self.fps is not None and not self.fps > 0:
+            raise ConfigError(f"--fps must be > 0, got {self.fps}")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ finalizes the output and is idempotent; using a sink as a context manager closes
 even when the processing loop raises (including KeyboardInterrupt), so an interrupted
 run still leaves a playable file with every frame written so far.
 
+Outputs are safe to point at an existing file: a video is written under a temporary
+name in the same folder and renamed into place when it closes with at least one frame
+(so an interrupted run replaces it with a valid file, a run that fails earlier leaves it
+untouched), and each PNG replaces its namesake only once complete. `check_output`
+refuses, before anything loads, an output that is one of the inputs.
+
 Problems that do not lose frames (e.g. the audio track could not be copied) are not
 errors: they are appended to `Sink.warnings` for the caller to print.
 """
@@ -13,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import deque
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,15 +26,15 @@ import numpy as np
 
 from diffstream import frames as fr
 from diffstream.errors import OutputError
+from diffstream.io.audio import AudioTrack
 
-__all__ = ["Sink", "VideoSink", "PngFolderSink", "WindowSink", "open_sink", "DEFAULT_FPS"]
+__all__ = ["Sink", "VideoSink", "PngFolderSink", "WindowSink", "open_sink", "check_output", "DEFAULT_FPS"]
 
 DEFAULT_FPS = Fraction(30)
 # x264 settings: CRF 18 is visually near-lossless for diffusion output, and "medium"
 # encodes far faster than the diffusion model produces frames, so it never limits speed.
 X264_CRF = 18
 X264_PRESET = "medium"
-AAC_BIT_RATE = 192_000
 
 # Suffix -> FFmpeg muxer name.
 VIDEO_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
@@ -118,162 +123,6 @@ class Sink:
         self.close()
 
 
-class _AudioTrack:
-    """Feeds the audio of another file into an output container, in step with the video.
-
-    Audio is muxed incrementally while video frames arrive, only up to the video time
-    written so far, so the output never holds audio past its last frame and a run cut
-    short stays in sync. Packets are copied unchanged when the container accepts the
-    codec (mode "copy"), otherwise decoded and re-encoded to AAC (mode "aac").
-    """
-
-    def __init__(self, path: str, container, mode: str) -> None:
-        import av
-
-        self.path = path
-        self.mode = mode
-        self._input = av.open(path, "r")
-        try:
-            self._in_stream = self._input.streams.audio[0]
-            # Output time 0 is the source's first video frame; audio before it is cut.
-            ref = None
-            if self._input.streams.video:
-                video = self._input.streams.video[0]
-                if video.start_time is not None and video.time_base is not None:
-                    ref = video.start_time * video.time_base
-            if ref is None and self._in_stream.start_time is not None:
-                ref = self._in_stream.start_time * self._in_stream.time_base
-            self._offset = Fraction(ref or 0)
-            if mode == "copy":
-                self.out_stream = container.add_stream_from_template(self._in_stream)
-            else:
-                ctx = self._in_stream.codec_context
-                rate = ctx.sample_rate or 48000
-                self.out_stream = container.add_stream("aac", rate=rate)
-                # Named layouts only: the AAC encoder rejects unordered ones ("2 channels"
-                # from WAV files); mono stays mono, everything else becomes stereo.
-                self.out_stream.layout = "mono" if ctx.layout.nb_channels == 1 else "stereo"
-                self.out_stream.bit_rate = AAC_BIT_RATE
-                self._rate = rate
-            self._container = container
-            self._packets = self._input.demux(self._in_stream)
-            # Read-ahead packets or frames waiting for the video to catch up.
-            self._pending: deque = deque()
-            self._exhausted = False
-        except BaseException:
-            self._input.close()
-            raise
-
-    def _time(self, pts, time_base) -> Fraction | None:
-        """Output time in seconds of an input timestamp, or None when it has none."""
-        if pts is None or time_base is None:
-            return None
-        return pts * time_base - self._offset
-
-    def _next_items(self) -> bool:
-        """Read the next packet into `_pending`; False at the end of the audio."""
-        if self._exhausted:
-            return False
-        try:
-            packet = next(self._packets)
-        except StopIteration:
-            self._exhausted = True
-            return False
-        if self.mode == "copy":
-            if packet.size:  # skip the empty flush packet that ends demuxing
-                self._pending.append(packet)
-        else:
-            import av
-
-            try:
-                self._pending.extend(packet.decode())
-            except av.FFmpegError:
-                pass  # a damaged audio packet is a short gap, not a reason to stop
-        return True
-
-    def feed_until(self, seconds: Fraction, final: bool = False) -> None:
-        """Mux the audio that lies before `seconds` of output time.
-
-        While video keeps arriving (`final` False) only audio that ends by `seconds` is
-        muxed, so nothing is committed past the video yet. At the end (`final` True)
-        audio that starts before `seconds` is muxed too; decoded audio (mode "aac") is
-        cut exactly there, copied packets can overshoot by at most one packet.
-        """
-        while True:
-            if not self._pending and not self._next_items():
-                return
-            while self._pending:
-                item = self._pending[0]
-                start = self._time(item.pts, item.time_base)
-                if start is None:
-                    self._pending.popleft()  # untimed data cannot be placed; rare and short
-                    continue
-                end = start + self._duration(item)
-                if start >= seconds or (not final and end > seconds):
-                    return
-                self._pending.popleft()
-                # Skip audio wholly before the first video frame; copied packets that
-                # end exactly at 0 are AAC priming the decoder needs, so they stay.
-                if end < 0 or (end == 0 and self.mode != "copy"):
-                    continue
-                if self.mode != "copy" and end > seconds:
-                    item = self._trimmed(item, seconds - start)
-                self._mux(item, start)
-
-    def _duration(self, item) -> Fraction:
-        """Length in seconds of a packet (copy) or decoded frame (aac)."""
-        if self.mode == "copy":
-            return Fraction(item.duration or 0) * item.time_base
-        return Fraction(item.samples, item.sample_rate or self._rate)
-
-    @staticmethod
-    def _trimmed(frame, seconds: Fraction):
-        """The first `seconds` of a decoded audio frame, as a new frame."""
-        import av
-
-        keep = max(1, round(seconds * frame.sample_rate))
-        samples = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels)
-        if not frame.format.is_planar:
-            keep *= frame.layout.nb_channels
-        cut = av.AudioFrame.from_ndarray(
-            samples[:, :keep].copy(), format=frame.format.name, layout=frame.layout
-        )
-        cut.sample_rate = frame.sample_rate
-        cut.pts, cut.time_base = frame.pts, frame.time_base
-        return cut
-
-    def _mux(self, item, start: Fraction) -> None:
-        """Write one input packet (copy) or decoded frame (aac) at output time `start`."""
-        if self.mode == "copy":
-            shift = round(self._offset / item.time_base) if self._offset else 0
-            if shift:
-                item.pts -= shift
-                if item.dts is not None:
-                    item.dts -= shift
-            item.stream = self.out_stream
-            self._container.mux(item)
-        else:
-            item.pts = max(0, round(start * self._rate))
-            item.time_base = Fraction(1, self._rate)
-            self._container.mux(self.out_stream.encode(item))
-
-    def finish(self, seconds: Fraction) -> None:
-        """Mux the audio up to `seconds`, flush the encoder and close the input."""
-        try:
-            self.feed_until(seconds, final=True)
-            if self.mode != "copy":
-                self._container.mux(self.out_stream.encode(None))
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Close the audio input file."""
-        try:
-            self._input.close()
-        except Exception:
-            pass  # only an input; nothing to lose
-
-
 class VideoSink(Sink):
     """An H.264 (libx264, yuv420p) file at constant frame rate, with optional audio."""
 
@@ -289,17 +138,22 @@ class VideoSink(Sink):
         """
         super().__init__(path)
         self.path = path
+        # Frames go to a hidden temporary file beside the output, renamed into place by
+        # close() once at least one frame is in it: an existing file at `path` is never
+        # truncated, and a run that fails before its first frame leaves it as it was.
+        self._final_path = str(Path(path).expanduser())
         self.fps = _as_fps(fps)
         self.size = fr.even_size((int(size[0]), int(size[1])))
         self.format = VIDEO_FORMATS.get(Path(path).suffix.lower(), "mp4")
         self._time_base = 1 / self.fps
-        self._audio: _AudioTrack | None = None
+        self._audio: AudioTrack | None = None
 
         parent = Path(path).expanduser().resolve().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OutputError(f"cannot create output folder for {path}: {_reason(err)}") from None
+        self._temp_path = str(parent / f".{Path(path).name}.partial-{os.getpid()}-{id(self):x}{Path(path).suffix}")
 
         audio_modes = self._audio_modes(audio_path)
         last_error: BaseException | None = None
@@ -343,7 +197,7 @@ class VideoSink(Sink):
         """Open the container with the video stream (and audio per `audio_mode`)."""
         import av
 
-        self._container = av.open(self.path, "w", format=self.format)
+        self._container = av.open(self._temp_path, "w", format=self.format)
         stream = self._container.add_stream("libx264", rate=self.fps)
         stream.width, stream.height = self.size
         stream.pix_fmt = "yuv420p"
@@ -351,7 +205,7 @@ class VideoSink(Sink):
         stream.options = {"crf": str(X264_CRF), "preset": X264_PRESET}
         self._stream = stream
         if audio_mode is not None:
-            self._audio = _AudioTrack(audio_path, self._container, audio_mode)
+            self._audio = AudioTrack(audio_path, self._container, audio_mode)
         # Writes the header now: fails here (not at the first frame) on a bad path,
         # and tells us whether the muxer accepts the audio stream.
         self._container.start_encoding()
@@ -369,7 +223,7 @@ class VideoSink(Sink):
             except Exception:
                 pass  # it never got valid content
         try:
-            os.remove(self.path)
+            os.remove(self._temp_path)
         except OSError:
             pass
 
@@ -423,8 +277,16 @@ class VideoSink(Sink):
             self._container.close()  # writes the index (moov atom): the file is now valid
         except Exception as err:
             error = error or err
-        if self.frames_written == 0:
-            self.warnings.append(f"no frames were written to {self.path}")
+        if error is None and self.frames_written:
+            try:
+                os.replace(self._temp_path, self._final_path)
+            except OSError as err:
+                error = err
+        if error is not None or not self.frames_written:
+            try:
+                os.remove(self._temp_path)
+            except OSError:
+                pass
         if error is not None:
             raise OutputError(f"cannot finalize output {self.path}: {_reason(error)}") from None
 
@@ -458,8 +320,11 @@ class PngFolderSink(Sink):
         """Save one RGB frame as the next numbered PNG."""
         self._check_open()
         path = self.path_for(self.frames_written)
+        temp = path.with_name(f".{path.stem}.partial.png")
         try:
-            fr.save_image(path, _as_frame(frame, self.size))
+            # A complete PNG replaces an older frame of the same name in one step.
+            fr.save_image(temp, _as_frame(frame, self.size))
+            os.replace(temp, path)
         except OSError as err:
             raise OutputError(f"cannot write {path}: {_reason(err)}") from None
         self.frames_written += 1
@@ -563,6 +428,79 @@ class WindowSink(Sink):
             pass  # already closed by the user
 
 
+def _output_kind(spec: str) -> str:
+    """"window", "video" or "folder": what `open_sink` makes of `spec` (OutputError if none)."""
+    if spec.strip().lower() == "window":
+        return "window"
+    path = Path(spec).expanduser()
+    if path.is_dir() or spec.endswith(("/", os.sep)):
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_FORMATS:
+        return "video"
+    if suffix in _REFUSED_SUFFIXES:
+        raise OutputError(
+            f"unsupported output {spec}: use a .mp4, .mkv or .mov file, a folder (PNG frames) or 'window'"
+        )
+    return "folder"
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(spec: str, inputs=(), live_ok: bool = True) -> None:
+    """Check an output before anything is loaded or opened for writing.
+
+    Args:
+        spec: what `open_sink` would receive.
+        inputs: the run's input specs; an output that resolves to one of them (the same
+            path, a symlink or hard link to it, a path inside an input image folder, or
+            a folder holding an input image folder) is refused.
+        live_ok: False refuses ``window`` (commands that write a recorded result).
+    Raises:
+        OutputError: one line naming the output and what is wrong.
+    """
+    spec = str(spec)
+    kind = _output_kind(spec)
+    if kind == "window":
+        if not live_ok:
+            raise OutputError("this command writes a file: -o must be a .mp4, .mkv or .mov file or a folder")
+        return
+    out = Path(os.path.abspath(Path(spec).expanduser()))
+    resolved = out.resolve()
+    for item in inputs:
+        item = str(item)
+        if "://" in item or item.startswith("webcam"):
+            continue
+        src = Path(os.path.abspath(Path(item).expanduser()))
+        if not src.exists():
+            continue
+        src_resolved = src.resolve()
+        same = resolved == src_resolved or (out.exists() and os.path.samefile(out, src))
+        inside = src.is_dir() and (_is_within(resolved, src_resolved) or _is_within(src_resolved, resolved))
+        if same or inside:
+            what = "is the input" if same else ("is inside the input folder" if _is_within(resolved, src_resolved)
+                                                 else "holds the input folder")
+            raise OutputError(f"output {spec} {what} {item}: writing it would destroy the input; "
+                              f"choose another -o")
+    if kind == "video" and out.is_dir():
+        raise OutputError(f"output {spec} is a folder: give a file name such as {out / 'out.mp4'}")
+    if out.exists() and not out.is_dir() and not os.access(out, os.W_OK):
+        raise OutputError(f"output {spec} exists and is read-only: choose another -o or make it writable")
+    # The nearest existing folder on the way must let us create the output (or the
+    # temporary file it is written under, which is renamed into place).
+    folder = out if kind == "folder" and out.is_dir() else out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write output {spec}: folder {folder} is not writable")
+
+
 def open_sink(
     spec: str,
     fps: Fraction | float | None,
@@ -586,16 +524,10 @@ def open_sink(
         OutputError: one line naming the output and what is wrong.
     """
     spec = str(spec)
-    if spec.strip().lower() == "window":
+    kind = _output_kind(spec)
+    if kind == "window":
         return WindowSink(size)
     path = Path(spec).expanduser()
-    if path.is_dir() or spec.endswith(("/", os.sep)):
-        return PngFolderSink(str(path), size)
-    suffix = path.suffix.lower()
-    if suffix in VIDEO_FORMATS:
+    if kind == "video":
         return VideoSink(str(path), fps, size, audio_path)
-    if suffix in _REFUSED_SUFFIXES:
-        raise OutputError(
-            f"unsupported output {spec}: use a .mp4, .mkv or .mov file, a folder (PNG frames) or 'window'"
-        )
     return PngFolderSink(str(path), size)

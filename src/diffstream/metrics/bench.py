@@ -19,10 +19,8 @@ Method registry
 `REGISTRY` maps a name to a `BenchMethod`. Two kinds:
 
 - ``"stream"``: runs through `pipelines.factory.make_pipeline` with
-  ``StreamConfig(method=name)``; available when the name is in `config.METHODS`
-  (so "live2diff" turns on by itself once it is added there and to the factory).
-  Each stream first runs `warmup` frames, is `reset()`, then is timed.
-  Latency of frame i = time from push of input i to output of output i.
+  ``StreamConfig(method=name)``. Each stream first runs `warmup` frames, is `reset()`,
+  then is timed. Latency of frame i = time from push of input i to output of output i.
 - ``"offline"``: an adapter function with the signature
 
       adapter(model, frames, *, prompt, seed, size, progress=None) -> list[Frame]
@@ -34,44 +32,23 @@ Method registry
   frame i is finished. Returns N RGB uint8 (h, w, 3) frames. Latency per frame is the
   amortised total / N (an offline method has no per-frame latency); first-output
   latency is the time to the first `progress` call, or the total if it never calls it.
-
-  To add fairy / fatezero: define ``bench_adapter`` with that signature in
-  ``diffstream/pipelines/fairy.py`` / ``fatezero.py``. The entries below already point
-  there (``entry="diffstream.pipelines.fairy:bench_adapter"``); until the function
-  exists, asking for the method is a one-line ConfigError naming it. A different
-  function name or ``takes`` is a one-line change of that entry; a new method is one
-  `register_method(BenchMethod(...))` call.
+  `fairy_adapter` and `fatezero_adapter` below are the two offline methods; a new
+  method is one `register_method(BenchMethod(...))` call.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import importlib
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from diffstream.errors import ConfigError, DiffstreamError, InputError
+from diffstream.errors import ConfigError, InputError
 from diffstream.frames import fit_size, resize
-from diffstream.metrics.clip import DEFAULT_CLIP_MODEL, ClipResult
-from diffstream.metrics.evaluate import (
-    FLOW_PRESETS,
-    _clean,
-    _fmt,
-    _quiet,
-    _warn,
-    check_output_path,
-    load_clip_scorer,
-    markdown_table,
-    new_figure,
-    save_figure,
-    write_json,
-)
+from diffstream.metrics.clip import ClipResult
+from diffstream.metrics.report import finite_or_none, fmt, markdown_table, new_figure, save_figure
 from diffstream.metrics.timing import FrameTimer, PeakMemory
 from diffstream.metrics.warp import WarpErrorMeter, WarpErrorResult
 
@@ -84,8 +61,6 @@ __all__ = [
     "BenchReport",
     "run_benchmark",
     "load_clip_frames",
-    "add_bench_arguments",
-    "bench_command",
 ]
 
 STREAM, OFFLINE = "stream", "offline"
@@ -101,10 +76,7 @@ class BenchMethod:
     Attributes:
         name: what --methods calls it.
         kind: "stream" (through make_pipeline) or "offline" (through an adapter).
-        adapter: the offline adapter itself (see the module docstring for its signature).
-        entry: or where to import it from, "package.module:function" (resolved only
-            when the method is asked for, so a module that does not exist yet costs
-            nothing until then).
+        adapter: the offline adapter (see the module docstring for its signature).
         takes: what an offline adapter gets as its first argument: "components" or
             "model_config".
     """
@@ -112,7 +84,6 @@ class BenchMethod:
     name: str
     kind: str
     adapter: Optional[Callable] = None
-    entry: Optional[str] = None
     takes: str = "components"
 
     def __post_init__(self):
@@ -120,8 +91,8 @@ class BenchMethod:
             raise ValueError(f"kind must be {STREAM!r} or {OFFLINE!r}, got {self.kind!r}")
         if self.takes not in ("components", "model_config"):
             raise ValueError(f"takes must be 'components' or 'model_config', got {self.takes!r}")
-        if self.kind == OFFLINE and (self.adapter is None) == (self.entry is None):
-            raise ValueError(f"offline method {self.name!r} needs exactly one of adapter= or entry=")
+        if self.kind == OFFLINE and self.adapter is None:
+            raise ValueError(f"offline method {self.name!r} needs adapter=")
 
     def resolve(self) -> Optional[Callable]:
         """Check the method can run here; return its adapter (None for a stream method).
@@ -138,27 +109,7 @@ class BenchMethod:
                     f"(streaming methods here: {', '.join(METHODS)})"
                 )
             return None
-        if self.adapter is not None:
-            return self.adapter
-        module_name, _, func = self.entry.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                raise ConfigError(
-                    f"method {self.name!r} is not available in this version of diffstream yet "
-                    f"(no module {module_name})"
-                ) from None
-            raise ConfigError(f"method {self.name!r} cannot be loaded: missing module {exc.name!r}") from None
-        except ImportError as exc:
-            raise ConfigError(f"method {self.name!r} cannot be loaded: {' '.join(str(exc).split())}") from None
-        adapter = getattr(module, func or "bench_adapter", None)
-        if not callable(adapter):
-            raise ConfigError(
-                f"method {self.name!r} is not available for benchmarking yet "
-                f"({module_name} has no {func or 'bench_adapter'}())"
-            )
-        return adapter
+        return self.adapter
 
 
 REGISTRY: dict[str, BenchMethod] = {}
@@ -172,9 +123,55 @@ def register_method(method: BenchMethod) -> None:
 register_method(BenchMethod("streamdiffusion", STREAM))
 register_method(BenchMethod("streamv2v", STREAM))
 register_method(BenchMethod("live2diff", STREAM))
-# Offline methods: each module provides `bench_adapter` (signature in the module docstring).
-register_method(BenchMethod("fairy", OFFLINE, entry="diffstream.pipelines.fairy:bench_adapter"))
-register_method(BenchMethod("fatezero", OFFLINE, entry="diffstream.pipelines.fatezero:bench_adapter"))
+
+
+def fairy_adapter(components, frames, *, prompt, seed, size, progress=None):
+    """Fairy in SDEdit mode (--prompt) on the bench's model.
+
+    Args:
+        frames: list of (H, W, 3) uint8 frames; size: (width, height) of the bench clip.
+        progress: called with each finished frame's index (first-output latency).
+    Returns:
+        the edited frames, in order.
+    """
+    from diffstream.pipelines.fairy import FairyConfig, FairyPipeline
+
+    pipe = FairyPipeline(components, FairyConfig(prompt=prompt, seed=seed, size=max(size)))
+    try:
+        outs = []
+        for i, out in enumerate(pipe.edit(list(frames))):
+            outs.append(out)
+            if progress is not None:
+                progress(i)
+        return outs
+    finally:
+        pipe.close()
+
+
+def fatezero_adapter(components, frames, *, prompt, seed, size, progress=None):
+    """FateZero on the bench's model. The bench has no source prompt, so the clip is
+    inverted and edited under `prompt` (inversion + fused editing: the method's full
+    cost; use `diffstream edit` for real edits).
+
+    Args:
+        frames: list of (H, W, 3) uint8 frames; seed is unused (DDIM is deterministic).
+        progress: called with each finished frame's index.
+    Returns:
+        the edited frames, in order.
+    """
+    from diffstream.pipelines.fatezero import FateZeroEditConfig, edit_frames
+
+    outs = []
+    config = FateZeroEditConfig(source_prompt=prompt, prompt=prompt)
+    for i, (_, frame) in enumerate(edit_frames(components, list(frames), config)):
+        outs.append(frame)
+        if progress is not None:
+            progress(i)
+    return outs
+
+
+register_method(BenchMethod("fairy", OFFLINE, adapter=fairy_adapter))
+register_method(BenchMethod("fatezero", OFFLINE, adapter=fatezero_adapter))
 
 
 def resolve_methods(spec: str | Sequence[str]) -> list[tuple[BenchMethod, Optional[Callable]]]:
@@ -239,22 +236,22 @@ class MethodResult:
             "frames_in": t.get("frames_pushed"),
             "frames_out": t.get("frames_output"),
             "unet_calls": self.unet_calls,
-            "warp_error_255": _clean(self.warp.mean_255) if self.warp else None,
-            "warp_error_01": _clean(self.warp.mean_01) if self.warp else None,
-            "per_pair_warp_255": [_clean(e) for e in self.warp.per_pair_255] if self.warp else [],
+            "warp_error_255": finite_or_none(self.warp.mean_255) if self.warp else None,
+            "warp_error_01": finite_or_none(self.warp.mean_01) if self.warp else None,
+            "per_pair_warp_255": [finite_or_none(e) for e in self.warp.per_pair_255] if self.warp else [],
             "clip_temporal_consistency": clip.get("clip_temporal_consistency"),
             "clip_temporal_consistency_x100": clip.get("clip_temporal_consistency_x100"),
             "clip_text_score": clip.get("clip_text_score"),
             "clip_text_score_x100": clip.get("clip_text_score_x100"),
-            "fps": _clean(t.get("fps")),
-            "seconds_per_frame": _clean(t.get("seconds_per_frame")),
-            "wall_seconds": _clean(t.get("wall_seconds")),
-            "wall_fps": _clean(t.get("wall_fps")),
-            "latency_mean": _clean(t.get("latency_mean")),
-            "latency_p50": _clean(t.get("latency_p50")),
-            "latency_p95": _clean(t.get("latency_p95")),
-            "latency_max": _clean(t.get("latency_max")),
-            "first_output_latency": _clean(t.get("first_output_latency")),
+            "fps": finite_or_none(t.get("fps")),
+            "seconds_per_frame": finite_or_none(t.get("seconds_per_frame")),
+            "wall_seconds": finite_or_none(t.get("wall_seconds")),
+            "wall_fps": finite_or_none(t.get("wall_fps")),
+            "latency_mean": finite_or_none(t.get("latency_mean")),
+            "latency_p50": finite_or_none(t.get("latency_p50")),
+            "latency_p95": finite_or_none(t.get("latency_p95")),
+            "latency_max": finite_or_none(t.get("latency_max")),
+            "first_output_latency": finite_or_none(t.get("first_output_latency")),
             "per_frame_latency": [float(x) for x in self.per_frame_latency],
             "memory_kind": m.get("memory_kind"),
             "peak_memory_bytes": m.get("peak_bytes"),
@@ -303,10 +300,10 @@ class BenchReport:
                 continue
             mib = d["peak_memory_bytes"] / 2**20 if d["peak_memory_bytes"] is not None else None
             rows.append([
-                r.name, _fmt(d["warp_error_255"]), _fmt(d["warp_error_01"]),
-                _fmt(d["clip_temporal_consistency_x100"]), _fmt(d["clip_text_score_x100"]),
-                _fmt(d["fps"], 4), _fmt(d["latency_p50"], 4), _fmt(d["latency_p95"], 4),
-                _fmt(d["first_output_latency"], 4), "n/a" if mib is None else f"{mib:.0f}",
+                r.name, fmt(d["warp_error_255"]), fmt(d["warp_error_01"]),
+                fmt(d["clip_temporal_consistency_x100"]), fmt(d["clip_text_score_x100"]),
+                fmt(d["fps"], 4), fmt(d["latency_p50"], 4), fmt(d["latency_p95"], 4),
+                fmt(d["first_output_latency"], 4), "n/a" if mib is None else f"{mib:.0f}",
             ])
         return markdown_table(header, rows)
 
@@ -553,91 +550,3 @@ def load_clip_frames(spec: str, max_frames: int, size: int, multiple: int = 64) 
         target = fit_size(src.width, src.height, size, multiple)
         frames = [resize(f, target) for f in src]
     return frames, target
-
-
-# -------------------------------------------------------------------------------- CLI
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `diffstream bench` (the parser already has `cli.add_model_options`)."""
-    parser.add_argument("input", help="the clip to run every method on (video file or image folder)")
-    parser.add_argument("--prompt", required=True, help="target prompt for every method (and the CLIP text score)")
-    parser.add_argument("--methods", default="streamdiffusion,streamv2v",
-                        help=f"comma-separated, from {', '.join(REGISTRY)} (default: streamdiffusion,streamv2v)")
-    parser.add_argument("--frames", type=int, default=16, help="frames of the clip to use (default: 16)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write every field as JSON")
-    parser.add_argument("--plot", default=None, metavar="FILE.png",
-                        help="PNG with per-frame warp error and latency curves per method")
-    parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID_OR_PATH",
-                        help=f"CLIP checkpoint for the quality metrics, or 'none' (default: {DEFAULT_CLIP_MODEL})")
-    parser.add_argument("--size", type=int, default=512, help="longer side of the processing size (default: 512)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps of the streams (default: 4, turbo: 1)")
-    parser.add_argument("--strength", type=float, default=0.4, help="SDEdit strength (default: 0.4)")
-    parser.add_argument("--seed", type=int, default=2, help="one seed for every method (default: 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed frames per stream before timing (default: 1)")
-    parser.add_argument("--flow-preset", default="medium", choices=FLOW_PRESETS,
-                        help="optical-flow quality for warp error (default: medium)")
-
-
-def bench_command(args: argparse.Namespace, *, clip=None, components=None) -> int:
-    """`diffstream bench`: run, print the markdown table, write JSON / plot if asked.
-
-    Args:
-        args: parsed `cli.add_model_options` + `add_bench_arguments` options.
-        clip: a prebuilt `ClipScorer` used instead of loading --clip-model.
-        components: prebuilt `Components` used instead of loading --model.
-    Returns:
-        exit code: 0; 1 if a method failed (the others are still reported); 2 after a
-        one-line error (bad option, input, model).
-    """
-    try:
-        # Everything that can be checked without a model is checked first.
-        methods = resolve_methods(args.methods)
-        if args.frames < 2:
-            raise ConfigError(f"--frames must be at least 2 (warp error compares pairs), got {args.frames}")
-        if args.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
-        check_output_path(args.json, "--json")
-        check_output_path(args.plot, "--plot", (".png",))
-        from diffstream.cli import model_config as model_config_from
-        from diffstream.config import StreamConfig
-
-        stream_config = StreamConfig(prompt=args.prompt, seed=args.seed, size=args.size, steps=args.steps,
-                                     strength=args.strength)
-        model_config = model_config_from(args)
-        from diffstream.io.sources import open_source
-
-        open_source(args.input, max_frames=1).close()  # a bad input fails before the model loads
-        _quiet()
-        needs_components = any(m.kind == STREAM or m.takes == "components" for m, _ in methods)
-        if components is None and needs_components:
-            from diffstream.models.loading import load_components
-
-            import dataclasses
-
-            # Image UNet for every method; live2diff gets its motion modules inserted later.
-            components = load_components(dataclasses.replace(model_config, motion_adapter=None))
-        multiple = components.size_multiple if components is not None else 64
-        frames, (w, h) = load_clip_frames(args.input, args.frames, args.size, multiple)
-        print(f"diffstream: bench {os.path.basename(args.input)}: {len(frames)} frames at {w}x{h}, "
-              f"model {model_config.model}, seed {args.seed}", file=sys.stderr)
-        report = run_benchmark(
-            frames, methods, prompt=args.prompt, stream_config=stream_config, components=components,
-            model_config=model_config, clip=clip,
-            clip_loader=lambda: load_clip_scorer(args.clip_model, getattr(args, "device", "auto")),
-            warmup=args.warmup, flow_preset=args.flow_preset,
-            info={"input": str(args.input), "input_name": os.path.basename(str(args.input))},
-            log=lambda line: print(f"diffstream: {line}", file=sys.stderr),
-        )
-        for note in report.warnings:
-            _warn(note)
-        print(report.table())
-        if args.json:
-            write_json(args.json, report.to_dict())
-        if args.plot:
-            report.plot(args.plot)
-        # A method that crashed is in the table and JSON; the exit code says so too.
-        return 1 if any(r.error for r in report.results) else 0
-    except DiffstreamError as err:
-        print(f"diffstream: error: {err}", file=sys.stderr)
-        return err.exit_code

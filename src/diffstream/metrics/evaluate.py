@@ -17,19 +17,16 @@ those metrics are reported as null / "n/a" while the rest are still computed.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import numpy as np
 
-from diffstream.errors import ConfigError, DiffstreamError, InputError, ModelLoadError, OutputError
+from diffstream.errors import ConfigError, InputError, ModelLoadError
 from diffstream.frames import Frame, resize
-from diffstream.metrics.clip import DEFAULT_CLIP_MODEL, ClipResult
+from diffstream.metrics.clip import ClipResult
+from diffstream.metrics.report import finite_or_none, fmt, markdown_table, new_figure, save_figure
 from diffstream.metrics.warp import WarpErrorMeter, WarpErrorResult
 
 __all__ = [
@@ -38,46 +35,12 @@ __all__ = [
     "evaluate_files",
     "load_clip_scorer",
     "load_depth_estimator",
-    "add_eval_arguments",
-    "eval_command",
     "FLOW_PRESETS",
 ]
 
 FLOW_PRESETS = ("ultrafast", "fast", "medium")
 # Value of --clip-model that skips the CLIP metrics without a warning.
 NO_MODEL = "none"
-
-
-def _clean(x) -> Optional[float]:
-    """A float for JSON: None stays None, NaN becomes None."""
-    if x is None:
-        return None
-    x = float(x)
-    return None if math.isnan(x) else x
-
-
-def _fmt(x, digits: int = 5) -> str:
-    """Table cell: `digits` significant digits (102.99, 0.0015843, 96.583), or "n/a"."""
-    x = _clean(x)
-    return "n/a" if x is None else f"{x:.{digits}g}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-style markdown table with padded columns.
-
-    Args:
-        header: column titles (C strings).
-        rows: R rows of C cells each (already formatted strings).
-    Returns:
-        the table as one string of R + 2 lines (no trailing newline).
-    """
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-
-    def line(cells):
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
 # ------------------------------------------------------------------------------ depth
@@ -173,10 +136,10 @@ class EvalReport:
             "prompt": self.prompt,
             "source_prompt": self.source_prompt,
             "flow_preset": self.flow_preset,
-            "warp_error_255": _clean(self.warp.mean_255),
-            "warp_error_01": _clean(self.warp.mean_01),
+            "warp_error_255": finite_or_none(self.warp.mean_255),
+            "warp_error_01": finite_or_none(self.warp.mean_01),
             "warp_pairs": self.warp.num_pairs,
-            "per_pair_warp_255": [_clean(e) for e in self.warp.per_pair_255],
+            "per_pair_warp_255": [finite_or_none(e) for e in self.warp.per_pair_255],
             "warp_valid_fraction": [float(v) for v in self.warp.valid_fraction],
             "clip_model": self.clip_model if self.clip is not None else None,
             "clip_temporal_consistency": clip.get("clip_temporal_consistency"),
@@ -185,7 +148,7 @@ class EvalReport:
             "clip_text_score_x100": clip.get("clip_text_score_x100"),
             "clip_frame_accuracy": clip.get("clip_frame_accuracy"),
             "depth_model": self.depth_model if self.depth_mse is not None else None,
-            "depth_mse": _clean(self.depth_mse),
+            "depth_mse": finite_or_none(self.depth_mse),
             "warnings": list(self.warnings),
         }
 
@@ -194,12 +157,12 @@ class EvalReport:
         d = self.to_dict()
         rows = [
             ["frames compared", str(d["frames"]), ""],
-            ["warp error (0-255 scale)", _fmt(d["warp_error_255"]), "lower"],
-            ["warp error (0-1 scale)", _fmt(d["warp_error_01"]), "lower"],
-            ["CLIP temporal consistency (x100)", _fmt(d["clip_temporal_consistency_x100"]), "higher"],
-            ["CLIP text score (x100)", _fmt(d["clip_text_score_x100"]), "higher"],
-            ["CLIP frame accuracy (0-1)", _fmt(d["clip_frame_accuracy"]), "higher"],
-            ["depth MSE (0-1)", _fmt(d["depth_mse"]), "lower"],
+            ["warp error (0-255 scale)", fmt(d["warp_error_255"]), "lower"],
+            ["warp error (0-1 scale)", fmt(d["warp_error_01"]), "lower"],
+            ["CLIP temporal consistency (x100)", fmt(d["clip_temporal_consistency_x100"]), "higher"],
+            ["CLIP text score (x100)", fmt(d["clip_text_score_x100"]), "higher"],
+            ["CLIP frame accuracy (0-1)", fmt(d["clip_frame_accuracy"]), "higher"],
+            ["depth MSE (0-1)", fmt(d["depth_mse"]), "lower"],
         ]
         return markdown_table(["metric", "value", "better"], rows)
 
@@ -360,59 +323,6 @@ def load_depth_estimator(name: Optional[str], device: Optional[str] = None):
         return None, f"depth MSE skipped: {err}"
 
 
-# ------------------------------------------------------------------------ output files
-
-
-def check_output_path(path: Optional[str], option: str, suffixes: tuple[str, ...] = ()) -> None:
-    """Fail before any work if `path` (for `option`) cannot be written.
-
-    Raises:
-        ConfigError: wrong suffix, or its folder does not exist.
-    """
-    if path is None:
-        return
-    if suffixes and not str(path).lower().endswith(suffixes):
-        raise ConfigError(f"{option} must name a {'/'.join(suffixes)} file, got {path!r}")
-    folder = os.path.dirname(os.path.abspath(os.path.expanduser(str(path))))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"cannot write {option} {path!r}: folder {folder!r} does not exist")
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write `data` as indented JSON (NaN must already be None). Raises OutputError."""
-    try:
-        with open(os.path.expanduser(path), "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-    except OSError as exc:
-        raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from None
-
-
-def new_figure(rows: int, width: float = 9.0, row_height: float = 3.2):
-    """A matplotlib Figure with `rows` stacked axes, drawn with the Agg canvas.
-
-    pyplot is not used, so no global backend is switched and no window can open.
-    Returns:
-        (figure, list of `rows` axes).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, row_height * rows), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(rows, 1, i + 1) for i in range(rows)]
-    return fig, axes
-
-
-def save_figure(fig, path: str) -> None:
-    """Save a figure from `new_figure` as PNG. Raises OutputError."""
-    fig.tight_layout()
-    try:
-        fig.savefig(os.path.expanduser(path), format="png")
-    except OSError as exc:
-        raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from None
-
-
 def plot_report(report: EvalReport, path: str) -> None:
     """Per-pair warp error and the share of non-occluded pixels, as a PNG at `path`."""
     fig, (ax_err, ax_valid) = new_figure(2)
@@ -427,97 +337,3 @@ def plot_report(report: EvalReport, path: str) -> None:
     ax_valid.set_ylim(0, 1.02)
     ax_valid.grid(alpha=0.3)
     save_figure(fig, path)
-
-
-# -------------------------------------------------------------------------------- CLI
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `diffstream eval` (adds --device too unless the parser has one)."""
-    parser.add_argument("--source", required=True, help="the input video (file or image folder)")
-    parser.add_argument("--output", required=True, help="the result to judge (file or image folder)")
-    parser.add_argument("--prompt", default=None, help="target prompt: adds the CLIP text score")
-    parser.add_argument("--source-prompt", default=None,
-                        help="prompt describing the source: adds CLIP frame accuracy (needs --prompt)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write every field as JSON")
-    parser.add_argument("--plot", default=None, metavar="FILE.png", help="plot per-pair warp error to a PNG")
-    parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="ID_OR_PATH",
-                        help=f"CLIP checkpoint: hub id or local folder, or 'none' (default: {DEFAULT_CLIP_MODEL})")
-    parser.add_argument("--depth-model", default=None, metavar="ID_OR_PATH",
-                        help="depth-estimation checkpoint (e.g. Intel/dpt-hybrid-midas or a folder): adds depth MSE")
-    parser.add_argument("--max-frames", type=int, default=None, help="compare only the first N frames")
-    parser.add_argument("--flow-preset", default="medium", choices=FLOW_PRESETS,
-                        help="optical-flow quality for warp error (default: medium)")
-    if "--device" not in getattr(parser, "_option_string_actions", {}):
-        parser.add_argument("--device", default="auto", help="device of the CLIP/depth models: auto, cpu, cuda, ...")
-
-
-def _warn(message: str) -> None:
-    print(f"diffstream: warning: {message}", file=sys.stderr)
-
-
-def eval_command(args: argparse.Namespace, *, clip=None, depth=None) -> int:
-    """`diffstream eval`: print the metrics table; optionally write JSON and a plot.
-
-    Args:
-        args: parsed options of `add_eval_arguments`.
-        clip: a prebuilt `ClipScorer` used instead of loading --clip-model.
-        depth: a prebuilt `DepthEstimator` used instead of loading --depth-model.
-    Returns:
-        exit code: 0, or 2 after printing a one-line error (bad option/input/output).
-    """
-    try:
-        if args.max_frames is not None and args.max_frames < 1:
-            raise ConfigError(f"--max-frames must be >= 1, got {args.max_frames}")
-        if args.source_prompt is not None and args.prompt is None:
-            raise ConfigError("--source-prompt needs --prompt as well (frame accuracy compares the two)")
-        check_output_path(args.json, "--json")
-        check_output_path(args.plot, "--plot", (".png",))
-        from diffstream.io.sources import open_source
-
-        # Open both inputs before any model loads, so a bad path fails at once.
-        for spec in (args.source, args.output):
-            open_source(spec, max_frames=1).close()
-        _quiet()
-        device = getattr(args, "device", "auto")
-        notes = []
-        if clip is None:
-            clip, note = load_clip_scorer(args.clip_model, device)
-            notes.append(note)
-        if depth is None:
-            depth, note = load_depth_estimator(args.depth_model, device)
-            notes.append(note)
-        for note in notes:
-            if note:
-                _warn(note)
-        report = evaluate_files(
-            args.source, args.output, max_frames=args.max_frames, prompt=args.prompt,
-            source_prompt=args.source_prompt, clip=clip, depth=depth, flow_preset=args.flow_preset,
-        )
-        for note in report.warnings:
-            _warn(note)
-        report.warnings[:0] = [n for n in notes if n]
-        print(report.table())
-        if args.json:
-            write_json(args.json, report.to_dict())
-        if args.plot:
-            plot_report(report, args.plot)
-        return 0
-    except DiffstreamError as err:
-        print(f"diffstream: error: {err}", file=sys.stderr)
-        return err.exit_code
-
-
-def _quiet() -> None:
-    """Library chatter (deprecations, config notes) is not for CLI users."""
-    from diffstream.cli import _quiet_libraries
-
-    _quiet_libraries()
-    try:  # transformers 5 draws a "Loading weights" bar for every from_pretrained
-        from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-        disable_progress_bars()
-    except Exception:
-        pass

@@ -177,7 +177,7 @@ class WorkerPool:
     """
 
     def __init__(self, model_config, config, ray_config: "RayConfig", worker_cls=None):
-        from diffstream.pipelines.fairy import uses_lcm
+        from diffstream.config import uses_lcm
 
         ray_config.check_available()
         self.model_config, self.config, self.ray_config = model_config, config, ray_config
@@ -308,7 +308,7 @@ class DistributedEdit:
 
     def __init__(self, model_config, config, clip, ray_config: RayConfig, pool: WorkerPool | None = None,
                  worker_cls=None):
-        from diffstream.pipelines.fairy import as_clip
+        from diffstream.io.clip import as_clip
 
         ray_config.check_available()
         self.model_config, self.config, self.ray_config = model_config, config, ray_config

@@ -35,14 +35,9 @@ extra UNet call of the frames per fused step.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import shutil
-import sys
-import tempfile
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -51,14 +46,13 @@ import numpy as np
 import torch
 
 from diffstream.attention.fatezero import (
-    REFERENCE_FRAMES,
     FateZero,
     FateZeroConfig,
     FusionPlan,
     TokenFusion,
     probe_layers,
 )
-from diffstream.attention.store import AttentionStore, format_bytes, parse_size
+from diffstream.attention.store import AttentionStore, format_bytes
 from diffstream.errors import ConfigError, InputError, OutputError
 from diffstream.schedule.ddim import (
     DDIMSchedule,
@@ -121,7 +115,7 @@ class FateZeroEditConfig:
         if not str(self.prompt).strip():
             raise ConfigError("--prompt is required: the target text of the edit")
         if float(self.guidance) < 1.0:
-            raise ConfigError(f"--fz-guidance must be >= 1, got {self.guidance}")
+            raise ConfigError(f"--guidance must be >= 1, got {self.guidance}")
         if int(self.window) < 1:
             raise ConfigError(f"--fz-window must be at least 1 frame, got {self.window}")
         if self.store_dtype not in STORE_DTYPES:
@@ -448,7 +442,7 @@ def read_inversion_meta(directory) -> dict:
 
 def check_inversion_meta(meta: dict, expected: dict, directory) -> None:
     """Refuse a saved inversion that the requested edit cannot use (one-line ConfigError)."""
-    for key, option in (("model", "--model"), ("source_prompt", "--source-prompt"), ("steps", "--fz-steps"),
+    for key, option in (("model", "--model"), ("source_prompt", "--source-prompt"), ("steps", "--steps"),
                         ("size", "--size"), ("num_frames", "--max-frames / input length"),
                         ("window", "--fz-window"), ("reference_frame", "--reference-frame"),
                         ("fusion_source", "--fusion-source"), ("store_dtype", "store dtype")):
@@ -574,221 +568,3 @@ def _write_meta(directory: Path, meta: dict) -> None:
         os.replace(tmp, directory / "meta.json")
     except OSError as err:
         raise OutputError(f"cannot write the inversion to {directory}: {err.strerror or err}") from None
-
-
-# --- CLI ---------------------------------------------------------------------------------
-def _reweight(text: str) -> tuple[str, float]:
-    word, sep, value = text.rpartition("=")
-    try:
-        if sep and word.strip():
-            return word.strip(), float(value)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected WORD=FACTOR like watercolor=5, got {text!r}")
-
-
-def add_edit_arguments(group) -> None:
-    """FateZero's options for `diffstream edit --method fatezero` (an argparse group)."""
-    group.add_argument("--source-prompt", default=None,
-                       help="text describing the input clip, e.g. \"a black swan swimming in a river\" "
-                            "(fatezero; optional with --load-inversion)")
-    group.add_argument("--blend-words", nargs=2, default=None, metavar=("SOURCE_WORDS", "TARGET_WORDS"),
-                       help="edited object in the source and target prompt, e.g. swan duck: blends self-attention "
-                            "with the source cross-attention mask (Eqs. 6-7) for shape/local edits")
-    group.add_argument("--blend-threshold", type=float, default=0.3, help="tau of the blend mask (default: 0.3)")
-    group.add_argument("--cross-replace", type=float, default=0.8,
-                       help="fraction of the editing steps (from the noisiest) whose cross-attention of shared words "
-                            "comes from the inversion (default: 0.8, i.e. t in [0.2T, T])")
-    group.add_argument("--self-replace", type=float, default=0.8,
-                       help="fraction of the editing steps whose self-attention comes from the inversion "
-                            "(default: 0.8)")
-    group.add_argument("--fz-reweight", action="append", type=_reweight, default=[], metavar="WORD=FACTOR",
-                       help="scale a target word's cross-attention during fusion, e.g. watercolor=5; repeatable")
-    group.add_argument("--reference-frame", default="middle", choices=REFERENCE_FRAMES,
-                       help="frame every frame also attends to (Eq. 8; default: middle)")
-    group.add_argument("--fz-steps", type=int, default=50, help="DDIM steps of inversion and editing (default: 50)")
-    group.add_argument("--fz-guidance", type=float, default=7.5, help="CFG scale of the editing pass (default: 7.5)")
-    group.add_argument("--fz-negative-prompt", default="", help="unconditional text of the editing pass")
-    group.add_argument("--fz-window", type=int, default=8,
-                       help="frames per window; longer clips are edited in windows sharing the reference frame "
-                            "(default: 8)")
-    group.add_argument("--fz-fuse-min-downsample", type=int, default=2,
-                       help="fuse only attention layers at least this many times coarser than the latent "
-                            "(default: 2, the reference's <= 32x32 at 512 px; 1 = every layer)")
-    group.add_argument("--store-budget", default="4GB",
-                       help="RAM for the attention store; the rest is memory-mapped on disk (default: 4GB; 0, inf)")
-    group.add_argument("--store-dir", default=None, help="folder for the store's spill file (default: system temp)")
-    group.add_argument("--fusion-source", default="store", choices=FUSION_SOURCES,
-                       help="store: keep the inversion's attention; recompute: keep only its latents and re-run "
-                            "the source branch at each fused step (MiBs instead of GiBs, one extra UNet call "
-                            "per fused step)")
-    group.add_argument("--save-inversion", default=None, metavar="DIR",
-                       help="save the inversion to DIR (a new or empty folder) to edit again later")
-    group.add_argument("--load-inversion", default=None, metavar="DIR",
-                       help="edit from an inversion saved with --save-inversion (same input and settings)")
-
-
-def edit_config(args) -> FateZeroEditConfig:
-    """Typed config from parsed CLI options; every check that needs no model (ConfigError/InputError)."""
-    source_prompt = args.source_prompt
-    if args.save_inversion and args.load_inversion:
-        raise ConfigError("--save-inversion and --load-inversion exclude each other")
-    if args.load_inversion:
-        meta = read_inversion_meta(args.load_inversion)
-        if source_prompt is None:
-            source_prompt = meta.get("source_prompt", "")
-        elif source_prompt != meta.get("source_prompt"):
-            raise ConfigError(f"--source-prompt differs from the one the inversion in {args.load_inversion} "
-                              f"was made with ({meta.get('source_prompt')!r})")
-    if args.save_inversion:
-        target = Path(args.save_inversion)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise OutputError(f"--save-inversion {args.save_inversion} exists and is not an empty folder: "
-                              f"choose a new folder")
-    fz = FateZeroConfig(
-        steps=args.fz_steps, cross_replace=args.cross_replace, self_replace=args.self_replace,
-        blend_threshold=args.blend_threshold, reference_frame=args.reference_frame,
-        fuse_min_downsample=args.fz_fuse_min_downsample,
-    )
-    return FateZeroEditConfig(
-        source_prompt=source_prompt or "", prompt=getattr(args, "prompt", "") or "", guidance=args.fz_guidance,
-        negative_prompt=args.fz_negative_prompt, blend_words=tuple(args.blend_words) if args.blend_words else None,
-        reweight=tuple(args.fz_reweight), window=args.fz_window, store_budget=parse_size(args.store_budget),
-        fusion_source=args.fusion_source, spill_dir=args.store_dir, fatezero=fz,
-    )
-
-
-def _model_config(args):
-    """The shared model options; the preset's LCM-LoRA is not fused (FateZero runs 50
-    DDIM steps with CFG 7.5 on the base checkpoint) unless --lcm-lora is given."""
-    from diffstream.cli import model_config
-
-    config = model_config(args)
-    if args.lcm_lora is None:
-        config = replace(config, lcm_lora="none")
-    return config
-
-
-class _FrameFile:
-    """Frames at the processing size, appended to a temporary file and read back as a
-    numpy memmap (N, H, W, 3), so a long clip does not sit in RAM."""
-
-    def __init__(self, size: tuple[int, int], directory=None):
-        self.width, self.height = size
-        self.dir = tempfile.mkdtemp(prefix="diffstream-frames-", dir=directory)
-        self.path = os.path.join(self.dir, "frames.u8")
-        self.file = open(self.path, "wb")
-        self.count = 0
-
-    def append(self, frame: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
-        self.count += 1
-
-    def array(self) -> np.ndarray:
-        self.file.flush()
-        return np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.count, self.height, self.width, 3))
-
-    def close(self) -> None:
-        self.file.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def edit_command(args) -> int:
-    """`diffstream edit INPUT -o OUTPUT --method fatezero ...`.
-
-    Validates every option before the model loads, opens the input, loads the model,
-    edits window by window and writes frames as windows finish (with the input's
-    audio). Ctrl-C / SIGTERM finalise the output with every frame done (exit 130).
-    Returns 0 when done; DiffstreamErrors propagate as one-line errors.
-    """
-    from diffstream.cli import _quiet_libraries
-    from diffstream.frames import fit_size, resize
-    from diffstream.io.sinks import open_sink
-    from diffstream.io.sources import open_source
-
-    config = edit_config(args)
-    model_config = _model_config(args)
-    if args.load_inversion:
-        meta = read_inversion_meta(args.load_inversion)
-        if meta.get("model") != model_config.resolved().model:
-            raise ConfigError(f"--load-inversion {args.load_inversion} was made with model {meta.get('model')!r}, "
-                              f"not {model_config.resolved().model!r}")
-    if int(getattr(args, "size", 512)) < 8:
-        raise ConfigError(f"--size must be at least 8 pixels, got {args.size}")
-    progress_on = not getattr(args, "no_progress", False)
-    source = open_source(args.input, max_frames=getattr(args, "max_frames", None))
-    buffer = sink = bar = None
-    written, status = 0, 0
-    start = time.perf_counter()
-    try:
-        _quiet_libraries()
-        from diffstream.models.loading import load_components
-
-        components = load_components(model_config)
-        size = fit_size(source.width, source.height, int(getattr(args, "size", 512)), components.size_multiple)
-        buffer = _FrameFile(size, config.spill_dir)
-        for frame in source:
-            buffer.append(resize(frame, size))
-        frames = buffer.array()
-        windows = plan_windows(len(frames), config.window, config.fatezero.reference_frame)
-        per_window = config.fatezero.steps * (1 if args.load_inversion else 2)
-
-        def progress():
-            # created on the first step, so the plan line printed before it stays readable
-            nonlocal bar
-            if bar is None:
-                from tqdm import tqdm
-
-                bar = tqdm(total=per_window * len(windows), unit="step", desc="fatezero", dynamic_ncols=True,
-                           file=sys.stderr)
-            bar.update(1)
-
-        log = lambda text: print(f"diffstream: fatezero: {text}", file=sys.stderr)  # noqa: E731
-        # validates a saved inversion completely before the output is touched
-        edits = edit_frames(components, frames, config, save_inversion=args.save_inversion,
-                            load_inversion=args.load_inversion, progress=progress if progress_on else None, log=log)
-        sink = open_sink(args.output, fps=source.fps, size=size, audio_path=source.audio_path)
-        start = time.perf_counter()
-        for _, frame in edits:
-            sink.write(frame)
-            written += 1
-            if bar is not None:
-                bar.set_postfix(frames=written, refresh=False)
-    except KeyboardInterrupt:
-        status = 130
-    finally:
-        if bar is not None:
-            bar.close()
-        try:
-            if sink is not None:
-                sink.close()
-        finally:
-            source.close()
-            if buffer is not None:
-                buffer.close()
-    for warning in list(getattr(source, "warnings", [])) + list(getattr(sink, "warnings", []) if sink else []):
-        print(f"diffstream: warning: {warning}", file=sys.stderr)
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    verb = "interrupted: wrote" if status else "wrote"
-    extra = f" ({written / elapsed:.2f} frames/s)" if status == 0 and written else ""
-    print(f"diffstream: {verb} {written} frames to {args.output}{extra}", file=sys.stderr)
-    return status
-
-
-def bench_adapter(components, frames, *, prompt, seed, size, progress=None):
-    """`diffstream bench`: FateZero on the bench's model. The bench has no source prompt,
-    so the clip is inverted and edited under `prompt` (inversion + fused editing: the
-    method's full cost; use `diffstream edit` for real edits).
-
-    Args:
-        frames: list of (H, W, 3) uint8 frames; seed is unused (DDIM is deterministic).
-        progress: called with each finished frame's index.
-    Returns:
-        the edited frames, in order.
-    """
-    outs = []
-    for i, (_, frame) in enumerate(edit_frames(components, list(frames), FateZeroEditConfig(source_prompt=prompt, prompt=prompt))):
-        outs.append(frame)
-        if progress is not None:
-            progress(i)
-    return outs

@@ -2,8 +2,7 @@
 
     diffstream serve --model tiny --size 256          # then open the printed URL
 
-The lead's CLI wires it as a subcommand; until then (and for the load test) it also runs
-on its own: `python -m diffstream.server.serve --model tiny`.
+It also runs on its own (the load test uses that): `python -m diffstream.commands.serve --model tiny`.
 """
 
 from __future__ import annotations
@@ -14,14 +13,16 @@ import signal
 import socket
 import sys
 
+from diffstream.commands import common
 from diffstream.errors import ConfigError, DiffstreamError
+from diffstream.server.protocol import is_loopback
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The server's options (the model options come from `cli.add_model_options`)."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's options (the model options come from `common.add_model_options`)."""
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; "
@@ -46,13 +47,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept WebSocket connections from pages of this origin "
                         "(e.g. https://demo.example.org behind a reverse proxy); repeatable")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
-    from diffstream.server.app import is_loopback as _is_loopback
-
-    return _is_loopback(host)
 
 
 def host_warning(host: str) -> str | None:
@@ -130,8 +124,8 @@ def _url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-def serve_command(args) -> int:
-    """Run `diffstream serve` with parsed `args` (model options + `add_serve_arguments`).
+def command(args) -> int:
+    """Run `diffstream serve` with parsed `args` (model options + `add_arguments`).
 
     Returns:
         0 once the server has shut down (Ctrl-C or SIGTERM are how a server is stopped).
@@ -150,17 +144,16 @@ def serve_command(args) -> int:
     try:
         import uvicorn
 
-        from diffstream.cli import _quiet_libraries, model_config
         from diffstream.models.loading import load_components
         from diffstream.server.app import create_app
 
-        config = model_config(args)
-        _quiet_libraries()
+        config = common.model_config(args)
+        common.quiet_libraries()
         if args.threads is not None:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(f"diffstream: loading model {config.model!r}…", file=sys.stderr)
+        common.say(common.loading_message(config))
         components = load_components(config)
         from diffstream.config import StreamConfig
 
@@ -194,26 +187,21 @@ def serve_command(args) -> int:
     return 0
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The stand-alone parser: model options plus the server's."""
-    from diffstream.cli import _Parser, add_model_options
-
-    parser = _Parser(prog="diffstream serve", description="Serve the live web demo (webcam restyled in real time).")
-    add_model_options(parser)
-    add_serve_arguments(parser)
+    parser = common.Parser(prog="diffstream serve",
+                           description="Serve the live web demo (webcam restyled in real time).")
+    common.add_model_options(parser)
+    add_arguments(parser)
     return parser
 
 
 def main(argv=None) -> int:
-    """Entry point of `python -m diffstream.server.serve`."""
+    """Entry point of `python -m diffstream.commands.serve`."""
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, common.raise_interrupt)
     try:
-        return serve_command(args)
+        return command(args)
     except DiffstreamError as err:
         print(f"diffstream: error: {err}", file=sys.stderr)
         return err.exit_code

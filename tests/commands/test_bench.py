@@ -7,15 +7,10 @@ import torch
 
 torch.set_num_threads(1)
 
-from diffstream.cli import _Parser, add_model_options  # noqa: E402
-from diffstream.metrics import bench  # noqa: E402
-from diffstream.metrics.bench import (  # noqa: E402
-    OFFLINE,
-    BenchMethod,
-    add_bench_arguments,
-    bench_command,
-    run_benchmark,
-)
+from diffstream.commands.bench import add_arguments as add_bench_arguments  # noqa: E402
+from diffstream.commands.bench import bench_command  # noqa: E402
+from diffstream.commands.common import Parser, add_model_options  # noqa: E402
+from diffstream.metrics.bench import OFFLINE, BenchMethod, run_benchmark  # noqa: E402
 from diffstream.testing import make_frames, write_video  # noqa: E402
 
 TIMING_KEYS = ("fps", "seconds_per_frame", "wall_seconds", "wall_fps", "latency_mean", "latency_p50",
@@ -39,7 +34,7 @@ def scorer():
 
 
 def _args(*argv):
-    parser = _Parser(prog="diffstream bench")
+    parser = Parser(prog="diffstream bench")
     add_model_options(parser)
     add_bench_arguments(parser)
     return parser.parse_args([str(a) for a in argv])
@@ -117,18 +112,13 @@ def test_unknown_method_is_one_line_exit_2_before_any_model_loads(clip_video, mo
 def test_method_not_available_yet_is_one_line_naming_it(clip_video, monkeypatch, capsys):
     import diffstream.config as config
 
-    monkeypatch.setitem(bench.REGISTRY, "future", BenchMethod(
-        "future", OFFLINE, entry="diffstream.pipelines.no_such_method:bench_adapter"))
     monkeypatch.setattr(config, "METHODS", ("streamdiffusion", "streamv2v"))
-    for name in ("future", "live2diff"):
-        args = _args(clip_video, "--prompt", "x", "--methods", f"streamdiffusion,{name}", "--model", "tiny")
-        assert bench_command(args) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"method {name!r} is not available" in err[0]
-    # A module that exists but has no bench adapter yet is named too.
-    monkeypatch.setitem(bench.REGISTRY, "future", BenchMethod("future", OFFLINE, entry="diffstream.frames:nothing"))
-    assert bench_command(_args(clip_video, "--prompt", "x", "--methods", "future")) == 2
-    assert "diffstream.frames has no nothing()" in capsys.readouterr().err
+    args = _args(clip_video, "--prompt", "x", "--methods", "streamdiffusion,live2diff", "--model", "tiny")
+    assert bench_command(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "method 'live2diff' is not available" in err[0]
+    with pytest.raises(ValueError, match="needs adapter"):
+        BenchMethod("future", OFFLINE)
 
 
 def test_offline_adapter_timing_and_a_failing_method(tiny, scorer):

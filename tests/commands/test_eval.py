@@ -9,9 +9,11 @@ import torch
 
 torch.set_num_threads(1)
 
-from diffstream.cli import _Parser  # noqa: E402
+from diffstream.commands.common import Parser  # noqa: E402
+from diffstream.commands.eval import add_arguments as add_eval_arguments  # noqa: E402
+from diffstream.commands.eval import eval_command  # noqa: E402
 from diffstream.frames import resize  # noqa: E402
-from diffstream.metrics.evaluate import add_eval_arguments, eval_command, evaluate_frames  # noqa: E402
+from diffstream.metrics.evaluate import evaluate_frames  # noqa: E402
 from diffstream.testing import make_frames, write_video  # noqa: E402
 
 SRC_SIZE, OUT_SIZE = (64, 48), (96, 72)  # (w, h): the output is larger, so the source is resized
@@ -64,7 +66,7 @@ def depth_folder(tmp_path_factory):
 
 
 def _args(*argv):
-    parser = _Parser(prog="diffstream eval")
+    parser = Parser(prog="diffstream eval")
     add_eval_arguments(parser)
     return parser.parse_args([str(a) for a in argv])
 

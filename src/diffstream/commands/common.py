@@ -1,0 +1,208 @@
+"""What every subcommand shares: the one-line-error parser, the model options, quieting
+library chatter, warnings, progress bars and the closing line of a run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Iterable, Iterator
+
+from diffstream.config import DEFAULT_MODEL, DEFAULT_MOTION_ADAPTER, DTYPES, MODEL_PRESETS, ModelConfig
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line with exit code 2 (its default code) and
+    shows every option's default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"diffstream: error: {message}\n")
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless it already names its default or
+    the default says nothing (None, False, an empty string or list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, "", [], argparse.SUPPRESS):
+            return text
+        if action.option_strings and action.nargs != 0:
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """Parse "32,45" or "32 45" into (32, 45) (argparse type)."""
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 32,45, got {text!r}") from None
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """Parse "PATH[:SCALE]" into (path, scale); a Windows drive colon is not a scale."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Model options shared by every subcommand that runs a model."""
+    g = p.add_argument_group("model")
+    presets = ", ".join(f"{k} ({v['model']})" for k, v in MODEL_PRESETS.items())
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset [{presets}], 'tiny' (random offline test model: produces noise), "
+                        f"a hub id, a local diffusers folder, or a .safetensors file (default: {DEFAULT_MODEL})")
+    g.add_argument("--lcm-lora", default=None,
+                   help="LCM-LoRA to fuse (hub id, folder, file) or 'none' (default: the preset's)")
+    g.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="PATH[:SCALE]",
+                   help="extra LoRA to fuse; repeatable (default: none)")
+    g.add_argument("--tiny-vae", default=None,
+                   help="AutoencoderTiny instead of the full VAE: 'taesd', a hub id or folder (default: full VAE)")
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, mps, cpu (default: auto)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: fp16 on GPU, fp32 on CPU (default: auto)")
+    g.add_argument("--turbo", default=None, action=argparse.BooleanOptionalAction,
+                   help="turbo model handling (1 step, no CFG) (default: detected from the model name)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    g.add_argument("--motion-adapter", default=None,
+                   help="motion modules for --method live2diff: hub id or folder (diffusers MotionAdapter), an "
+                        "AnimateDiff or Live2Diff checkpoint file (default: "
+                        f"{DEFAULT_MOTION_ADAPTER}; with --model tiny a random tiny adapter)")
+
+
+def model_config(args) -> ModelConfig:
+    """The ModelConfig of parsed model options (`add_model_options`)."""
+    motion = getattr(args, "motion_adapter", None)
+    if motion is None and getattr(args, "method", None) == "live2diff":
+        motion = "tiny" if args.model == "tiny" else DEFAULT_MOTION_ADAPTER
+    return ModelConfig(model=args.model, lcm_lora=args.lcm_lora, loras=tuple(args.lora), tiny_vae=args.tiny_vae,
+                       device=args.device, dtype=args.dtype, turbo=args.turbo, compile=args.compile,
+                       motion_adapter=motion)
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecations, config notes, "Loading weights" bars) is not for CLI
+    users. Download progress stays on: a first run fetching gigabytes must not look hung."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "torch", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        dlog.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def say(message: str) -> None:
+    """A status line for the person at the terminal (stderr, flushed)."""
+    print(f"diffstream: {message}", file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr."""
+    print(f"diffstream: warning: {message}", file=sys.stderr, flush=True)
+
+
+def print_warnings(*sources) -> None:
+    """Print the `warnings` list of each source/sink/clip given (None is skipped), once each."""
+    seen = []
+    for source in sources:
+        for warning in getattr(source, "warnings", None) or []:
+            if warning not in seen:
+                seen.append(warning)
+                warn(warning)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(total: int | None, enabled: bool, unit: str = "frame", desc: str | None = None):
+    """A tqdm bar on stderr, or an object with the same methods that draws nothing."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
+def write_frames(outputs: Iterable, write, bar, counter: list[int]) -> None:
+    """The loop every command shares: write each output frame, count it, tick the bar.
+
+    Args:
+        outputs: an iterable of (H, W, 3) uint8 frames, in input order.
+        write: called with each frame (a sink's or a writer thread's `write`).
+        bar: from `progress_bar`.
+        counter: a one-element list holding the frames written so far, so the count
+            survives a KeyboardInterrupt raised mid-loop.
+    """
+    for frame in outputs:
+        write(frame)
+        counter[0] += 1
+        bar.update(1)
+
+
+def closing_line(status: int, written: int, output: str, elapsed: float, total: int | None = None,
+                 extras: Iterable[str] = ()) -> str:
+    """The last line of `run` / `edit`: what was written where, and at what rate.
+
+    An interrupted run that wrote nothing says the output was not created (the sink only
+    creates its file with the first frame, and an existing file is left as it was).
+    """
+    if status and not written:
+        return f"interrupted before the first frame: {output} was not written"
+    parts = list(extras)
+    if status == 0 and written:
+        parts.insert(0, f"{written / max(elapsed, 1e-9):.2f} fps")
+    count = f"{written} of {total}" if total is not None else f"{written}"
+    verb = "interrupted: wrote" if status else "wrote"
+    return f"{verb} {count} frames to {output}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def raise_interrupt(signum, frame):
+    """SIGTERM handler: stop like Ctrl-C, so outputs are finalised."""
+    raise KeyboardInterrupt
+
+
+def loading_message(config: ModelConfig) -> str:
+    """"loading model X on DEVICE" for the line printed before a model loads."""
+    resolved = config.resolved()
+    name = str(resolved.model)
+    where = "" if config.device == "auto" else f" on {config.device}"
+    local = (os.path.exists(os.path.expanduser(name)) or name.startswith(("/", ".", "~"))
+             or name.endswith((".safetensors", ".ckpt")) or name.startswith("tiny"))
+    return f"loading model {name}{where}" + ("" if local else " (downloaded on first use, with progress)")
+
+
+def iter_with_close(outputs) -> Iterator:
+    """Iterate `outputs` and close it (a generator) when done or interrupted."""
+    try:
+        yield from outputs
+    finally:
+        close = getattr(outputs, "close", None)
+        if close is not None:
+            close()
