@@ -83,6 +83,29 @@ def resize(frame: Frame, size: tuple[int, int]) -> Frame:
     return np.ascontiguousarray(cv2.resize(frame, (w, h), interpolation=interp))
 
 
+def letterbox(frame: Frame, size: tuple[int, int]) -> Frame:
+    """Fit an RGB frame into `size` = (width, height) keeping its aspect ratio.
+
+    The frame is scaled (see `resize`) to the largest size that fits inside `size`, then
+    centred and padded with black bars (left/right for a narrower frame, top/bottom for
+    a wider one). A frame that already has the target aspect ratio is just resized.
+    """
+    w, h = size
+    fh, fw = frame.shape[:2]
+    if (fw, fh) == (w, h):
+        return frame
+    scale = min(w / fw, h / fh)
+    inner_w = min(w, max(1, int(math.floor(fw * scale + 0.5))))
+    inner_h = min(h, max(1, int(math.floor(fh * scale + 0.5))))
+    scaled = resize(frame, (inner_w, inner_h))
+    if (inner_w, inner_h) == (w, h):
+        return scaled
+    out = np.zeros((h, w, frame.shape[2]), dtype=frame.dtype)
+    top, left = (h - inner_h) // 2, (w - inner_w) // 2
+    out[top : top + inner_h, left : left + inner_w] = scaled
+    return out
+
+
 def even_size(size: tuple[int, int]) -> tuple[int, int]:
     """Round (width, height) down to even numbers (H.264 with 4:2:0 chroma needs them)."""
     w, h = size

@@ -111,6 +111,52 @@ def test_folder_natural_order_and_mixed_formats(tmp_path):
     assert src.warnings == []
 
 
+def test_folder_letterboxes_other_sizes_to_the_first_image(tmp_path):
+    """Later images of another shape keep their aspect ratio: scaled to fit inside the
+    first image's size, centred, black bars around (never stretched)."""
+    Image.fromarray(np.full((48, 64, 3), (200, 0, 0), np.uint8)).save(tmp_path / "1.png")  # 4:3
+    Image.fromarray(np.full((32, 32, 3), (0, 200, 0), np.uint8)).save(tmp_path / "2.png")  # square
+    Image.fromarray(np.full((16, 64, 3), (0, 0, 200), np.uint8)).save(tmp_path / "3.png")  # 4:1
+    Image.fromarray(np.full((96, 128, 3), (90, 90, 90), np.uint8)).save(tmp_path / "4.png")  # 4:3, larger
+    with open_source(str(tmp_path)) as src:
+        first, square, wide, large = list(src)
+    assert all(f.shape == (48, 64, 3) for f in (first, square, wide, large))
+    assert (first == (200, 0, 0)).all()
+    # square -> 48x48 in the middle, 8-pixel black bars left and right
+    assert (square[:, 8:56] == (0, 200, 0)).all()
+    assert (square[:, :8] == 0).all() and (square[:, 56:] == 0).all()
+    # 4:1 -> 64x16 in the middle, 16-pixel black bars above and below
+    assert (wide[16:32] == (0, 0, 200)).all()
+    assert (wide[:16] == 0).all() and (wide[32:] == 0).all()
+    # the same aspect ratio: just resized, no bars
+    assert (large == 90).all()
+    assert src.warnings == []
+
+
+def test_folder_fps_option(tmp_path):
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+    with open_source(str(tmp_path)) as src:
+        assert src.fps is None  # unknown: the sinks write 30 fps
+    with open_source(str(tmp_path), fps=12) as src:
+        assert src.fps == Fraction(12) and len(list(src)) == 2
+    with open_source(str(tmp_path), fps=29.97) as src:
+        assert src.fps == Fraction(2997, 100)
+    with open_source(str(tmp_path), fps=30000 / 1001) as src:
+        assert src.fps == Fraction(30000, 1001)
+    with open_source(str(tmp_path), fps=Fraction(24000, 1001)) as src:
+        assert src.fps == Fraction(24000, 1001)
+    for bad in (0, -5, "fast", float("nan")):
+        with pytest.raises(InputError) as info:
+            open_source(str(tmp_path), fps=bad)
+        assert "\n" not in str(info.value) and "frame rate" in str(info.value)
+
+
+def test_fps_option_does_not_change_a_video_rate(clip):
+    with open_source(clip, fps=12) as src:
+        assert src.fps == Fraction(25)
+
+
 def test_folder_skips_unreadable_image_with_one_warning(tmp_path):
     folder = tmp_path / "frames"
     folder.mkdir()

@@ -54,7 +54,8 @@ class Source:
     """A stream of RGB uint8 frames (H, W, 3).
 
     Attributes:
-        fps: frame rate as a Fraction, or None when unknown (image folders).
+        fps: frame rate as a Fraction, or None when unknown (an image folder opened
+            without `fps`: sinks then write 30 fps).
         width, height: size of the first frame.
         num_frames: known or estimated frame count (already capped by `max_frames`),
             None for live or unknown inputs. Meant for progress bars, not for logic.
@@ -313,15 +314,26 @@ def _natural_key(name: str) -> list:
 
 
 class ImageFolderSource(Source):
-    """Images of a folder in natural filename order, all resized to the first one's size."""
+    """Images of a folder in natural filename order, all at the first image's size.
 
-    def __init__(self, folder: str, max_frames: int | None = None) -> None:
+    The engine needs one frame size per run, so every later image of another size is
+    *letterboxed* to the first image's size: scaled to fit inside it with its own aspect
+    ratio kept, centred, and padded with black bars (`diffstream.frames.letterbox`).
+    Images are never stretched.
+    """
+
+    def __init__(self, folder: str, max_frames: int | None = None, fps=None) -> None:
         """List the images of `folder` and load the first readable one.
 
+        Args:
+            fps: the frame rate the images stand for (a number or Fraction > 0); None
+                leaves `fps` unknown, which sinks write as 30 fps.
         Raises:
-            InputError: the folder cannot be listed, holds no images, or none is readable.
+            InputError: the folder cannot be listed, holds no images, none is readable,
+                or `fps` is not a positive number.
         """
         super().__init__(folder, max_frames)
+        self.fps = _as_fps(fps)
         try:
             names = os.listdir(folder)
         except OSError as err:
@@ -355,8 +367,9 @@ class ImageFolderSource(Source):
             if self._size is None:
                 self._size = (frame.shape[1], frame.shape[0])
             else:
-                # The engine needs one frame size per run; match the first image.
-                frame = fr.resize(frame, self._size)
+                # The engine needs one frame size per run: fit into the first image's
+                # size, keeping this image's aspect ratio (black bars).
+                frame = fr.letterbox(frame, self._size)
             yield frame
         if skipped and self._size is not None:
             shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
@@ -427,13 +440,30 @@ class WebcamSource(Source):
             self._cap.release()
 
 
-def open_source(spec: str, max_frames: int | None = None) -> Source:
+def _as_fps(fps) -> Fraction | None:
+    """`fps` (None, int, float, numeric str or Fraction) as a Fraction; InputError unless > 0."""
+    if fps is None:
+        return None
+    try:
+        value = Fraction(fps) if isinstance(fps, (int, Fraction)) else Fraction(str(fps))
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise InputError(f"invalid frame rate {fps!r}: expected a number such as 30 or 29.97") from None
+    if not value > 0:
+        raise InputError(f"invalid frame rate {fps!r}: must be > 0")
+    return value.limit_denominator(1001)
+
+
+def open_source(spec: str, max_frames: int | None = None, fps: float | Fraction | None = None) -> Source:
     """Open an input and decode its first frame.
 
     Args:
         spec: a video file path; a folder of images; ``webcam:N`` (``webcam`` means 0);
             or a URL (rtsp://, rtmp://, udp://, tcp://, srt://, http(s)://).
         max_frames: stop iteration after this many frames (None: no limit).
+        fps: frame rate of an image-folder input (a number or Fraction > 0), which has
+            none of its own: reported as `Source.fps`, so a video sink writes it. None
+            (the default) leaves it unknown and sinks write 30 fps. Videos, webcams and
+            streams keep the rate they carry; `fps` is checked but not used for them.
     Returns:
         A `Source`; use it as a context manager or call `close()`.
     Raises:
@@ -442,6 +472,7 @@ def open_source(spec: str, max_frames: int | None = None) -> Source:
     spec = str(spec)
     if max_frames is not None and max_frames < 1:
         raise InputError(f"max_frames must be at least 1, got {max_frames}")
+    folder_fps = _as_fps(fps)  # checked for every input, so a bad value fails before any I/O
     webcam = re.fullmatch(r"webcam(?::(\d+))?", spec.strip(), re.IGNORECASE)
     if webcam:
         return WebcamSource(int(webcam.group(1) or 0), max_frames)
@@ -449,7 +480,7 @@ def open_source(spec: str, max_frames: int | None = None) -> Source:
         return VideoSource(spec, max_frames)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ImageFolderSource(str(path), max_frames)
+        return ImageFolderSource(str(path), max_frames, fps=folder_fps)
     if not path.exists():
         raise InputError(f"input not found: {spec}")
     if not path.is_file():
