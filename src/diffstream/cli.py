@@ -79,6 +79,12 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return _exit_quietly_on_broken_pipe()
+    except (RuntimeError, MemoryError) as err:
+        message = common.out_of_memory_message(err)
+        if message is None:
+            raise
+        print(f"diffstream: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -260,3 +260,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     io: IOConfig | None = None
+
+    def __post_init__(self):
+        # Caught here, before anything loads: the image methods cannot run on the video
+        # UNet that motion modules make (factory.make_mechanism says the same at run time).
+        if self.model.motion_adapter and self.stream.method != "live2diff":
+            raise ConfigError(f"--motion-adapter is for --method live2diff (motion modules turn the UNet into a "
+                              f"video UNet); --method {self.stream.method} runs without it: leave it out")

@@ -89,6 +89,23 @@ def model_config(args) -> ModelConfig:
                        motion_adapter=motion)
 
 
+def check_device(config: ModelConfig) -> None:
+    """Fail in one line, before any input is opened or weights load, when --device
+    names a device this machine or this torch build does not have (ModelLoadError)."""
+    from diffstream.models.loading import resolve_device
+
+    resolve_device(config.device)
+
+
+def out_of_memory_message(err: BaseException) -> str | None:
+    """The one line for an accelerator out-of-memory error, or None for other errors."""
+    text = str(err)
+    if type(err).__name__ != "OutOfMemoryError" and "out of memory" not in text.lower():
+        return None
+    return ("out of memory on the GPU: lower --size, use --dtype fp16, --tiny-vae taesd, or (edit) a smaller "
+            "--chunk-size / --fz-window; close other programs using the GPU")
+
+
 def quiet_libraries() -> None:
     """Library chatter (deprecations, config notes, "Loading weights" bars) is not for CLI
     users. Download progress stays on: a first run fetching gigabytes must not look hung."""
@@ -106,6 +123,11 @@ def quiet_libraries() -> None:
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
         dlog.disable_progress_bar()
+        # transformers' switch also turns off huggingface_hub's bars, which are the
+        # download progress (file names and sizes) of a first run: turn those back on.
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
     except Exception:
         pass
 

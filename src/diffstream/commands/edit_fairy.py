@@ -109,6 +109,7 @@ def edit_command(args) -> int:
     if max_frames is not None and max_frames < 1:
         raise ConfigError(f"--max-frames must be >= 1, got {max_frames}")
     check_output(args.output, inputs=(args.input,), live_ok=False)
+    common.check_device(model)
 
     clip = Clip(args.input, max_frames=max_frames, fps=getattr(args, "fps", None))
     num_frames = len(clip)

@@ -136,6 +136,7 @@ def edit_command(args) -> int:
     if int(getattr(args, "size", 512)) < 8:
         raise ConfigError(f"--size must be at least 8 pixels, got {args.size}")
     check_output(args.output, inputs=(args.input,), live_ok=False)
+    common.check_device(model)
     progress_on = not getattr(args, "no_progress", False)
     source = open_source(args.input, max_frames=getattr(args, "max_frames", None), fps=getattr(args, "fps", None))
     buffer = sink = None

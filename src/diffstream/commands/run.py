@@ -132,6 +132,7 @@ def cmd_run(config: RunConfig) -> int:
 
     io = config.io
     check_output(io.output, inputs=(io.input,))
+    common.check_device(config.model)
     source = open_source(io.input, max_frames=io.max_frames, fps=io.fps)
     sink = reader = writer = pipe = None
     bar = common.progress_bar(None, False)

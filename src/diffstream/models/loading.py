@@ -125,9 +125,24 @@ def resolve_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"unknown --device {device!r}: {exc}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build: install a CUDA build of torch (pytorch.org), or use --device cpu"
+                   if torch.version.cuda is None else
+                   "no CUDA GPU is visible (driver missing or CUDA_VISIBLE_DEVICES empty): use --device cpu")
+            raise ModelLoadError(f"--device {device}: {why}")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if resolved.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ModelLoadError(f"--device {device}: Apple's MPS is not available here (it needs macOS on Apple "
+                                 f"silicon and an MPS build of torch): use --device cpu")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -8,7 +8,17 @@ from diffstream.pipelines.stream import StreamPipeline
 
 
 def make_mechanism(config: StreamConfig, components: Components | None = None):
-    """The temporal mechanism of `config.method` (None for the per-frame StreamDiffusion baseline)."""
+    """The temporal mechanism of `config.method` (None for the per-frame StreamDiffusion baseline).
+
+    Raises:
+        ConfigError: `components` has motion modules (a video UNet) and the method is a
+            per-frame image method, which cannot run on one.
+    """
+    if components is not None and getattr(components, "is_video_unet", False) and config.method != "live2diff":
+        from diffstream.errors import ConfigError
+
+        raise ConfigError(f"--method {config.method} runs on an image UNet, but this model has motion modules "
+                          f"(--motion-adapter): use --method live2diff, or leave --motion-adapter out")
     if config.method == "streamdiffusion":
         return None
     if config.method == "streamv2v":
