@@ -25,3 +25,15 @@ class ModelLoadError(DiffstreamError):
 
 class OutputError(DiffstreamError):
     """An output that cannot be created."""
+
+
+def one_line(text, limit: int = 200) -> str:
+    """`text` on one line, shortened at a word boundary (with "…") if over `limit`
+    characters: library messages quoted in an error must not end mid-word."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    if " " in cut:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,;:.") + "…"

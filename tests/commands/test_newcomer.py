@@ -295,3 +295,20 @@ def test_interrupted_before_any_frame_says_nothing_was_written():
 
     assert closing_line(130, 0, "x.mp4", 1.0) == "interrupted before the first frame: x.mp4 was not written"
     assert closing_line(130, 3, "x.mp4", 1.0).startswith("interrupted: wrote 3 frames")
+
+
+def test_quoted_library_errors_end_on_a_word():
+    from diffstream.errors import one_line
+
+    text = "We couldn't connect to the hub to load this file. Check your internet connection or see the docs " * 3
+    short = one_line(text, 60)
+    assert len(short) <= 60 and short.endswith("…")
+    assert text.startswith(short[:-1]) and text[len(short) - 1] in " .,"
+
+
+def test_a_missing_lora_file_is_named_with_its_option(clip, tmp_path, capsys):
+    argv = ["run", clip, "-o", str(tmp_path / "o.mp4"), *TINY, "--lora", str(tmp_path / "style.safetensors")]
+    assert main(argv) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "--lora" in lines[0] and "no such file" in lines[0]
+    assert "--lcm-lora none" not in lines[0] and "offline" not in lines[0]

@@ -45,7 +45,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from diffstream.errors import ConfigError, InputError
+from diffstream.errors import ConfigError, InputError, one_line
 from diffstream.frames import fit_size, resize
 from diffstream.metrics.clip import ClipResult
 from diffstream.metrics.report import finite_or_none, fmt, markdown_table, new_figure, save_figure
@@ -497,7 +497,7 @@ def run_benchmark(
                     raise ValueError(f"{method.name} needs {method.takes.replace('_', ' ')}")
                 result = _run_offline(method.name, adapter, model, frames, prompt, seed, (w, h), device)
         except Exception as exc:  # one broken method must not lose the others' results
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            message = one_line(f"{type(exc).__name__}: {exc}", 200)
             result = MethodResult(method.name, method.kind, error=message)
             warnings.append(f"{method.name} failed: {message}")
         results.append(result)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from diffstream.config import TINY_VAE_PRESETS, ModelConfig
-from diffstream.errors import ModelLoadError
+from diffstream.errors import ModelLoadError, one_line
 
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -153,7 +153,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _missing(what: str, spec: str, exc: BaseException | None = None) -> ModelLoadError:
-    reason = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})" if exc and str(exc) else ""
+    reason = f" ({type(exc).__name__}: {one_line(exc, 160)})" if exc and str(exc) else ""
     return ModelLoadError(
         f"cannot load {what} {spec!r}{reason}: pass a local diffusers folder or .safetensors "
         f"file (e.g. --model /path/to/sd15), or --model tiny to try the machinery offline"
@@ -244,7 +244,7 @@ def load_pretrained_parts(name: str, loaders, what: str, flag: str, local_files_
     except ImportError:
         raise
     except Exception as exc:  # OSError, hub errors, bad configs: all mean "can't load"
-        reason = " ".join(str(exc).split())[:120]
+        reason = one_line(exc, 160)
         raise ModelLoadError(
             f"cannot load {what} {name!r} ({type(exc).__name__}: {reason}); pass {flag} PATH to a local checkpoint folder"
         ) from exc
@@ -281,7 +281,7 @@ def _load_single_file(spec: str, dtype: torch.dtype) -> dict:
         )
     except Exception as exc:
         raise ModelLoadError(
-            f"cannot load checkpoint file {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            f"cannot load checkpoint file {spec!r} ({type(exc).__name__}: {one_line(exc, 160)}); "
             f"single files need diffusers' config for their architecture (cached from the hub once), "
             f"or pass a diffusers folder with --model PATH"
         ) from None
@@ -320,7 +320,7 @@ def load_tiny_vae(spec: str, dtype: torch.dtype):
         ) from None
 
 
-def fuse_loras(modules: dict, loras: list[tuple[str, float]]) -> None:
+def fuse_loras(modules: dict, loras: list[tuple[str, float]], num_lcm: int = 0) -> None:
     """Load LoRA weights (LCM-LoRA or style LoRAs) and fuse them into the UNet/text encoder.
 
     Uses diffusers' LoRA loader (PEFT) through a throw-away pipeline object that shares
@@ -329,6 +329,7 @@ def fuse_loras(modules: dict, loras: list[tuple[str, float]]) -> None:
     Args:
         modules: dict with unet, vae, text_encoder, tokenizer, scheduler (modified in place).
         loras: (hub id, folder or .safetensors file, scale) in the order to fuse.
+        num_lcm: how many of them, first, came from --lcm-lora (for the error message).
     """
     if not loras:
         return
@@ -345,7 +346,12 @@ def fuse_loras(modules: dict, loras: list[tuple[str, float]]) -> None:
         requires_safety_checker=False,
     )
     for i, (spec, scale) in enumerate(loras):
-        path = Path(spec)
+        path = Path(spec).expanduser()
+        option = "--lcm-lora" if i < num_lcm else "--lora"
+        hint = "pass a local LoRA file or folder" + (", or --lcm-lora none" if option == "--lcm-lora" else "")
+        looks_local = spec.endswith((".safetensors", ".bin", ".pt", ".ckpt")) or spec.startswith((".", "/", "~"))
+        if looks_local and not path.exists():
+            raise ModelLoadError(f"{option} {spec}: no such file; {hint}")
         kwargs = {}
         if path.is_file():
             kwargs = dict(weight_name=path.name)
@@ -357,8 +363,7 @@ def fuse_loras(modules: dict, loras: list[tuple[str, float]]) -> None:
             pipe.load_lora_weights(spec_arg, adapter_name=f"lora{i}", **kwargs)
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot load LoRA {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): "
-                f"pass a local .safetensors LoRA file or folder, or --lcm-lora none"
+                f"cannot load {option} {spec!r} ({type(exc).__name__}: {one_line(exc, 160)}); {hint}"
             ) from None
         pipe.fuse_lora(lora_scale=float(scale), adapter_names=[f"lora{i}"])
         pipe.unload_lora_weights()
@@ -389,8 +394,9 @@ def load_components(config: ModelConfig) -> Components:
     loras = []
     if config.lcm_lora and config.lcm_lora.lower() != "none":
         loras.append((config.lcm_lora, 1.0))
+    num_lcm = len(loras)
     loras.extend(config.loras)
-    fuse_loras(modules, loras)
+    fuse_loras(modules, loras, num_lcm)
 
     if config.tiny_vae:
         modules["vae"] = load_tiny_vae(config.tiny_vae, dtype)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffstream.errors import ModelLoadError
+from diffstream.errors import ModelLoadError, one_line
 
 # Original AnimateDiff/Live2Diff name fragment -> diffusers MotionAdapter name fragment.
 _RENAMES = (
@@ -67,7 +67,7 @@ def read_checkpoint(path: str) -> dict:
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read motion module {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from None
+        raise ModelLoadError(f"cannot read motion module {path}: {type(exc).__name__}: {one_line(exc, 160)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return {re.sub(r"^module\.", "", k): v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from diffstream import frames as F
-from diffstream.errors import ConfigError, DiffstreamError
+from diffstream.errors import ConfigError, DiffstreamError, one_line
 
 TRANSFERS = ("recompute", "object_store")
 RAY_EXTRA_HINT = "pip install 'diffstream[ray]'"
@@ -457,7 +457,7 @@ class DistributedEdit:
         """Count a failure of `task`; the error to report once retries are used up, else None."""
         task.tries += 1
         if task.tries > self.ray_config.max_retries:
-            reason = " ".join(str(getattr(err, "cause", None) or err).split())[:200]
+            reason = one_line(getattr(err, "cause", None) or err, 200)
             return SegmentError(
                 f"frames {task.start}-{task.stop - 1} failed {task.tries} times on Ray workers ({reason}); "
                 f"the {task.start} frames before them were written"
