@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'diffstream[ray]')")
 
 from diffstream.config import ModelConfig  # noqa: E402
