@@ -97,3 +97,25 @@ def test_missing_lora_is_one_line():
     with pytest.raises(ModelLoadError) as info:
         fuse_loras(tiny_components(), [("/no/such/lora.safetensors", 1.0)])
     assert "\n" not in str(info.value)
+
+
+def test_truncation_note_names_where_clip_cuts_the_prompt(tiny, capfd):
+    from diffstream.models.tokenizer import clip_tokenizer, truncation_note
+
+    tok = clip_tokenizer.__wrapped__()  # a fresh instance: transformers logs its length warning once per instance
+    assert truncation_note(tok, "a watercolor painting of a cat") is None
+    assert truncation_note(tok, " ".join(["cat"] * 75)) is None  # 75 + start + end = 77: nothing cut
+    words = ["Cat"] * 73 + ["Watercolor", "Painting", "of", "Van", "Gogh"]  # one token each: 78 of text
+    note = truncation_note(tok, " ".join(words))
+    assert note == ("prompt is longer than CLIP's 77 tokens (it has 80): cut after "
+                    "'... Cat Cat Cat Cat Watercolor Painting'; ignored: 'of Van Gogh'")
+    # the words it says were kept are exactly what the text encoder sees
+    kept = " ".join(words[:75])
+    enc = dict(padding="max_length", max_length=77, truncation=True)
+    assert tok(" ".join(words), **enc).input_ids == tok(kept, **enc).input_ids
+    assert torch.equal(tiny.encode_prompt([" ".join(words)]), tiny.encode_prompt([kept]))
+    # a cut inside a word (5 tokens, 2 of them kept) says so
+    inside = truncation_note(tok, " ".join(["cat"] * 73 + ["supercalifragilistic", "dog"]))
+    assert inside.endswith("cut after '... cat cat cat cat cat cat' (inside 'supercalifragilistic'); "
+                           "ignored: 'supercalifragilistic dog'")
+    assert "\n" not in note and "sequence length" not in capfd.readouterr().err

@@ -89,3 +89,59 @@ def clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer.from_pretrained(
         str(directory), model_max_length=model_max_length, pad_token="<|endoftext|>"
     )
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    """`text`'s token ids without start/end tokens and without truncation.
+
+    An explicit `max_length` above any possible count (a character is at most 4 byte
+    tokens) keeps transformers from logging "sequence length is longer than...".
+    """
+    return tokenizer(text, add_special_tokens=False, max_length=4 * len(text) + 8, truncation=False).input_ids
+
+
+def truncation_note(tokenizer, prompt: str, max_length: int = 77) -> str | None:
+    """A one-line note if CLIP cuts `prompt`, naming the words where it was cut; else None.
+
+    A CLIP text encoder sees at most `max_length` tokens including its start and end
+    tokens, so `max_length - 2` tokens of text; `Components.encode_prompt` drops the rest
+    without a word. This counts tokens (tokenizer calls only, no model) and names, in the
+    prompt's own spelling, the last words kept and the words ignored. Callers warn once
+    per distinct prompt; it is not meant for the per-frame path.
+
+    Args:
+        tokenizer: a CLIP tokenizer (`transformers.CLIPTokenizer` or its fast twin).
+        prompt: the text as the user wrote it.
+        max_length: the text encoder's positions (77 for every SD 1.x/2.x CLIP).
+    Returns:
+        None when nothing is cut, else e.g. "prompt is longer than CLIP's 77 tokens
+        (it has 81): cut after '... painting in the style of'; ignored: 'van gogh'".
+        A cut inside a word says so: "cut after '... of van' (inside 'goghesque')".
+    """
+    budget = max_length - 2  # <|startoftext|> and <|endoftext|> take two positions
+    ids = _token_ids(tokenizer, prompt)
+    if len(ids) <= budget:
+        return None
+    # CLIP's BPE never merges across whitespace, so the prompt's tokens are its words'
+    # tokens in order: walk the words to the one the budget ends in.
+    words = prompt.split()
+    used, cut = 0, None
+    for i, word in enumerate(words):
+        n = len(_token_ids(tokenizer, word))
+        if used + n > budget:
+            cut = i
+            break
+        used += n
+    if cut is None:  # per-word counts disagree with the whole (odd text cleaning): decode
+        kept = tokenizer.decode(ids[:budget]).split()
+        ignored, inside = tokenizer.decode(ids[budget:]).strip(), ""
+    else:
+        kept, ignored = words[:cut], " ".join(words[cut:])
+        inside = f" (inside '{words[cut]}')" if used < budget else ""
+    tail = ("... " if len(kept) > 6 else "") + (" ".join(kept[-6:]) or "")
+    if len(ignored) > 60:
+        ignored = ignored[:57].rstrip() + "..."
+    return (
+        f"prompt is longer than CLIP's {max_length} tokens (it has {len(ids) + 2}): "
+        f"cut after '{tail}'{inside}; ignored: '{ignored}'"
+    )
