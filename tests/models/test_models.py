@@ -119,3 +119,14 @@ def test_truncation_note_names_where_clip_cuts_the_prompt(tiny, capfd):
     assert inside.endswith("cut after '... cat cat cat cat cat cat' (inside 'supercalifragilistic'); "
                            "ignored: 'supercalifragilistic dog'")
     assert "\n" not in note and "sequence length" not in capfd.readouterr().err
+
+
+def test_truncation_warner_warns_once_per_distinct_prompt():
+    from diffstream.models.tokenizer import TruncationWarner, clip_tokenizer
+
+    notes = []
+    check = TruncationWarner(clip_tokenizer(), notes.append)
+    long_a, long_b = " ".join(["cat"] * 80), " ".join(["dog"] * 80)
+    for prompt in ("a cat", long_a, None, "", long_a, long_b, long_a, "a cat"):
+        check(prompt)
+    assert len(notes) == 2 and "'cat cat cat cat cat'" in notes[0] and "'... dog" in notes[1]

@@ -145,3 +145,30 @@ def truncation_note(tokenizer, prompt: str, max_length: int = 77) -> str | None:
         f"prompt is longer than CLIP's {max_length} tokens (it has {len(ids) + 2}): "
         f"cut after '{tail}'{inside}; ignored: '{ignored}'"
     )
+
+
+class TruncationWarner:
+    """Calls `warn(note)` the first time each distinct prompt would be cut by CLIP.
+
+    For the edges that receive prompts (CLI arguments, web-demo prompt updates): call it
+    with every prompt before it reaches `encode_prompt`; repeats cost a set lookup.
+
+    Args:
+        tokenizer: the model's CLIP tokenizer (`Components.tokenizer`).
+        warn: called with the one-line note of `truncation_note`.
+        max_length: the text encoder's positions.
+    """
+
+    def __init__(self, tokenizer, warn, max_length: int = 77):
+        self.tokenizer, self.warn, self.max_length = tokenizer, warn, max_length
+        self._seen: set[str] = set()
+
+    def __call__(self, prompt: str | None) -> str | None:
+        """Check `prompt` (None and "" are fine); returns the note when it warned."""
+        if not prompt or prompt in self._seen:
+            return None
+        self._seen.add(prompt)
+        note = truncation_note(self.tokenizer, prompt, self.max_length)
+        if note is not None:
+            self.warn(note)
+        return note
