@@ -51,21 +51,26 @@ def to_rgb(image: np.ndarray) -> Frame:
 def fit_size(width: int, height: int, longer_side: int, multiple: int) -> tuple[int, int]:
     """Processing size for an input of `width` x `height`.
 
-    The longer side becomes `longer_side`, the aspect ratio is kept, and both sides are
-    rounded to the nearest multiple of `multiple` (at least one multiple), which is what
-    the VAE (x8) and the UNet's down-sampling stages need.
+    Both sides must be multiples of `multiple`. The longer side becomes the multiple
+    nearest to `longer_side` (at least one multiple); the shorter side is then the
+    multiple whose aspect ratio is closest to the input's (compared as ratios, so
+    neither rounding direction is favoured), which is never more than half a multiple
+    away from the exact side. The coarser `multiple`, the coarser the aspect: 1280x720
+    at 128 is 128x72 (exact) with a multiple of 8, 128x80 with 16, 128x64 with 64.
 
     Returns:
         (width, height) of the processing size.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"invalid frame size {width}x{height}")
-    scale = longer_side / max(width, height)
-
-    def _round(x: float) -> int:
-        return max(multiple, int(math.floor(x / multiple + 0.5)) * multiple)
-
-    return _round(width * scale), _round(height * scale)
+    if multiple < 1 or longer_side < 1:
+        raise ValueError(f"invalid size rule: longer side {longer_side}, multiple {multiple}")
+    longer = max(multiple, int(math.floor(longer_side / multiple + 0.5)) * multiple)
+    exact = longer * min(width, height) / max(width, height)  # the shorter side, unrounded
+    below = max(multiple, int(math.floor(exact / multiple)) * multiple)
+    candidates = (below, below + multiple) if below < exact else (below,)
+    shorter = min(candidates, key=lambda side: abs(math.log(side / exact)))
+    return (longer, shorter) if width >= height else (shorter, longer)
 
 
 def resize(frame: Frame, size: tuple[int, int]) -> Frame:
