@@ -312,3 +312,11 @@ def test_a_missing_lora_file_is_named_with_its_option(clip, tmp_path, capsys):
     lines = error_lines(capsys)
     assert len(lines) == 1 and "--lora" in lines[0] and "no such file" in lines[0]
     assert "--lcm-lora none" not in lines[0] and "offline" not in lines[0]
+
+
+def test_a_prompt_past_77_tokens_is_warned_about_once(clip, tmp_path, capsys):
+    long = "a watercolor painting of " + " and ".join(f"a tree number {i}" for i in range(40)) + " at dusk"
+    assert main(["run", clip, "-o", str(tmp_path / "o.mp4"), *TINY, "--prompt", long]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "77 tokens" in line]
+    assert len(warnings) == 1 and "cut after" in warnings[0] and "number 12" in warnings[0]

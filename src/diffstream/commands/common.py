@@ -132,6 +132,15 @@ def quiet_libraries() -> None:
         pass
 
 
+def warn_long_prompts(components, *prompts) -> None:
+    """Warn once per prompt that CLIP's 77 tokens would cut (saying where)."""
+    from diffstream.models.tokenizer import TruncationWarner
+
+    warner = TruncationWarner(components.tokenizer, warn)
+    for prompt in prompts:
+        warner(prompt)
+
+
 def say(message: str) -> None:
     """A status line for the person at the terminal (stderr, flushed)."""
     print(f"diffstream: {message}", file=sys.stderr, flush=True)

@@ -130,7 +130,9 @@ def edit_command(args) -> int:
 
             if not getattr(args, "no_progress", False):
                 common.say(common.loading_message(model))
-            pipe = FairyPipeline(load_components(model), config, lcm=uses_lcm(model))
+            components = load_components(model)
+            common.warn_long_prompts(components, config.instruction, config.prompt, config.negative_prompt)
+            pipe = FairyPipeline(components, config, lcm=uses_lcm(model))
             size = pipe.processing_size(clip.width, clip.height)
             outputs = pipe.edit(clip)
         sink = open_sink(args.output, fps=clip.fps, size=size, audio_path=clip.audio_path)

@@ -147,6 +147,7 @@ def cmd_run(config: RunConfig) -> int:
         if io.progress:
             common.say(common.loading_message(config.model))
         components = load_components(config.model)
+        common.warn_long_prompts(components, config.stream.prompt, config.stream.negative_prompt)
         pipe = make_pipeline(components, config.stream)
         work_size = pipe.processing_size(source.width, source.height)
         out_size = (source.width, source.height) if io.keep_size else work_size
