@@ -130,3 +130,34 @@ def test_truncation_warner_warns_once_per_distinct_prompt():
     for prompt in ("a cat", long_a, None, "", long_a, long_b, long_a, "a cat"):
         check(prompt)
     assert len(notes) == 2 and "'cat cat cat cat cat'" in notes[0] and "'... dog" in notes[1]
+
+
+def test_tiny_model_attends_only_below_full_latent_resolution(tiny):
+    """Self-attention over every latent cell made `--model tiny` take seconds per frame
+    at 512 px: the UNet attends at half resolution only (like SD 1.5's costly 64x64 blocks
+    having none in up_blocks.0), the VAE not at all; fusion blocks still have attention."""
+    from diffusers.models.attention_processor import Attention
+
+    from diffstream.attention.base import block_of, is_self_attention
+
+    queries = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            queries[name] = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(f"{part}.{n}"), with_kwargs=True)
+             for part, model in (("unet", tiny.unet), ("vae", tiny.vae))
+             for n, m in model.named_modules() if isinstance(m, Attention)]
+    try:
+        with torch.no_grad():
+            tiny.unet(torch.zeros(1, 4, 16, 16), 10, encoder_hidden_states=torch.zeros(1, 77, 32))
+            tiny.decode_latents(tiny.encode_image(torch.zeros(1, 3, 128, 128)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert queries and all(n.startswith("unet.") for n in queries)  # the VAE has no attention
+    assert max(queries.values()) == 8 * 8  # a 16x16 latent: attention on the 8x8 grid only
+    self_blocks = {block_of(n) for n in tiny.unet.attn_processors if is_self_attention(n)}
+    assert self_blocks == {"down_blocks.1", "mid_block", "up_blocks.0"}

@@ -1,8 +1,8 @@
 """A tiny, randomly initialised Stable Diffusion: the machinery's test bench.
 
-It has the SD 1.x architecture at toy width: a UNet2DConditionModel with cross-attention
-in every down, mid and up block, an AutoencoderKL with the real 8x down-sampling, and a
-CLIP text encoder driven by the real CLIP BPE tokenizer. Built from config with a fixed
+It has the SD 1.x architecture at toy width: a UNet2DConditionModel with attention in
+the down, mid and up blocks below full latent resolution, an AutoencoderKL with the real
+8x down-sampling, and a CLIP text encoder driven by the real CLIP BPE tokenizer. Built from config with a fixed
 seed, so it is identical on every machine and needs no download. Its images are noise:
 it exists for smoke tests, CI and benchmarks of the machinery, never for results.
 """
@@ -15,7 +15,15 @@ TINY_TEXT_DIM = 32
 
 
 def tiny_unet(in_channels: int = 4, seed: int = 0):
-    """A small UNet2DConditionModel (2 resolutions, cross-attention in every block).
+    """A small UNet2DConditionModel: 2 resolutions, attention only at the lower one.
+
+    As in SD 1.5, whose 64x64-latent blocks are the costly ones, the full-resolution
+    blocks have no attention (`DownBlock2D` / `UpBlock2D`): self-attention over every
+    latent cell (4,096 tokens at 512 px) made the model take seconds per frame on a CPU.
+    Self- and cross-attention sit in `down_blocks.1`, `mid_block` and `up_blocks.0` (two
+    layers), all at half resolution, so StreamV2V's default fusion blocks (mid_block,
+    up_blocks.0, up_blocks.1) fuse in mid_block and up_blocks.0. Widths (32, 64) are what
+    `tiny_motion_adapter` and the depth prior match.
 
     Args:
         in_channels: 4 for text-to-image / SDEdit, 8 for an InstructPix2Pix-style model
@@ -28,8 +36,8 @@ def tiny_unet(in_channels: int = 4, seed: int = 0):
         sample_size=32,
         in_channels=in_channels,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
         cross_attention_dim=TINY_TEXT_DIM,
@@ -39,7 +47,12 @@ def tiny_unet(in_channels: int = 4, seed: int = 0):
 
 
 def tiny_vae(seed: int = 0):
-    """A small AutoencoderKL with SD's 8x spatial down-sampling and 4 latent channels."""
+    """A small AutoencoderKL with SD's 8x spatial down-sampling and 4 latent channels.
+
+    Unlike SD's VAE its mid blocks have no self-attention: at the latent resolution
+    (4,096 tokens at 512 px) it would cost more than the rest of the tiny VAE, and no
+    machinery of diffstream touches the VAE's attention.
+    """
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -53,6 +66,7 @@ def tiny_vae(seed: int = 0):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
+        mid_block_add_attention=False,
     ).eval()
 
 
