@@ -73,7 +73,8 @@ def _args(*argv):
 
 def test_eval_prints_table_and_writes_json_with_every_metric(videos, clip_folder, depth_folder, tmp_path, capsys):
     from diffstream.metrics.clip import ClipScorer
-    from diffstream.metrics.depth import DepthEstimator, depth_mse
+    from diffstream.metrics.depth import depth_mse
+    from diffstream.models.depth import DepthEstimator
     from diffstream.metrics.warp import warp_error
 
     src, out = videos
@@ -134,10 +135,10 @@ def test_missing_clip_is_one_warning_and_other_metrics_still_computed(videos, tm
 
 def test_default_hub_clip_fails_fast_without_network(monkeypatch, tmp_path):
     """No network: the default hub id fails at once (no minute of hub retries)."""
-    import diffstream.models.loading as loading
+    import diffstream.models.hub as hub
     from diffstream.metrics.evaluate import load_clip_scorer
 
-    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     start = time.perf_counter()
     scorer, warning = load_clip_scorer("openai/clip-vit-large-patch14", "cpu")

@@ -5,7 +5,8 @@ import torch
 torch.set_num_threads(1)
 
 from diffstream.errors import ModelLoadError  # noqa: E402
-from diffstream.metrics.depth import DepthEstimator, depth_mse, normalise_depth  # noqa: E402
+from diffstream.metrics.depth import depth_mse  # noqa: E402
+from diffstream.models.depth import DepthEstimator, normalise_depth  # noqa: E402
 
 
 def _tiny_dpt():

@@ -238,7 +238,7 @@ class CausalTemporal(Mechanism):
         self.config = config or CausalTemporalConfig()
         self.state = CausalTemporalState(self.config)
         self.warmup_frames = self.config.warmup_frames
-        self.depth_estimator = depth_estimator  # frames -> depth maps (metrics.depth.DepthEstimator)
+        self.depth_estimator = depth_estimator  # frames -> depth maps (models.depth.DepthEstimator)
         self.depth_prior = depth_prior  # models.motion.DepthPrior
         self._residual = None  # depth-prior output for the rows of the current UNet call
 
@@ -249,7 +249,7 @@ class CausalTemporal(Mechanism):
         import numpy as np
 
         from diffstream import frames as FR
-        from diffstream.metrics.depth import normalise_depth
+        from diffstream.models.depth import normalise_depth
 
         depth = normalise_depth(self.depth_estimator.predict([frame])[0])  # (H, W) in [0, 1]
         image = np.repeat((depth * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)

@@ -371,7 +371,7 @@ def _load_clip(name: str, local_files_only: Optional[bool]):
     """(model, image_processor, tokenizer) from a hub id or folder, or ModelLoadError."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    from diffstream.models.loading import load_pretrained_parts
+    from diffstream.models.hub import load_pretrained_parts
 
     return load_pretrained_parts(name, (CLIPModel, AutoImageProcessor, AutoTokenizer), "CLIP model",
                                  "--clip-model", local_files_only)

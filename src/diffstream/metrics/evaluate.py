@@ -69,7 +69,7 @@ class _DepthAccumulator:
             self._flush()
 
     def _flush(self) -> None:
-        from diffstream.metrics.depth import normalise_depth
+        from diffstream.models.depth import normalise_depth
 
         if not self._outputs:
             return
@@ -315,7 +315,7 @@ def load_depth_estimator(name: Optional[str], device: Optional[str] = None):
     """
     if name is None or str(name).lower() == NO_MODEL:
         return None, None
-    from diffstream.metrics.depth import DepthEstimator
+    from diffstream.models.depth import DepthEstimator
 
     try:
         return DepthEstimator(str(name), device=_torch_device(device)), None

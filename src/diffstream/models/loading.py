@@ -7,113 +7,16 @@ user with a real checkpoint gets the real thing. Whatever fails to load ends in 
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from diffstream.config import TINY_VAE_PRESETS, ModelConfig
 from diffstream.errors import ModelLoadError, one_line
+from diffstream.models import hub
+from diffstream.models.components import Components
 
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-@dataclass
-class Components:
-    """The modules of a Stable Diffusion model plus what the engine needs to know about them.
-
-    Attributes:
-        unet, vae, text_encoder, tokenizer, scheduler: diffusers/transformers objects.
-        name: what the user asked for (for messages and reports).
-        turbo: 1-step x0 sampler, no CFG.
-        device, dtype: where the modules live.
-    """
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object
-    name: str
-    turbo: bool = False
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
-    depth_prior_state: dict | None = None  # Live2Diff's depth module weights, if the checkpoint had them
-
-    # --- facts derived from the modules ---------------------------------------------
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8 for SD)."""
-        if self.is_tiny_vae:
-            return 8  # TAESD always down-samples 8x, like SD's VAE
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def is_tiny_vae(self) -> bool:
-        return type(self.vae).__name__ == "AutoencoderTiny"
-
-    @property
-    def size_multiple(self) -> int:
-        """Frame sides must be multiples of this: VAE factor x the UNet's down-sampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @property
-    def is_video_unet(self) -> bool:
-        """True for a UNet with motion modules (UNetMotionModel)."""
-        return type(self.unet).__name__ == "UNetMotionModel"
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.out_channels)
-
-    @property
-    def unet_in_channels(self) -> int:
-        """4 for text-to-image checkpoints, 8 for InstructPix2Pix-style ones."""
-        return int(self.unet.config.in_channels)
-
-    @property
-    def prediction_type(self) -> str:
-        return getattr(self.scheduler.config, "prediction_type", "epsilon")
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.scheduler.alphas_cumprod
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
-
-    # --- the three model calls the engine makes besides the UNet ----------------------
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Text to CLIP hidden states. Returns (len(prompts), 77, D) on device/dtype."""
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
-        return hidden.to(self.dtype)
-
-    @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, H, W) in [-1, 1] to scaled latents (B, C, H/8, W/8).
-
-        The posterior mean is used (not a sample), so encoding is deterministic.
-        """
-        if self.is_tiny_vae:
-            latents = self.vae.encode(pixels).latents
-        else:
-            latents = self.vae.encode(pixels).latent_dist.mean
-        return latents * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) to pixels (B, 3, 8h, 8w) in [-1, 1]."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
 
 
 def resolve_device(device: str) -> torch.device:
@@ -177,7 +80,7 @@ def _load_diffusers_folder_or_hub(spec: str, dtype: torch.dtype) -> dict:
         return _from_pretrained(spec, dtype, local_files_only=True)
     except Exception:
         pass
-    if _offline() or not hub_reachable():
+    if hub._offline() or not hub.hub_reachable():
         raise ModelLoadError(
             f"cannot load model {spec!r}: it is not a local folder or file, not in the local cache, "
             f"and the model hub is unreachable: pass a local diffusers folder or .safetensors file "
@@ -208,61 +111,6 @@ def _from_pretrained(spec: str, dtype: torch.dtype, local_files_only: bool) -> d
         raise
 
 
-def hub_kwargs(name: str, local_files_only: bool | None = None) -> dict:
-    """`from_pretrained` keyword arguments for a hub id or folder.
-
-    With the hub unreachable, from_pretrained retries for about a minute before it
-    fails; asking for the local cache only fails (or succeeds) at once.
-    """
-    if local_files_only is not None:
-        return {"local_files_only": bool(local_files_only)}
-    if Path(name).expanduser().is_dir() or _offline() or not hub_reachable():
-        return {"local_files_only": True}
-    return {}
-
-
-def load_pretrained_parts(name: str, loaders, what: str, flag: str, local_files_only: bool | None = None):
-    """Load several `from_pretrained` parts (model, processor, tokenizer...) of one checkpoint.
-
-    Args:
-        name: hub id or local folder ("~" expanded).
-        loaders: classes with `from_pretrained`, loaded in order.
-        what: what it is, for messages ("CLIP model"); flag: the option to name ("--clip-model").
-    Returns:
-        tuple of the loaded parts.
-    Raises:
-        ModelLoadError: one line naming `flag PATH`.
-    """
-    path = os.path.expanduser(name)
-    looks_like_path = os.sep in name and (name.startswith((".", "/", "~")) or os.path.isabs(name))
-    if looks_like_path and not os.path.isdir(path):
-        raise ModelLoadError(f"{what} folder {name!r} does not exist; pass {flag} PATH to a local checkpoint folder")
-    kwargs = hub_kwargs(name, local_files_only)
-    source = path if looks_like_path else name
-    try:
-        return tuple(loader.from_pretrained(source, **kwargs) for loader in loaders)
-    except ImportError:
-        raise
-    except Exception as exc:  # OSError, hub errors, bad configs: all mean "can't load"
-        reason = one_line(exc, 160)
-        raise ModelLoadError(
-            f"cannot load {what} {name!r} ({type(exc).__name__}: {reason}); pass {flag} PATH to a local checkpoint folder"
-        ) from exc
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers at all (checked once, fast, no retries)."""
-    import socket
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _scheduler_from(spec: str, kwargs: dict):
     """An LCMScheduler carrying the checkpoint's own noise schedule and prediction type."""
     from diffusers import LCMScheduler
@@ -277,7 +125,7 @@ def _load_single_file(spec: str, dtype: torch.dtype) -> dict:
         raise _missing("checkpoint file", spec, FileNotFoundError("no such file"))
     try:
         pipe = StableDiffusionPipeline.from_single_file(
-            spec, torch_dtype=dtype, safety_checker=None, local_files_only=_offline()
+            spec, torch_dtype=dtype, safety_checker=None, local_files_only=hub._offline()
         )
     except Exception as exc:
         raise ModelLoadError(
@@ -294,10 +142,6 @@ def _load_single_file(spec: str, dtype: torch.dtype) -> dict:
     )
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
 def load_tiny_vae(spec: str, dtype: torch.dtype):
     """An AutoencoderTiny (TAESD) from a hub id, a folder, `taesd`, or `tiny` (random)."""
     from diffusers import AutoencoderTiny
@@ -312,7 +156,7 @@ def load_tiny_vae(spec: str, dtype: torch.dtype):
         return tiny_taesd(full_size=True).to(dtype)
     spec = TINY_VAE_PRESETS.get(spec, spec)
     try:
-        return AutoencoderTiny.from_pretrained(spec, torch_dtype=dtype, **hub_kwargs(spec))
+        return AutoencoderTiny.from_pretrained(spec, torch_dtype=dtype, **hub.hub_kwargs(spec))
     except Exception as exc:
         raise ModelLoadError(
             f"cannot load tiny VAE {spec!r} ({type(exc).__name__}): pass a local AutoencoderTiny folder "
@@ -358,7 +202,7 @@ def fuse_loras(modules: dict, loras: list[tuple[str, float]], num_lcm: int = 0) 
             spec_arg = str(path.parent)
         else:
             spec_arg = spec
-            kwargs.update(hub_kwargs(spec))
+            kwargs.update(hub.hub_kwargs(spec))
         try:
             pipe.load_lora_weights(spec_arg, adapter_name=f"lora{i}", **kwargs)
         except Exception as exc:

@@ -202,7 +202,7 @@ def load_motion_adapter(spec: str, block_out_channels, dtype=torch.float32):
                 f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:2]})"
             )
         return adapter.to(dtype).eval(), (converted.depth or None), converted
-    from diffstream.models.loading import hub_kwargs
+    from diffstream.models.hub import hub_kwargs
 
     try:
         adapter = MotionAdapter.from_pretrained(spec, torch_dtype=dtype, **hub_kwargs(spec))

@@ -176,7 +176,7 @@ def sd15_vae():
 
 def sd15_random_components(dtype=torch.float32):
     """(Benchmarks) Components of a random SD 1.5-size model with a TAESD-size tiny VAE."""
-    from diffstream.models.loading import Components
+    from diffstream.models.components import Components
     from diffstream.models.tokenizer import clip_tokenizer
 
     return Components(
@@ -212,7 +212,7 @@ def tiny_dpt(seed: int = 0):
 
 def tiny_depth_estimator(seed: int = 0):
     """The tiny DPT wrapped as a DepthEstimator (tests, --depth-model tiny)."""
-    from diffstream.metrics.depth import DepthEstimator
+    from diffstream.models.depth import DepthEstimator
 
     return DepthEstimator.from_components(*tiny_dpt(seed), device="cpu")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from diffstream.config import StreamConfig
-from diffstream.models.loading import Components
+from diffstream.models.components import Components
 from diffstream.pipelines.stream import StreamPipeline
 
 
@@ -62,7 +62,7 @@ def _depth_parts(components: Components, depth_model: str):
 
         estimator = tiny_depth_estimator()
     else:
-        from diffstream.metrics.depth import DepthEstimator
+        from diffstream.models.depth import DepthEstimator
 
         estimator = DepthEstimator(depth_model, device=components.device)
     return estimator, prior.eval().requires_grad_(False)

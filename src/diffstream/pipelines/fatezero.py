@@ -220,7 +220,7 @@ class FateZeroEditor:
     """Inversion and editing of one batch of frames (a window) on loaded components.
 
     Args:
-        components: `diffstream.models.loading.Components`.
+        components: `diffstream.models.components.Components`.
         config: the edit.
         latent_hw: (h, w) of the latents (frame size / 8).
     """

@@ -27,7 +27,7 @@ import torch
 from diffstream import frames as F
 from diffstream.attention.base import BatchLayout, Mechanism
 from diffstream.config import StreamConfig
-from diffstream.models.loading import Components
+from diffstream.models.components import Components
 from diffstream.pipelines.similarity import SimilarityFilter
 from diffstream.schedule import guidance as G
 from diffstream.schedule.stream_batch import StreamBatch

@@ -1,0 +1,109 @@
+"""`Components`: the loaded modules of a Stable Diffusion model and the facts derived from them.
+
+A plain dataclass with no loading code, so every room that only *uses* a model
+(pipelines, the tiny test model, benchmarks) can name it without importing the loaders
+(`models.loading` builds it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Components:
+    """The modules of a Stable Diffusion model plus what the engine needs to know about them.
+
+    Attributes:
+        unet, vae, text_encoder, tokenizer, scheduler: diffusers/transformers objects.
+        name: what the user asked for (for messages and reports).
+        turbo: 1-step x0 sampler, no CFG.
+        device, dtype: where the modules live.
+    """
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    name: str
+    turbo: bool = False
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    depth_prior_state: dict | None = None  # Live2Diff's depth module weights, if the checkpoint had them
+
+    # --- facts derived from the modules ---------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for SD)."""
+        if self.is_tiny_vae:
+            return 8  # TAESD always down-samples 8x, like SD's VAE
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def is_tiny_vae(self) -> bool:
+        return type(self.vae).__name__ == "AutoencoderTiny"
+
+    @property
+    def size_multiple(self) -> int:
+        """Frame sides must be multiples of this: VAE factor x the UNet's down-sampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def is_video_unet(self) -> bool:
+        """True for a UNet with motion modules (UNetMotionModel)."""
+        return type(self.unet).__name__ == "UNetMotionModel"
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.out_channels)
+
+    @property
+    def unet_in_channels(self) -> int:
+        """4 for text-to-image checkpoints, 8 for InstructPix2Pix-style ones."""
+        return int(self.unet.config.in_channels)
+
+    @property
+    def prediction_type(self) -> str:
+        return getattr(self.scheduler.config, "prediction_type", "epsilon")
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    # --- the three model calls the engine makes besides the UNet ----------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Text to CLIP hidden states. Returns (len(prompts), 77, D) on device/dtype."""
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return hidden.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] to scaled latents (B, C, H/8, W/8).
+
+        The posterior mean is used (not a sample), so encoding is deterministic.
+        """
+        if self.is_tiny_vae:
+            latents = self.vae.encode(pixels).latents
+        else:
+            latents = self.vae.encode(pixels).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) to pixels (B, 3, 8h, 8w) in [-1, 1]."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
