@@ -469,3 +469,72 @@ def test_create_app_rejects_bad_settings(tiny):
         create_app(tiny, max_clients=0)
     with pytest.raises(ConfigError, match="jpeg-quality"):
         create_app(tiny, jpeg_quality=0)
+
+
+# --- idle sessions, logged errors, random seeds ---------------------------------------------
+def test_idle_sessions_are_told_why_and_closed(make_client):
+    """A silent socket must not hold a session forever (4 of them made the server busy)."""
+    http = make_client(max_clients=1, idle_timeout=0.6)
+    assert http.get("/api/info").json()["idle_timeout"] == 0.6
+    talker = connect(http)
+    for _ in range(4):  # any message counts as activity: 1.2 s of pings keep it open
+        time.sleep(0.3)
+        talker.ping()
+    deadline = time.monotonic() + 10
+    while True:
+        what, value = talker.receive()
+        if what == "event" and value["type"] == "idle":
+            break
+        assert what != "close" and time.monotonic() < deadline, (what, value)
+    assert "no message for 0.6 s" in value["message"] and value["idle_timeout"] == 0.6
+    assert talker.receive() == ("close", 1000)
+    wait_until(lambda: http.get("/api/info").json()["clients"] == 0)
+    connect(http).frames(1)  # the session was given back: a new client is served
+
+
+def test_idle_timeout_must_be_positive_or_none(tiny, make_client):
+    with pytest.raises(ConfigError, match="idle-timeout must be > 0"):
+        create_app(tiny, idle_timeout=0)
+    assert make_client(idle_timeout=None).get("/api/info").json()["idle_timeout"] is None
+
+
+def test_internal_errors_are_logged_on_the_server_too(make_client, caplog):
+    def failing_factory(components, config):
+        pipe = make_pipeline(components, config)
+
+        def broken_push(frame):
+            raise RuntimeError("boom")
+
+        pipe.push = broken_push
+        return pipe
+
+    client = connect(make_client(pipeline_factory=failing_factory))
+    with caplog.at_level("ERROR", logger="diffstream.server"):
+        client.frames(1)
+    assert client.errors() == ["internal error: RuntimeError: boom"]
+    (record,) = [r for r in caplog.records if r.name == "diffstream.server"]
+    assert record.levelname == "ERROR" and "internal error" in record.getMessage()
+    assert record.exc_info and isinstance(record.exc_info[1], RuntimeError)  # with its traceback
+
+
+def test_model_load_failure_is_logged(make_client, caplog):
+    def factory():
+        raise ModelLoadError("cannot load model 'x'")
+
+    with caplog.at_level("ERROR", logger="diffstream.server"):
+        http = make_client(model=factory)
+        wait_until(lambda: http.app.state.engine.state == "failed")
+    assert any("model failed to load: cannot load model 'x'" in r.getMessage() for r in caplog.records)
+
+
+def test_seed_minus_one_picks_a_random_seed_and_says_which(make_client):
+    client = connect(make_client())
+    seeds = []
+    for _ in range(3):
+        client.send(type="params", seed=-1)
+        params = client.wait_for("params")["params"]
+        assert 0 <= params["seed"] < 2**32
+        seeds.append(params["seed"])
+    assert len(set(seeds)) > 1
+    client.frames(FILL + 1)
+    assert len(client.outputs) == 1 and client.errors() == []

@@ -11,6 +11,7 @@ own browser download is never used); without them the test is skipped, saying wh
 missing and how to install it.
 """
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -86,10 +87,16 @@ def browser_tools():
 @pytest.fixture
 def live_server(tiny):
     """The demo app on the tiny model, served by uvicorn on 127.0.0.1 in a thread."""
+    # One session only, so a second page has to wait for the first (busy, then reconnect).
+    with serving(create_app(tiny, size=64, max_clients=1, stats_interval=0.25)) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread: (base URL, app)."""
     import uvicorn
 
-    # One session only, so a second page has to wait for the first (busy, then reconnect).
-    app = create_app(tiny, size=64, max_clients=1, stats_interval=0.25)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_per_message_deflate=False, lifespan="on"))
@@ -176,6 +183,18 @@ def test_live_demo_in_headless_chromium(browser_tools, live_server, tmp_path):
             drawn = frames_drawn(page)
             wait_for_frames(page, drawn + 3)
 
+            # Seed -1 means a random seed, as on the command line: the page shows the one picked.
+            assert page.text_content("#applied").endswith("seed 2")
+            page.fill("#seed", "-1")
+            page.dispatch_event("#seed", "change")
+            page.wait_for_function(
+                "() => { const m = /seed (\\d+)$/.exec(document.getElementById('applied').textContent);"
+                " return m !== null && m[1] !== '2'; }",
+                timeout=TIMEOUT_MS,
+            )
+            assert 0 <= session.applied.seed < 2**32
+            assert page.text_content("#applied").endswith(f"seed {session.applied.seed}")
+
             assert page.get_attribute("#status", "data-state") == "ok", page.text_content("#status")
             assert page.is_hidden("#error"), page.text_content("#error")
             page.wait_for_function(
@@ -209,3 +228,38 @@ def test_live_demo_in_headless_chromium(browser_tools, live_server, tmp_path):
         finally:
             browser.close()
     assert not [line for line in console if line.startswith(("error", "pageerror"))], console
+
+
+def test_an_idle_page_is_told_and_reconnects_when_used_again(browser_tools, tiny, tmp_path):
+    """The server closes a session that sends nothing; the page says why, does not hold a
+    session by reconnecting on its own, and reconnects once the user picks a source."""
+    chromium, sync_api = browser_tools
+    clip = tmp_path / "pattern.y4m"
+    write_y4m(clip)
+    app = create_app(tiny, size=64, max_clients=1, stats_interval=0.25, idle_timeout=1.5)
+    with serving(app) as (url, app), sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium, headless=True,
+            args=CHROMIUM_ARGS + [f"--use-file-for-fake-video-capture={clip}"],
+        )
+        try:
+            context = browser.new_context()
+            context.grant_permissions(["camera"], origin=url)
+            page = context.new_page()
+            page.goto(url)
+            wait_for_frames(page, 2)
+            # The source goes away (as when a camera is unplugged): nothing more is sent.
+            page.evaluate("() => { state.sourceKind = null; }")
+            page.wait_for_function(
+                "() => document.getElementById('status').dataset.state === 'idle'", timeout=TIMEOUT_MS
+            )
+            assert "closed the session after no message for 1.5 s" in page.text_content("#status")
+            assert app.state.engine.clients == 0
+            time.sleep(3)  # two idle periods: the page has not taken the session back
+            assert app.state.engine.clients == 0
+            page.click("#use-camera")
+            drawn = frames_drawn(page)
+            wait_for_frames(page, drawn + 2)
+            assert page.get_attribute("#status", "data-state") == "ok", page.text_content("#status")
+        finally:
+            browser.close()

@@ -10,6 +10,7 @@ from diffstream.config import METHODS, StreamConfig
 from diffstream.frames import encode_jpeg
 from diffstream.server.protocol import (
     MAX_SEED,
+    RANDOM_SEED,
     PARAM_FIELDS,
     Limits,
     ProtocolError,
@@ -20,6 +21,7 @@ from diffstream.server.protocol import (
     pack_output,
     parse_control,
     public_params,
+    resolve_seed,
     unpack_output,
 )
 
@@ -136,8 +138,8 @@ def test_parse_control_accepts_each_message_type():
         ('{"type": "params", "strength": NaN}', "NaN is not allowed"),
         ('{"type": "params", "strength": Infinity}', "Infinity is not allowed"),
         ('{"type": "params", "seed": 1.5}', "seed must be an integer, got a number"),
-        ('{"type": "params", "seed": -1}', "seed must be between 0 and"),
-        (json.dumps({"type": "params", "seed": MAX_SEED + 1}), "seed must be between 0 and"),
+        ('{"type": "params", "seed": -2}', "seed must be -1 (a random seed) or between 0 and"),
+        (json.dumps({"type": "params", "seed": MAX_SEED + 1}), "seed must be -1 (a random seed) or between 0 and"),
         ('{"type": "params", "prompt": 5}', "prompt must be a string, got a number"),
         ('{"type": "params", "method": "magic"}', "unknown method 'magic'"),
         ('{"type": "params", "cfg_type": "double"}', "cfg_type must be one of"),
@@ -210,3 +212,12 @@ def test_the_engine_needs_no_web_framework():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not {name for name in imported if name.split(".")[0] in ("fastapi", "starlette", "uvicorn")}
+
+
+def test_seed_minus_one_means_a_random_seed():
+    """As on the command line, -1 asks for a random seed; the server picks one and says which."""
+    assert RANDOM_SEED == -1
+    assert parse_control('{"type": "params", "seed": -1}', LIMITS) == {"type": "params", "changes": {"seed": -1}}
+    picked = {resolve_seed(-1) for _ in range(8)}
+    assert all(0 <= seed <= MAX_SEED for seed in picked) and len(picked) > 1
+    assert resolve_seed(0) == 0 and resolve_seed(MAX_SEED) == MAX_SEED

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from typing import Callable
 
@@ -39,7 +41,19 @@ from diffstream.server.protocol import (
 CLOSE_POLICY = 1008  # cross-site page tried to connect
 CLOSE_INTERNAL = 1011  # the model failed to load
 CLOSE_TRY_AGAIN = 1013  # all sessions are in use
+CLOSE_NORMAL = 1000  # the session was idle for too long (an "idle" event says so first)
+# Seconds without any message from a client before its session is closed: an open but
+# silent tab must not hold one of the `max_clients` sessions forever.
+DEFAULT_IDLE_TIMEOUT = 60.0
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+
+
+@dataclass(frozen=True)
+class _CloseSocket:
+    """Put last in a session's outbox: the send loop closes the socket and ends."""
+
+    code: int
+    reason: str
 
 
 def _read_static() -> dict[str, bytes]:
@@ -59,6 +73,7 @@ def create_app(
     base_config: StreamConfig | None = None,
     pipeline_factory: Callable | None = None,
     allowed_origins: tuple[str, ...] = (),
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
 ):
     """Build the live demo app.
 
@@ -73,6 +88,8 @@ def create_app(
         base_config: the settings a new session starts with (default: StreamConfig()).
         pipeline_factory: builds a pipeline from (components, config).
         allowed_origins: extra browser origins allowed to connect (e.g. behind a proxy).
+        idle_timeout: seconds a client may send nothing before its session is closed
+            (it gets an "idle" event first) and given to the next client; None: never.
     Returns:
         a FastAPI app; its engine is `app.state.engine`.
     Raises:
@@ -84,6 +101,8 @@ def create_app(
         raise ConfigError(f"--jpeg-quality must be between 1 and 100, got {jpeg_quality}")
     if stats_interval <= 0:
         raise ConfigError(f"stats_interval must be > 0, got {stats_interval}")
+    if idle_timeout is not None and not idle_timeout > 0:
+        raise ConfigError(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
     limits = limits or Limits()
     base = (base_config or StreamConfig()).replace(size=int(size))
     engine = Engine(components_or_factory, base, max_clients, jpeg_quality, pipeline_factory)
@@ -142,6 +161,7 @@ def create_app(
                 "clients": engine.clients,
                 "max_clients": engine.max_clients,
                 "limits": limits.as_dict(),
+                "idle_timeout": idle_timeout,
                 "rss_bytes": current_rss_bytes(),
             }
         )
@@ -187,6 +207,8 @@ def create_app(
             asyncio.create_task(_send_loop(websocket, session)),
             asyncio.create_task(_stats_loop(engine, session, stats_interval)),
         ]
+        if idle_timeout is not None:
+            tasks.append(asyncio.create_task(_idle_loop(engine, session, idle_timeout)))
         try:
             await _receive_loop(websocket, engine, session, limits)
         finally:
@@ -202,8 +224,9 @@ async def _receive_loop(websocket, engine: Engine, session: Session, limits: Lim
     """Read client messages until it disconnects; a bad message costs only an error event."""
     while True:
         message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
+        session.last_message = time.monotonic()
+        if message["type"] == "websocket.disconnect" or session.closed:
+            return  # gone, or its session was closed for being idle
         data, text = message.get("bytes"), message.get("text")
         try:
             if data is not None:
@@ -219,6 +242,27 @@ async def _receive_loop(websocket, engine: Engine, session: Session, limits: Lim
             await session.outbox.put({"type": "error", "message": str(err)})
 
 
+async def _idle_loop(engine: Engine, session: Session, timeout: float) -> None:
+    """Close the session once the client has sent nothing, not even a bad message, for
+    `timeout` seconds: give it back to the engine at once, then tell the client why and
+    close the socket (the send loop does both, after what it is already sending)."""
+    while True:
+        left = session.last_message + timeout - time.monotonic()
+        if left > 0:
+            await asyncio.sleep(left)
+            continue
+        engine.close_session(session)
+        await session.outbox.put(
+            {
+                "type": "idle",
+                "message": f"session closed: no message for {timeout:g} s; connect again to go on",
+                "idle_timeout": timeout,
+            }
+        )
+        await session.outbox.put(_CloseSocket(CLOSE_NORMAL, "idle"))
+        return
+
+
 async def _send_loop(websocket, session: Session) -> None:
     """The only writer of the socket: output frames and events, in order."""
     try:
@@ -226,6 +270,9 @@ async def _send_loop(websocket, session: Session) -> None:
             item = await session.outbox.get()
             if isinstance(item, (bytes, bytearray)):
                 await websocket.send_bytes(bytes(item))
+            elif isinstance(item, _CloseSocket):
+                await websocket.close(code=item.code, reason=item.reason)
+                return
             else:
                 await websocket.send_text(json.dumps(item))
     except asyncio.CancelledError:

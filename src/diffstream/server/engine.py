@@ -21,13 +21,16 @@ Design (see `diffstream.server.protocol` for the messages):
   frame sent after it, without resetting temporal state (a method change does start a
   new stream: one method's state means nothing to another);
 - the event loop only receives, checks headers and sends; decoding, inference and JPEG
-  encoding run on the engine thread, and nothing on the per-frame path logs.
+  encoding run on the engine thread, and nothing on the per-frame path logs; an internal
+  error (a bug, a model failure) goes to its client as an "error" event and to the
+  server's log (logger "diffstream.server", with the traceback).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -36,14 +39,25 @@ from typing import Callable
 
 from diffstream import frames as F
 from diffstream.config import METHODS, StreamConfig
-from diffstream.errors import ConfigError
+from diffstream.errors import ConfigError, DiffstreamError
 from diffstream.metrics.timing import percentile
-from diffstream.server.protocol import Limits, ProtocolError, apply_params, check_frame, pack_output, public_params
+from diffstream.server.protocol import (
+    Limits,
+    ProtocolError,
+    apply_params,
+    check_frame,
+    pack_output,
+    public_params,
+    resolve_seed,
+)
+
+log = logging.getLogger("diffstream.server")
 
 # Outgoing messages waiting for a slow client; beyond it output frames are dropped.
 SEND_QUEUE = 32
-# Window of recent outputs the stats are computed over.
+# Recent outputs the stats are computed over (latency percentiles, output rate).
 STATS_WINDOW = 64
+# The output rate counts about this many seconds of outputs (see `output_rate`).
 FPS_WINDOW_SECONDS = 2.0
 
 
@@ -74,6 +88,8 @@ class Session:
         self.outbox: asyncio.Queue = asyncio.Queue(maxsize=SEND_QUEUE)
         # What the config will be once every accepted change is applied (event loop).
         self.requested = config
+        # When the client last sent anything, frame or text (event loop; idle timeout).
+        self.last_message = time.monotonic()
         # Shared state (engine lock).
         self.slot: _Frame | None = None
         self.ops: deque[_Op] = deque()
@@ -87,6 +103,7 @@ class Session:
         self.skipped = 0
         self.latencies: deque[float] = deque(maxlen=STATS_WINDOW)
         self.output_times: deque[float] = deque(maxlen=STATS_WINDOW)
+        self.started: float | None = None  # time.monotonic() of the first accepted frame
         # Engine-thread state.
         self.applied = config
         self.pipe = None
@@ -252,6 +269,8 @@ class Engine:
                 return
             if session.slot is not None:
                 session.dropped += 1  # the engine never got to it: a newer frame is here
+            if session.started is None:
+                session.started = frame.received
             session.slot = frame
             self._cond.notify_all()
 
@@ -264,7 +283,11 @@ class Engine:
         kind = message["type"]
         payload = {}
         if kind == "params":
-            changes = message["changes"]
+            changes = dict(message["changes"])
+            if "seed" in changes:
+                # -1 is a random seed, picked here so every later message and the
+                # "params" answer carry the seed actually used.
+                changes["seed"] = resolve_seed(changes["seed"])
             method = changes.get("method")
             if method is not None and method not in self.methods:
                 reason = self.unavailable.get(method, "unknown method")
@@ -288,12 +311,17 @@ class Engine:
         with self._cond:
             session.rejected += 1
 
-    def stats(self, session: Session) -> dict:
-        """The session's counters and recent speed, for the "stats" and "pong" events."""
-        now = time.monotonic()
+    def stats(self, session: Session, now: float | None = None) -> dict:
+        """The session's counters and recent speed, for the "stats" and "pong" events.
+
+        "fps" is the session's output rate (`output_rate`; None before the first output),
+        "latency_ms" / "latency_p95_ms" the time from a frame's arrival to its output.
+        `now` (a time.monotonic() value) is for tests.
+        """
+        now = time.monotonic() if now is None else now
         with self._cond:
             latencies = list(session.latencies)
-            recent = [t for t in session.output_times if now - t <= FPS_WINDOW_SECONDS]
+            fps = output_rate(session.output_times, now, start=session.started, total=session.outputs)
             stats = {
                 "received": session.received,
                 "processed": session.processed,
@@ -306,10 +334,7 @@ class Engine:
                 "clients": len(self._sessions),
                 "max_clients": self.max_clients,
             }
-        fps = 0.0
-        if len(recent) >= 2 and recent[-1] > recent[0]:
-            fps = (len(recent) - 1) / (recent[-1] - recent[0])
-        stats["fps"] = round(fps, 2)
+        stats["fps"] = round(fps, 2) if fps is not None else None
         p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
         stats["latency_ms"] = round(p50 * 1000, 1) if p50 is not None else None
         stats["latency_p95_ms"] = round(p95 * 1000, 1) if p95 is not None else None
@@ -345,6 +370,7 @@ class Engine:
             with self._cond:
                 self.state, self.load_error = "failed", f"model failed to load: {_one_line(err)}"
                 sessions = list(self._sessions)
+            log.error("%s", self.load_error, exc_info=not isinstance(err, DiffstreamError))
             for session in sessions:
                 session.deliver({"type": "error", "message": self.load_error, "fatal": True})
             return False
@@ -384,7 +410,10 @@ class Engine:
         except ConfigError as err:
             session.deliver({"type": "error", "message": _one_line(err)})
         except Exception as err:  # a bug or a model error must not stop other clients
-            session.deliver({"type": "error", "message": f"internal error: {type(err).__name__}: {_one_line(err)}"})
+            message = f"internal error: {type(err).__name__}: {_one_line(err)}"
+            # The client sees one line; whoever runs the server needs the traceback.
+            log.error("session %d: %s", session.id, message, exc_info=True)
+            session.deliver({"type": "error", "message": message})
 
     def _apply_op(self, session: Session, op: _Op) -> None:
         if op.kind == "ping":
@@ -463,6 +492,50 @@ class Engine:
             finally:
                 session.pipe = None
                 session.inputs.clear()
+
+
+def output_rate(
+    times, now: float, *, start: float | None = None, total: int | None = None, window: float = FPS_WINDOW_SECONDS
+) -> float | None:
+    """Outputs per second over about the last `window` seconds, right at any speed.
+
+    Counts the n outputs after a reference time t0 over the time they took, t_last - t0.
+    t0 is the last output at least `window` old; failing that, the oldest one remembered
+    when older ones were forgotten; failing that, the stream's start (its first input).
+    So evenly spaced outputs read as their exact rate at 0.2 frames/s or 140, whenever
+    it is asked; a burst (Live2Diff's warmup emits 8 frames at once) counts over the time
+    it took to make, not the milliseconds between its frames; and once outputs stop, the
+    time since the last one counts as soon as it exceeds the mean gap, so the figure falls.
+
+    Args:
+        times: the most recent output times (ascending; maybe only the last few).
+        now: the current time, on the same clock.
+        start: when the stream began, the reference before its first output.
+        total: outputs there have been in all (more than len(times) when some were forgotten).
+    Returns:
+        outputs per second, or None before the first output (nothing to measure).
+    """
+    times = list(times)
+    if not times:
+        return None
+    total = len(times) if total is None else total
+    last = len(times) - 1
+    ref = next((i for i in range(last, -1, -1) if times[i] <= now - window), None)
+    if ref == last:  # nothing in the window: rate over the last gap and the silence since
+        ref = last - 1 if last >= 1 else None
+        if ref is None and (start is None or total > len(times)):
+            return None
+    if ref is not None:
+        t0, n = times[ref], last - ref
+    elif total > len(times) or start is None:
+        t0, n = times[0], last
+    else:
+        t0, n = start, len(times)
+    span = times[-1] - t0
+    if n == 0:
+        return None
+    elapsed = max(span, now - t0 - span / n)
+    return n / elapsed if elapsed > 0 else None
 
 
 def _one_line(err: BaseException) -> str:

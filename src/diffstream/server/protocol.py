@@ -6,7 +6,8 @@ Client -> server:
   it keeps, drops or rejects them, so a client knows each frame's id by counting.
 - text message: one JSON object with a "type":
     {"type": "params", <field>: <value>, ...}  change settings from the next frame on
-        (fields: see PARAM_FIELDS; at least one; unknown fields are rejected);
+        (fields: see PARAM_FIELDS; at least one; unknown fields are rejected; a seed of
+        -1 asks for a random one, and the "params" answer says which);
     {"type": "reset"}                          start the stream over (drops temporal state);
     {"type": "ping", "t": <number>}            answered with a "pong" once every frame
         sent before the ping has been processed (a barrier; also measures round trips).
@@ -16,9 +17,11 @@ Server -> client:
   input frame it restyles), then JPEG bytes (see `pack_output` / `unpack_output`).
 - text message: one JSON object with a "type": "ready" (first message: session id,
   current params, methods, limits), "params" (settings applied, echoing them all),
-  "reset", "pong", "stats" (periodic counters), "status" (model state), "error" (a
-  message was rejected; the connection stays open), "busy" (no free session; the server
-  then closes with code 1013, "try again later").
+  "reset", "pong", "stats" (periodic counters and the output rate), "status" (model
+  state), "error" (a message was rejected; the connection stays open), "busy" (no free
+  session; the server then closes with code 1013, "try again later"), "idle" (no message
+  came for the server's idle timeout; the server then closes with code 1000 and the
+  session is free for another client).
 
 Every check here runs before anything touches the model, and every failure is a
 `ProtocolError` with one line that says what to send instead. Who may connect at all is
@@ -33,6 +36,7 @@ import ipaddress
 import json
 import math
 import re
+import secrets
 import struct
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -48,6 +52,9 @@ MAX_FRAME_ID = 2**32 - 1
 FRAME_FORMATS = ("JPEG", "PNG", "WEBP")
 # Seeds stay below 2**32 so that JavaScript numbers hold them exactly.
 MAX_SEED = 2**32 - 1
+# A "params" seed of -1 asks for a random seed (as `--seed -1` does on the command line);
+# the server picks one and echoes it in the "params" event, so a good result can be kept.
+RANDOM_SEED = -1
 
 # What a "params" message may change, and the kind of value each field takes. Size is
 # not here: the server fixes the processing size (it bounds the cost of every frame).
@@ -275,8 +282,8 @@ def _check_field(name: str, kind: str, value, limits: Limits, methods: tuple[str
     if kind == "seed":
         if not _is_int(value):
             raise wrong("an integer")
-        if not 0 <= value <= MAX_SEED:
-            raise ProtocolError(f"seed must be between 0 and {MAX_SEED}, got {value}")
+        if value != RANDOM_SEED and not 0 <= value <= MAX_SEED:
+            raise ProtocolError(f"seed must be -1 (a random seed) or between 0 and {MAX_SEED}, got {value}")
         return value
     if kind == "int":
         if not _is_int(value):
@@ -287,6 +294,11 @@ def _check_field(name: str, kind: str, value, limits: Limits, methods: tuple[str
             raise wrong("a non-empty list of integers or null")
         return tuple(value)
     raise AssertionError(f"unhandled field kind {kind}")  # PARAM_FIELDS and this function disagree
+
+
+def resolve_seed(seed: int) -> int:
+    """`seed`, or a random seed in [0, MAX_SEED] for `RANDOM_SEED` (-1)."""
+    return secrets.randbelow(MAX_SEED + 1) if seed == RANDOM_SEED else seed
 
 
 def apply_params(config: StreamConfig, changes: dict, turbo: bool = False) -> StreamConfig:

@@ -21,6 +21,7 @@ const state = {
   ws: null,
   ready: false,
   busy: false,
+  idle: null, // the server closed the session as idle: reconnect only when the user acts
   fatal: null, // a server error that reconnecting will not fix by itself (model failed to load)
   retryMs: 1000,
   size: 512, // the server's processing size: frames are scaled to it before sending
@@ -30,7 +31,6 @@ const state = {
   encoding: false,
   lastDrawnId: -1,
   framesDrawn: 0,
-  drawTimes: [],
   latencies: [],
   localDrops: 0,
   server: {},
@@ -70,6 +70,7 @@ function clearError() {
 
 // --- connection ---------------------------------------------------------------------
 function connect() {
+  state.idle = null;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(`${scheme}//${location.host}/ws`);
   ws.binaryType = "arraybuffer";
@@ -89,6 +90,11 @@ function connect() {
   ws.onclose = (event) => {
     if (ws !== state.ws) return;
     state.ready = false;
+    if (state.idle) {
+      // Reconnecting by itself would only hold a session for another idle period.
+      setStatus(`Disconnected: ${state.idle} Choose a source or change a setting to reconnect.`, "idle");
+      return;
+    }
     if (state.busy || event.code === 1013) {
       setStatus(`Server busy: all sessions are in use. Retrying in ${BUSY_RETRY_MS / 1000} s…`, "busy");
       setTimeout(connect, BUSY_RETRY_MS);
@@ -108,7 +114,12 @@ function send(message) {
     ws.send(JSON.stringify(message));
     return true;
   }
+  reconnectIfIdle(); // the settings are sent in full once the new session is ready
   return false;
+}
+
+function reconnectIfIdle() {
+  if (state.idle && state.ws && state.ws.readyState === WebSocket.CLOSED) connect();
 }
 
 function handleEvent(event) {
@@ -142,6 +153,10 @@ function handleEvent(event) {
         setStatus(`Server error: ${event.message}`, "error");
       }
       break;
+    case "idle":
+      state.idle = event.message.replace(/^session closed: /, "the server closed the session after ")
+        .replace(/; connect again to go on$/, ".");
+      break;
     case "busy":
       state.busy = true;
       setStatus(`${event.message}. Retrying in ${BUSY_RETRY_MS / 1000} s…`, "busy");
@@ -171,7 +186,6 @@ function handleFrame(buffer) {
     outputCtx.drawImage(bitmap, 0, 0);
     bitmap.close();
     state.framesDrawn += 1;
-    state.drawTimes.push(receivedAt);
     const sent = state.sentAt.get(id);
     if (sent !== undefined) {
       state.latencies.push(receivedAt - sent);
@@ -241,6 +255,7 @@ function stopSource() {
 
 function useStream(stream, kind) {
   stopSource();
+  reconnectIfIdle();
   state.stream = stream;
   state.sourceKind = kind;
   video.srcObject = stream;
@@ -306,6 +321,7 @@ async function useScreen() {
 function useFile(file) {
   if (!file) return;
   stopSource();
+  reconnectIfIdle();
   state.objectUrl = URL.createObjectURL(file);
   video.src = state.objectUrl;
   video.loop = true;
@@ -329,9 +345,10 @@ function similarityValue() {
 }
 
 function readSeed() {
+  // -1 asks the server for a random seed; the "params" answer shows the one it picked.
   const seed = Number($("seed").value);
-  if (!Number.isInteger(seed) || seed < 0) {
-    showError("Seed must be a whole number of 0 or more.");
+  if (!Number.isInteger(seed) || seed < -1) {
+    showError("Seed must be a whole number of 0 or more, or -1 for a random seed.");
     return null;
   }
   return seed;
@@ -390,11 +407,10 @@ function median(values) {
 }
 
 function renderStats() {
-  const now = performance.now();
-  state.drawTimes = state.drawTimes.filter((t) => now - t <= 2000);
-  const times = state.drawTimes;
-  const fps = times.length >= 2 ? (times.length - 1) / ((times[times.length - 1] - times[0]) / 1000) : 0;
-  $("stat-fps").textContent = fps.toFixed(1);
+  // The output rate is measured by the server (diffstream.server.engine.output_rate, right
+  // at any speed and tested there); null until the first output.
+  const fps = state.server.fps;
+  $("stat-fps").textContent = typeof fps === "number" ? fps.toFixed(fps < 10 ? 2 : 1) : "–";
   const latency = median(state.latencies);
   $("stat-latency").textContent = latency === null ? "–" : `${Math.round(latency)} ms`;
   const serverDropped = state.server.dropped || 0;
