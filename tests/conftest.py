@@ -5,6 +5,14 @@ import torch
 
 torch.set_num_threads(1)
 
+# The session-wide models, whose UNets every test shares (released after each test).
+_SHARED_COMPONENTS: list = []
+
+
+def _shared(components):
+    _SHARED_COMPONENTS.append(components)
+    return components
+
 
 @pytest.fixture(scope="session")
 def tiny():
@@ -12,7 +20,7 @@ def tiny():
     from diffstream.config import ModelConfig
     from diffstream.models.loading import load_components
 
-    return load_components(ModelConfig(model="tiny", device="cpu"))
+    return _shared(load_components(ModelConfig(model="tiny", device="cpu")))
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +29,7 @@ def tiny_taesd_model():
     from diffstream.config import ModelConfig
     from diffstream.models.loading import load_components
 
-    return load_components(ModelConfig(model="tiny", device="cpu", tiny_vae="tiny"))
+    return _shared(load_components(ModelConfig(model="tiny", device="cpu", tiny_vae="tiny")))
 
 
 @pytest.fixture
@@ -34,9 +42,10 @@ def frames():
 @pytest.fixture(autouse=True)
 def _release_shared_unets():
     """Each test starts with stock processors on the shared tiny UNets: streams a test
-    left open are closed afterwards (as a process exit would)."""
+    left open are closed afterwards (as a process exit would): whoever holds the
+    processor lease on a shared UNet gives it back."""
     yield
-    from diffstream.pipelines.stream import _OWNERS
+    from diffstream.attention.base import ProcessorLease
 
-    for pipe in list(_OWNERS.values()):
-        pipe.close()
+    for components in _SHARED_COMPONENTS:
+        ProcessorLease.release(components.unet)

@@ -11,15 +11,19 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from diffstream.attention.anchor import (
+    AnchorAttention,
     AnchorAttnProcessor,
     AnchorConfig,
-    AnchorState,
     anchor_indices,
-    install_anchor_attention,
 )
-from diffstream.attention.base import install_processors, is_self_attention
+from diffstream.attention.base import BatchLayout, install_processors, is_self_attention
 
 STEP_T = 500
+
+
+def layout(phase, step, branches, frames):
+    """The layout of a branch-major call of `frames` frames per branch at `step`."""
+    return BatchLayout.branch_major(phase, step, [f"branch{i}" for i in range(branches)], frames, num_steps=10)
 
 
 class FullCrossFrame:
@@ -91,8 +95,8 @@ def test_off_mode_is_stock_attention_exactly(tiny):
     x, emb = unet_batch(2, 3, seed=1)
     with install_processors(tiny.unet, lambda n, p: AttnProcessor2_0()):
         stock = run(tiny.unet, x, emb)
-    state = AnchorState()
-    with install_anchor_attention(tiny.unet, state) as installed:
+    fairy = AnchorAttention()
+    with fairy.attach(tiny.unet) as installed:
         assert installed and all(is_self_attention(n) for n in installed)
         ours = run(tiny.unet, x, emb)
     assert torch.equal(ours, stock)
@@ -105,9 +109,9 @@ def test_every_frame_an_anchor_is_full_cross_frame_attention(tiny, branches):
     ref = FullCrossFrame(branches)
     with install_processors(tiny.unet, lambda n, p: ref if is_self_attention(n) else AttnProcessor2_0()):
         full = run(tiny.unet, x, emb)
-    state = AnchorState(AnchorConfig(num_anchors=frames))
-    with install_anchor_attention(tiny.unet, state):
-        state.record(step=0, num_branches=branches)
+    fairy = AnchorAttention(AnchorConfig(num_anchors=frames))
+    with fairy.attach(tiny.unet):
+        fairy.before_unet(layout("record", 0, branches, frames))
         ours = run(tiny.unet, x, emb)
     torch.testing.assert_close(ours, full, rtol=0, atol=1e-5)
     # And it really is cross-frame: per-frame attention gives something else.
@@ -133,21 +137,22 @@ def test_ordinary_frames_attend_to_own_plus_anchor_tokens(tiny):
             r.recording = False
         frames_ref = run(tiny.unet, xf, emb_f)
 
-    state = AnchorState(AnchorConfig(num_anchors=num_anchors))
-    with install_anchor_attention(tiny.unet, state) as installed:
-        state.record(step=5, num_branches=branches)
+    fairy = AnchorAttention(AnchorConfig(num_anchors=num_anchors))
+    state = fairy.state
+    with fairy.attach(tiny.unet) as installed:
+        fairy.before_unet(layout("record", 5, branches, num_anchors))
         anchors_ours = run(tiny.unet, xa, emb_a)
-        state.attend(step=5, num_branches=branches)
+        fairy.before_unet(layout("attend", 5, branches, frames))
         frames_ours = run(tiny.unet, xf, emb_f)
         # One cache entry per self-attention layer for this step, all branches inside.
         assert set(state.cache) == {(name, 5) for name in installed}
         for keys, values in state.cache.values():
             assert keys.shape[0] == branches and keys.shape == values.shape
         # The cache survives a trip through another process's memory (export/load).
-        shipped = AnchorState()
-        shipped.load(state.export())
-        shipped.attend(step=5, num_branches=branches)
-    with install_anchor_attention(tiny.unet, shipped):
+        shipped = AnchorAttention()
+        shipped.state.load(state.export())
+        shipped.before_unet(layout("attend", 5, branches, frames))
+    with shipped.attach(tiny.unet):
         frames_shipped = run(tiny.unet, xf, emb_f)
     torch.testing.assert_close(anchors_ours, anchors_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(frames_ours, frames_ref, rtol=0, atol=1e-5)
@@ -156,16 +161,16 @@ def test_ordinary_frames_attend_to_own_plus_anchor_tokens(tiny):
 
 
 def test_attend_without_cache_is_a_clear_error(tiny):
-    state = AnchorState()
+    fairy = AnchorAttention()
     x, emb = unet_batch(1, 1, seed=5)
-    with install_anchor_attention(tiny.unet, state):
-        state.attend(step=0, num_branches=1)
+    with fairy.attach(tiny.unet):
+        fairy.before_unet(layout("attend", 0, 1, 1))
         with pytest.raises(RuntimeError, match="generate the anchors first"):
             run(tiny.unet, x, emb)
 
 
 def test_processors_are_restored(tiny):
     before = dict(tiny.unet.attn_processors)
-    with install_anchor_attention(tiny.unet, AnchorState()):
+    with AnchorAttention().attach(tiny.unet):
         assert any(isinstance(p, AnchorAttnProcessor) for p in tiny.unet.attn_processors.values())
     assert all(tiny.unet.attn_processors[n] is before[n] for n in before)

@@ -1,9 +1,11 @@
 """FateZero's processors on the tiny UNet: Eq. 8 attention, store, fusion, blend mask."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from diffstream.attention.base import SDPAAttnProcessor, attend, attention_inputs, attention_output
+from diffstream.attention.base import BatchLayout, SDPAAttnProcessor, attend, attention_inputs, attention_output
 from diffstream.attention.fatezero import (
     BLEND_KEY,
     FateZero,
@@ -19,10 +21,9 @@ from diffstream.attention.fatezero import (
 from diffstream.attention.store import AttentionStore
 from diffstream.errors import ConfigError
 
-LATENT = (4, 6)  # (h, w): 24 tokens at full resolution, 6 (2x3) at half
+LATENT = (4, 6)  # (h, w): 24 latent cells; the tiny UNet attends only at half resolution, 6 (2x3) tokens
 SELF = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
 CROSS = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
-FULL_RES_SELF = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
 PROMPT = "a black swan swimming in a river"
 
 
@@ -46,7 +47,13 @@ def hidden(seed, rows=3, tokens=6, channels=64):
 
 def make(tiny, layers, text, fusion=None, **config):
     config = FateZeroConfig(**{"steps": 4, "cross_replace": 1.0, "self_replace": 1.0, **config})
-    return FateZero(tiny.unet, config, layers, fusion, text)
+    return FateZero(config, layers, fusion, text)
+
+
+def call(fz, phase, step, ref_rows, groups=1):
+    """Publish the next call: `groups` branch groups (uncond, cond) of len(ref_rows) frames."""
+    branches = ("uncond", "cond")[2 - groups :]
+    fz.before_unet(BatchLayout.branch_major(phase, step, branches, len(ref_rows), fz.plan.num_steps, refs=ref_rows))
 
 
 def run(fz, name, attn, x, enc=None):
@@ -56,9 +63,9 @@ def run(fz, name, attn, x, enc=None):
 
 def test_probe_reads_every_layer_and_its_grid(layers):
     by_name = {l.name: l for l in layers}
-    assert len(layers) == 14
-    assert by_name[FULL_RES_SELF].tokens == 24 and by_name[FULL_RES_SELF].grid == (4, 6)
-    assert by_name[FULL_RES_SELF].downsample == 1 and by_name[FULL_RES_SELF].kv_tokens == 48
+    assert len(layers) == 8  # down_blocks.1, mid_block, up_blocks.0 (x2): self + cross each
+    assert {l.downsample for l in layers} == {2}  # full resolution is DownBlock2D / UpBlock2D
+    assert by_name[SELF].kv_tokens == 12 and by_name[CROSS].tokens == 6
     assert by_name[SELF].tokens == 6 and by_name[SELF].grid == (2, 3) and by_name[SELF].downsample == 2
     assert by_name[SELF].channels == 64 and by_name[SELF].heads == 8
     assert by_name[CROSS].kind == "cross" and by_name[CROSS].kv_tokens == 77
@@ -69,7 +76,9 @@ def test_plan_stores_only_what_the_schedule_reads(layers):
     plan = FusionPlan.build(layers, config, blend=True)
     assert plan.cross_steps == (0, 1, 2, 3, 4) and plan.self_steps == tuple(range(8))
     # the reference's rule: only layers coarser than the latent are fused
-    assert SELF in plan.self_layers and FULL_RES_SELF not in plan.self_layers
+    assert SELF in plan.self_layers
+    coarser = FusionPlan.build(layers, dataclasses.replace(config, fuse_min_downsample=4), blend=False)
+    assert coarser.self_layers == coarser.cross_layers == ()
     assert len(plan.self_layers) == len(plan.cross_layers) == 4
     # the blend mask comes from the coarsest down/up cross-attention layers (not mid)
     assert CROSS in plan.mask_layers and not any(n.startswith("mid_block") for n in plan.mask_layers)
@@ -96,7 +105,7 @@ def test_config_is_validated():
 def test_eq8_with_each_frame_as_its_own_reference_is_plain_attention(tiny, layers, text):
     fz = make(tiny, layers, text)
     attn, x = module(tiny.unet, SELF), hidden(0)
-    fz.plain(ref_rows=[0, 1, 2])
+    call(fz, "plain", 0, [0, 1, 2])
     with torch.no_grad():
         expected = SDPAAttnProcessor()(attn, x)
     torch.testing.assert_close(run(fz, SELF, attn, x), expected, rtol=1e-5, atol=1e-6)
@@ -105,7 +114,7 @@ def test_eq8_with_each_frame_as_its_own_reference_is_plain_attention(tiny, layer
 def test_eq8_appends_the_reference_frame_keys_and_values(tiny, layers, text):
     fz = make(tiny, layers, text)
     attn, x = module(tiny.unet, SELF), hidden(1)
-    fz.plain(ref_rows=[1, 1, 1])
+    call(fz, "plain", 0, [1, 1, 1])
     got = run(fz, SELF, attn, x)
     with torch.no_grad():
         for i in range(3):
@@ -122,24 +131,27 @@ def test_store_call_keeps_the_layer_input_and_changes_nothing(tiny, layers, text
     fz = make(tiny, layers, text)
     attn, x = module(tiny.unet, name), hidden(2)
     enc = text.expand(3, -1, -1) if name == CROSS else None
-    fz.plain(ref_rows=[1, 1, 1])
+    call(fz, "plain", 0, [1, 1, 1])
     plain = run(fz, name, attn, x, enc)
     sink = AttentionStore(budget_bytes=None, dtype=torch.float32)
-    fz.store(2, ref_rows=[1, 1, 1], sink=sink)
+    fz.use_stores(sink=sink)
+    call(fz, "store", 2, [1, 1, 1])
     assert torch.equal(run(fz, name, attn, x, enc), plain)
     kind = "self" if name == SELF else "cross"
     assert sink.keys() == [(kind, name, 2)] and torch.equal(sink.get((kind, name, 2)), x)
     # a layer the plan does not fuse stores nothing
-    full_res = AttentionStore(budget_bytes=None)
-    fz.store(2, ref_rows=[0] * 3, sink=full_res)
-    run(fz, FULL_RES_SELF, module(tiny.unet, FULL_RES_SELF), hidden(3, tokens=24, channels=32))
-    assert len(full_res) == 0
+    unfused = make(tiny, layers, text, fuse_min_downsample=4)  # every tiny layer is 2x down: none fused
+    nothing = AttentionStore(budget_bytes=None)
+    unfused.use_stores(sink=nothing)
+    call(unfused, "store", 2, [0] * 3)
+    run(unfused, name, attn, hidden(3), enc)
+    assert len(nothing) == 0
 
 
-def stored(fz, name, x, enc, step=0, ref_rows=(1, 1, 1)):
-    attn = module(fz.unet, name)
+def stored(fz, attn, name, x, enc, step=0, ref_rows=(1, 1, 1)):
     sink = AttentionStore(budget_bytes=None, dtype=torch.float32)
-    fz.store(step, ref_rows=ref_rows, sink=sink)
+    fz.use_stores(sink=sink)
+    call(fz, "store", step, ref_rows)
     return run(fz, name, attn, x, enc), sink
 
 
@@ -150,12 +162,13 @@ def test_fusing_maps_stored_from_the_same_input_reproduces_the_stored_call(tiny,
     fz = make(tiny, layers, text)
     attn, x = module(tiny.unet, name), hidden(4)
     enc = text.expand(3, -1, -1) if name == CROSS else None
-    expected, sink = stored(fz, name, x, enc)
+    expected, sink = stored(fz, attn, name, x, enc)
     x2 = torch.cat([hidden(5), x])  # (2R, L, C): unconditional group, conditional group
     enc2 = torch.cat([enc, enc]) if enc is not None else None
-    fz.plain(ref_rows=[1, 1, 1], groups=2)
+    call(fz, "plain", 0, [1, 1, 1], groups=2)
     plain = run(fz, name, attn, x2, enc2)
-    fz.fuse(0, ref_rows=[1, 1, 1], source=sink, groups=2)
+    fz.use_stores(source=sink)
+    call(fz, "fuse", 0, [1, 1, 1], groups=2)
     fused = run(fz, name, attn, x2, enc2)
     assert torch.equal(fused[:3], plain[:3])
     torch.testing.assert_close(fused[3:], expected, rtol=1e-5, atol=1e-6)
@@ -167,8 +180,9 @@ def test_fusing_maps_stored_from_the_same_input_reproduces_the_stored_call(tiny,
 
 def self_fused(fz, attn, src, edit, mask_source):
     """Fused conditional rows of SELF with `src` stored and `edit` as the call's input."""
-    _, sink = stored(fz, SELF, src, None)
-    fz.fuse(0, ref_rows=[1, 1, 1], source=sink, groups=1)
+    _, sink = stored(fz, attn, SELF, src, None)
+    fz.use_stores(source=sink)
+    call(fz, "fuse", 0, [1, 1, 1], groups=1)
     fz.state._mask_source = mask_source  # set by hand (fuse() derives it from stored cross-attention)
     fz.state._masks = {}
     return run(fz, SELF, attn, edit)
@@ -198,7 +212,7 @@ def test_blend_mask_all_ones_is_the_pure_edit_and_all_zeros_the_pure_source(tiny
     attn, src, edit = module(tiny.unet, SELF), hidden(12), hidden(13)
     ones = self_fused(fz, attn, src, edit, torch.ones(3, 1, 2, 3))  # M = 1 everywhere: s_edit
     torch.testing.assert_close(ones, manual_self(attn, edit, edit), rtol=1e-5, atol=1e-6)
-    fz.plain(ref_rows=[1, 1, 1])
+    call(fz, "plain", 0, [1, 1, 1])
     torch.testing.assert_close(ones, run(fz, SELF, attn, edit), rtol=1e-5, atol=1e-6)
     zeros = self_fused(fz, attn, src, edit, torch.zeros(3, 1, 2, 3))  # M = 0: s_src
     torch.testing.assert_close(zeros, manual_self(attn, src, edit), rtol=1e-5, atol=1e-6)
@@ -241,8 +255,9 @@ def test_cross_attention_fusion_is_prompt_to_prompt_refinement(tiny, layers, tex
     weights = tuple([1.0] * 3 + [2.0] + [1.0] * 73)  # re-weight "duck"
     fz = make(tiny, layers, text, fusion=TokenFusion(mapper, weights))
     attn, src, edit = module(tiny.unet, CROSS), hidden(20), hidden(21)
-    _, sink = stored(fz, CROSS, src, text.expand(3, -1, -1))
-    fz.fuse(0, ref_rows=[0, 1, 2], source=sink, groups=1)
+    _, sink = stored(fz, attn, CROSS, src, text.expand(3, -1, -1))
+    fz.use_stores(source=sink)
+    call(fz, "fuse", 0, [0, 1, 2], groups=1)
     got = run(fz, CROSS, attn, edit, target.expand(3, -1, -1))
     with torch.no_grad():
         s = attention_inputs(attn, src, text.expand(3, -1, -1))
@@ -255,7 +270,8 @@ def test_cross_attention_fusion_is_prompt_to_prompt_refinement(tiny, layers, tex
         torch.testing.assert_close(got, attention_output(attn, out, e), rtol=1e-5, atol=1e-6)
     # outside the cross-attention steps the edit keeps its own maps
     fz2 = make(tiny, layers, text, fusion=TokenFusion(mapper, weights), cross_replace=0.25)
-    fz2.fuse(1, ref_rows=[0, 1, 2], source=sink, groups=1)
+    fz2.use_stores(source=sink)
+    call(fz2, "fuse", 1, [0, 1, 2], groups=1)
     with torch.no_grad():
         plain = SDPAAttnProcessor()(attn, edit, target.expand(3, -1, -1))
     assert torch.equal(run(fz2, CROSS, attn, edit, target.expand(3, -1, -1)), plain)
@@ -266,7 +282,8 @@ def test_the_store_keeps_the_blend_map_and_fusion_reads_it(tiny, layers, text):
     map per step (Eq. 6 before thresholding); the editing step's mask comes from it."""
     fz = make(tiny, layers, text, fusion=TokenFusion(tuple(range(77)), blend_columns=(3,)))
     sink = AttentionStore(budget_bytes=None)
-    fz.store(0, ref_rows=[0, 1, 2], sink=sink)
+    fz.use_stores(sink=sink)
+    call(fz, "store", 0, [0, 1, 2])
     maps = []
     for i, name in enumerate(fz.plan.mask_layers):
         attn, x = module(tiny.unet, name), hidden(30 + i)
@@ -278,17 +295,19 @@ def test_the_store_keeps_the_blend_map_and_fusion_reads_it(tiny, layers, text):
     stored_map = sink.get((*BLEND_KEY, 0))
     assert stored_map.dtype == torch.float32 and stored_map.shape == (3, 1, 2, 3)
     torch.testing.assert_close(stored_map, expected)
-    fz.fuse(0, ref_rows=[0, 1, 2], source=sink, groups=1)
+    fz.use_stores(source=sink)
+    call(fz, "fuse", 0, [0, 1, 2], groups=1)
     assert torch.equal(fz.state.mask((2, 3)), blend_mask(expected, (2, 3), 0.3))
 
 
 def test_attach_installs_and_restores_processors(tiny, layers, text):
     fz = make(tiny, layers, text)
     before = {k: type(v) for k, v in tiny.unet.attn_processors.items()}
-    with fz.attach() as installed:
+    with fz.attach(tiny.unet) as installed:
         assert all(is_fz for is_fz in (isinstance(p, FateZeroAttnProcessor) for p in installed.values()))
         selfs = [n for n in installed if ".attn1." in n]
-        assert len(selfs) == 7  # Eq. 8 in every self-attention layer
-        assert FULL_RES_SELF in installed  # spatial-temporal even where nothing is fused
-        assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor" not in installed
+        assert len(selfs) == 4  # Eq. 8 in every self-attention layer
+    with make(tiny, layers, text, fuse_min_downsample=4).attach(tiny.unet) as installed:  # nothing fused
+        assert len([n for n in installed if ".attn1." in n]) == 4  # spatial-temporal even where nothing is fused
+        assert "mid_block.attentions.0.transformer_blocks.0.attn2.processor" not in installed  # not fused, no mask
     assert {k: type(v) for k, v in tiny.unet.attn_processors.items()} == before

@@ -18,26 +18,31 @@ Step 2 needs nothing but the cache, so any frame can be generated at any time, i
 chunk, on any worker: memory depends on the chunk size and K, never on the video length.
 
 Layout of a UNet batch while the mechanism is on (published by the pipeline through
-`AnchorState.record` / `AnchorState.attend` before each UNet call): rows are
-branch-major, `(num_branches * frames)`, i.e. all frames of guidance branch 0, then all
-frames of branch 1, and so on. Each branch has its own cache entry, because the three
-InstructPix2Pix branches (text+image, image only, neither) see different features.
+`AnchorAttention.before_unet(layout)` before each UNet call, phases "record", "attend"
+and "off" of `BatchLayout`): rows are branch-major, `(num_branches * frames)`, i.e. all
+frames of guidance branch 0, then all frames of branch 1, and so on. Each branch has
+its own cache entry, because the three InstructPix2Pix branches (text+image, image
+only, neither) see different features.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from diffstream.attention.base import (
+    ANCHOR_PHASES,
     AttentionInputs,
+    BatchLayout,
+    Mechanism,
     SDPAAttnProcessor,
     install_processors,
     is_self_attention,
 )
 
-MODES = ("off", "record", "attend")
+MODES = ANCHOR_PHASES  # ("off", "record", "attend")
 
 
 @dataclass(frozen=True)
@@ -100,22 +105,20 @@ class AnchorState:
         self.num_branches = 1
         self.cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def record(self, step: int, num_branches: int) -> None:
-        """The next UNet call generates the anchors at denoising step `step`."""
-        self._set("record", step, num_branches)
+    def begin_call(self, layout: BatchLayout) -> None:
+        """Take the mode, step and branches of the next UNet call from its layout:
+        "record" generates the anchors, "attend" ordinary frames against the cache, and
+        every other phase uses plain self-attention."""
+        if layout.phase in ("record", "attend"):
+            self.mode = layout.phase
+            self.step = int(layout.step)
+            self.num_branches = layout.num_branches
+        else:
+            self.mode = "off"
 
-    def attend(self, step: int, num_branches: int) -> None:
-        """The next UNet call generates ordinary frames at `step` against the cache."""
-        self._set("attend", step, num_branches)
-
-    def off(self) -> None:
-        """The next UNet calls use plain self-attention."""
+    def end_call(self) -> None:
+        """The call is over: later calls use plain self-attention until the next layout."""
         self.mode = "off"
-
-    def _set(self, mode: str, step: int, num_branches: int) -> None:
-        self.mode = mode
-        self.step = int(step)
-        self.num_branches = int(num_branches)
 
     @property
     def nbytes(self) -> int:
@@ -197,12 +200,45 @@ def _broadcast_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
     return x.unsqueeze(1).expand(branches, frames, heads, length, d).reshape(branches * frames, heads, length, d)
 
 
-def install_anchor_attention(unet, state: AnchorState):
-    """Context manager: AnchorAttnProcessor on every self-attention layer of `unet`.
+class AnchorAttention(Mechanism):
+    """Fairy's anchor attention as a mechanism, owning the clip's `AnchorState`.
 
-    Cross-attention (the text/instruction) keeps its processor. Yields the installed
-    processors by name; the originals come back on exit.
+    Usage::
+
+        fairy = AnchorAttention(AnchorConfig(num_anchors=3))
+        with fairy.attach(unet):
+            fairy.before_unet(BatchLayout.branch_major("record", step, branches, K, num_steps))
+            unet(...)  # the anchors; then phase "attend" for ordinary frames, "off" for neither
+
+    Args:
+        config: the anchor settings; with 0 anchors `attach` installs nothing.
     """
-    return install_processors(
-        unet, lambda name, proc: AnchorAttnProcessor(name, state) if is_self_attention(name) else None
-    )
+
+    name = "fairy"
+
+    def __init__(self, config: AnchorConfig | None = None):
+        self.config = config or AnchorConfig()
+        self.state = AnchorState(self.config)
+
+    def attach(self, unet) -> contextlib.AbstractContextManager:
+        """AnchorAttnProcessor on every self-attention layer of `unet`.
+
+        Cross-attention (the text/instruction) keeps its processor. Yields the installed
+        processors by name; the originals come back on exit.
+        """
+        if not self.config.enabled:
+            return contextlib.nullcontext({})
+        state = self.state
+        return install_processors(
+            unet, lambda name, proc: AnchorAttnProcessor(name, state) if is_self_attention(name) else None
+        )
+
+    def reset(self) -> None:
+        """Forget the anchor cache (a new clip)."""
+        self.state.reset()
+
+    def before_unet(self, layout: BatchLayout) -> None:
+        self.state.begin_call(layout)
+
+    def after_unet(self, layout: BatchLayout) -> None:
+        self.state.end_call()

@@ -10,14 +10,19 @@ and an `XAttnProcessor`. This module gives them what they share:
   so a processor only writes what it changes (extra keys/values, fused outputs) and,
   with nothing changed, computes exactly what `AttnProcessor2_0` computes;
 - `BatchLayout`: what each row of the next UNet batch is (denoising step, guidance
-  branch), published by the engine before every UNet call so a processor can keep
-  one state per step slot (StreamV2V's per-slot bank, Live2Diff's per-step KV cache);
-- `Mechanism`: the interface the stream engine calls.
+  branch, phase), published before every UNet call so a processor can keep one state
+  per step slot (StreamV2V's per-slot bank, Live2Diff's per-step KV cache) or know
+  Fairy's record/attend and FateZero's store/fuse calls;
+- `Mechanism`: the one protocol of every mechanism: `attach(unet)` (a context that
+  installs and restores) and `before_unet(layout)` (the only per-call channel);
+- `ProcessorLease`: which owner's processors sit on a shared UNet, kept on the UNet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,30 +30,118 @@ import torch
 import torch.nn.functional as F
 
 
+# Phases of a UNet call (see BatchLayout): the stream engine's, Fairy's, FateZero's.
+STREAM_PHASES = ("stream", "warmup")
+ANCHOR_PHASES = ("off", "record", "attend")
+FATEZERO_PHASES = ("plain", "store", "fuse")
+PHASES = STREAM_PHASES + ANCHOR_PHASES + FATEZERO_PHASES
+
+
 @dataclass(frozen=True)
 class BatchLayout:
-    """The rows of one UNet call.
+    """The rows of one UNet call, published through `Mechanism.before_unet` before it.
+
+    Phases of the stream engine (`pipelines.stream`):
+
+    - "stream": each row is one frame of the stream at its own denoising step
+      (stream batch); the unconditional rows of guidance come first.
+    - "warmup": the rows of each branch are the frames of one clip, all at one step,
+      denoised together (Live2Diff's warmup).
+
+    The offline phases describe branch-major batches: all frames of branch 0, then all
+    frames of branch 1, ..., every row at the same step `steps[0]` (`branch_major`
+    builds them; `num_branches` and `frames` read them back).
+
+    - Fairy (`attention.anchor`): "off" (plain per-frame self-attention), "record" (the
+      frames are the anchors: attend across them and cache their keys/values for this
+      step, per branch) and "attend" (ordinary frames: attend to their own tokens plus
+      the cached anchor tokens of this step and branch).
+    - FateZero (`attention.fatezero`): every branch group holds the same `len(refs)`
+      frames, and each frame's Eq. 8 reference is row `refs[i]` of its group. "plain"
+      (spatial-temporal attention only), "store" (inversion: also keep the fusion plan's
+      entries of editing step `steps[0]` in the sink) and "fuse" (editing step
+      `steps[0]`: fuse the maps of group `fused_group` with the source's).
 
     Attributes:
         steps: denoising-step index of each row (0 = the noisiest step of the schedule).
-        branches: "cond" or "uncond" for each row.
+        branches: guidance branch of each row: "cond" or "uncond" in the stream engine;
+            offline, one name per branch group (e.g. Fairy's "cond", "image", "uncond").
         num_steps: steps in the schedule (number of stream-batch slots).
-        phase: "stream" (each row is one frame of the stream) or "warmup" (the rows of
-            each branch are the frames of one clip, denoised together: Live2Diff).
+        phase: one of `PHASES`, as above.
+        refs: FateZero only: the reference row of each frame within its group.
+        fused_group: FateZero "fuse" only: the group (index into the branch order) whose
+            maps are fused; None: the last group (the conditional one).
     """
 
     steps: tuple[int, ...]
     branches: tuple[str, ...]
     num_steps: int
     phase: str = "stream"
+    refs: tuple[int, ...] | None = None
+    fused_group: int | None = None
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ValueError(f"unknown UNet call phase {self.phase!r}; one of {', '.join(PHASES)}")
+        if len(self.steps) != len(self.branches):
+            raise ValueError(f"{len(self.steps)} steps for {len(self.branches)} branch rows")
+        if self.phase in ANCHOR_PHASES + FATEZERO_PHASES:
+            names, frames = self.branch_names, self.frames
+            if self.branches != tuple(b for b in names for _ in range(frames)) or len(set(self.steps)) > 1:
+                raise ValueError(f"phase {self.phase!r} needs branch-major rows at one step, got {self}")
+        if self.phase in FATEZERO_PHASES:
+            if self.refs is None or len(self.refs) != self.frames:
+                raise ValueError(f"phase {self.phase!r} needs one reference row per frame ({self.frames}), got {self.refs}")
+            if self.fused_group is not None and not 0 <= self.fused_group < self.num_branches:
+                raise ValueError(f"fused group {self.fused_group} of {self.num_branches} groups")
+
+    @classmethod
+    def branch_major(cls, phase: str, step: int, branches, frames: int, num_steps: int,
+                     refs=None, fused_group: int | None = None) -> "BatchLayout":
+        """An offline call: `frames` frames per branch, branches in the given order, all at `step`."""
+        branches = tuple(branches)
+        rows = len(branches) * int(frames)
+        return cls(
+            steps=(int(step),) * rows,
+            branches=tuple(b for b in branches for _ in range(int(frames))),
+            num_steps=int(num_steps),
+            phase=phase,
+            refs=None if refs is None else tuple(int(r) for r in refs),
+            fused_group=fused_group,
+        )
 
     @property
     def batch_size(self) -> int:
         return len(self.steps)
 
+    @functools.cached_property
+    def branch_names(self) -> tuple[str, ...]:
+        """The distinct branches in order of first appearance (the branch groups, offline)."""
+        return tuple(dict.fromkeys(self.branches))
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branch_names)
+
+    @property
+    def frames(self) -> int:
+        """Rows per branch of a branch-major (offline) call."""
+        return self.batch_size // max(1, self.num_branches)
+
+    @property
+    def step(self) -> int:
+        """The step of an offline call (every row shares it)."""
+        return self.steps[0]
+
 
 class Mechanism:
-    """A temporal-consistency method as the stream engine sees it.
+    """A temporal-consistency method as a pipeline sees it.
+
+    One protocol for every method (feature bank, causal KV cache, Fairy's anchors,
+    FateZero's fusion), in the manner of diffusers' hooks: `attach(unet)` installs the
+    processors for the life of a context and restores the originals on exit, and
+    `before_unet(layout)` is the only per-call channel, saying what the rows of the next
+    UNet call are (a `BatchLayout`, whose phase covers streaming and offline editing).
 
     The base class is the identity: StreamDiffusion's per-frame baseline.
     """
@@ -79,14 +172,18 @@ class Mechanism:
         return unet(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
     def attach(self, unet) -> contextlib.AbstractContextManager:
-        """Install this mechanism's processors on `unet` for the life of the context."""
-        return contextlib.nullcontext()
+        """Install this mechanism's processors on `unet` for the life of the context.
+
+        Built on `install_processors`: leaving the context (also through an exception)
+        puts back exactly the processor objects that were there before.
+        """
+        return contextlib.nullcontext({})
 
     def reset(self) -> None:
         """Forget all temporal state (a new stream)."""
 
     def before_unet(self, layout: BatchLayout) -> None:
-        """Called before every UNet call of the stream with the rows' layout."""
+        """Called before every UNet call with the rows' layout (the only per-call channel)."""
 
     def after_unet(self, layout: BatchLayout) -> None:
         """Called after every UNet call (e.g. to update banks or caches)."""
@@ -127,6 +224,68 @@ def install_processors(unet, make: Callable[[str, object], object | None]):
         yield installed
     finally:
         unet.set_attn_processor(original)
+
+
+_LEASE_ATTRIBUTE = "_diffstream_processor_lease"
+
+
+class ProcessorLease:
+    """Whose processors are installed on a shared UNet, recorded on the UNet itself.
+
+    Several owners (streams) may share one loaded model; the web server's sessions do.
+    Each installs its mechanism's processors when it runs, and `acquire` first restores
+    the originals under the previous holder, so no owner ever runs another's processors.
+    The record is an attribute of the UNet module, holding the owner weakly and the
+    installed context strongly: it lives and dies with the model (no module global), and
+    an owner dropped without closing still has its processors removed by the next
+    `acquire` or by `release(unet)`.
+    """
+
+    __slots__ = ("_owner", "_context")
+
+    def __init__(self, owner, context: contextlib.ExitStack):
+        self._owner = weakref.ref(owner)
+        self._context = context
+
+    @staticmethod
+    def holder(unet):
+        """The owner whose processors are installed on `unet`, or None."""
+        lease = vars(unet).get(_LEASE_ATTRIBUTE)
+        return None if lease is None else lease._owner()
+
+    @staticmethod
+    def acquire(unet, owner, enter: Callable[[object], contextlib.AbstractContextManager]) -> bool:
+        """Make `owner`'s processors the ones installed on `unet`.
+
+        Args:
+            enter: called with `unet` when `owner` does not hold the lease yet; returns the
+                context that installs the processors (e.g. `mechanism.attach`).
+        Returns:
+            True if the processors were installed now, False if `owner` held the lease.
+        """
+        lease = vars(unet).get(_LEASE_ATTRIBUTE)
+        if lease is not None:
+            if lease._owner() is owner:
+                return False
+            ProcessorLease.release(unet)
+        context = contextlib.ExitStack()
+        context.enter_context(enter(unet))  # if it raises, nothing is installed or recorded
+        setattr(unet, _LEASE_ATTRIBUTE, ProcessorLease(owner, context))
+        return True
+
+    @staticmethod
+    def release(unet, owner=None) -> bool:
+        """Restore `unet`'s original processors if `owner` (None: whoever) holds the lease.
+
+        Returns:
+            True if processors were removed.
+        """
+        lease = vars(unet).get(_LEASE_ATTRIBUTE)
+        if lease is None or (owner is not None and lease._owner() is not owner):
+            return False
+        delattr(unet, _LEASE_ATTRIBUTE)
+        lease._context.close()
+        return True
 
 
 @dataclass

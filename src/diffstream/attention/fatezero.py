@@ -42,6 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from diffstream.attention.base import (
+    FATEZERO_PHASES,
+    BatchLayout,
+    Mechanism,
     SDPAAttnProcessor,
     attend,
     attention_inputs,
@@ -375,6 +378,19 @@ class CallLayout:
     ref_rows: torch.Tensor
     fused_group: int | None = None
 
+    @staticmethod
+    def of(layout: BatchLayout) -> "CallLayout":
+        """The processors' view of a FateZero phase of `BatchLayout` ("plain", "store",
+        "fuse"); a "fuse" call without `fused_group` fuses the last group."""
+        if layout.phase not in FATEZERO_PHASES:
+            raise ValueError(f"FateZero has no phase {layout.phase!r}; one of {', '.join(FATEZERO_PHASES)}")
+        groups = layout.num_branches
+        fused_group = None
+        if layout.phase == "fuse":
+            fused_group = groups - 1 if layout.fused_group is None else layout.fused_group
+        ref_rows = torch.as_tensor(layout.refs, dtype=torch.long)
+        return CallLayout(layout.phase, layout.step, len(layout.refs), groups, ref_rows, fused_group)
+
 
 @dataclass
 class FateZeroState:
@@ -385,8 +401,8 @@ class FateZeroState:
         fusion: the prompts' token alignment, weights and blend columns.
         source_text: (1, T, D) source-prompt embedding (keys of source cross-attention).
         call: layout of the next UNet call (None: behave like stock attention).
-        sink: store that a "store" call writes into.
-        source: store that a "fuse" call reads from.
+        sink: store that a "store" call writes into (`FateZero.use_stores`).
+        source: store that a "fuse" call reads from (`FateZero.use_stores`).
     """
 
     config: FateZeroConfig
@@ -553,32 +569,39 @@ class FateZeroAttnProcessor(SDPAAttnProcessor):
         return torch.cat(parts, dim=0)
 
 
-class FateZero:
-    """FateZero on one UNet: installs the processors and tells them what each call is.
+class FateZero(Mechanism):
+    """FateZero as a mechanism: installs the processors and tells them what each call is.
 
     Usage::
 
-        fz = FateZero(unet, config, layers, fusion, source_text)
-        with fz.attach():
-            fz.store(step, ref_rows, sink); unet(...)          # inversion
-            fz.fuse(step, ref_rows, source, groups=2); unet(...)  # editing
+        fz = FateZero(config, layers, fusion, source_text)
+        with fz.attach(unet):
+            fz.use_stores(sink=store)  # inversion of a window
+            fz.before_unet(BatchLayout.branch_major("store", k, ("source",), R, n, refs)); unet(...)
+            fz.use_stores(source=store)  # its editing
+            fz.before_unet(BatchLayout.branch_major("fuse", k, ("uncond", "cond"), R, n, refs)); unet(...)
+
+    The phases ("plain", "store", "fuse") and what they need are described in
+    `BatchLayout`; the stores are per window, set through `use_stores`.
 
     Args:
-        unet: the diffusers UNet.
         config: fusion settings.
         layers: `probe_layers(unet, latent_hw)`.
         fusion: token alignment / weights / blend columns (None: identity, no blend).
         source_text: (1, T, D) source prompt embedding.
     """
 
-    def __init__(self, unet, config: FateZeroConfig, layers, fusion: TokenFusion | None = None, source_text=None):
+    name = "fatezero"
+
+    def __init__(self, config: FateZeroConfig, layers, fusion: TokenFusion | None = None, source_text=None):
         fusion = fusion or TokenFusion.identity(next(l.kv_tokens for l in layers if l.kind == "cross"))
-        self.unet = unet
         self.layers = {l.name: l for l in layers}
         self.plan = FusionPlan.build(layers, config, blend=bool(fusion.blend_columns))
         self.state = FateZeroState(config=config, plan=self.plan, fusion=fusion, source_text=source_text)
+        self._device = None  # the attached UNet's device (where blend maps are loaded)
+        self._calls: dict = {}  # BatchLayout -> CallLayout, built once per layout
 
-    def attach(self) -> contextlib.AbstractContextManager:
+    def attach(self, unet) -> contextlib.AbstractContextManager:
         """Install FateZero processors on every self-attention layer (Eq. 8 everywhere) and
         on the cross-attention layers it stores or fuses; others keep their processor."""
         wanted = set(self.plan.cross_layers) | set(self.plan.mask_layers)
@@ -589,38 +612,38 @@ class FateZero:
                 return None
             return FateZeroAttnProcessor(self.state, layer)
 
-        return install_processors(self.unet, make)
+        self._device = next(unet.parameters()).device
+        return install_processors(unet, make)
 
     def reset(self) -> None:
         """Forget the call layout, stores and caches."""
         self.state.reset()
+        self._calls = {}
 
-    @staticmethod
-    def _refs(ref_rows) -> torch.Tensor:
-        return torch.as_tensor(list(ref_rows), dtype=torch.long)
-
-    def plain(self, ref_rows, groups: int = 1) -> None:
-        """Next call: spatial-temporal attention only (reconstruction, recompute-mode inversion)."""
-        refs = self._refs(ref_rows)
-        self.state.call = CallLayout("plain", -1, len(refs), groups, refs)
-
-    def store(self, step: int, ref_rows, sink) -> None:
-        """Next call is inversion step `step` (one group of frames): put its entries into `sink`."""
-        refs = self._refs(ref_rows)
+    def use_stores(self, sink=None, source=None) -> None:
+        """The stores of the next calls (a window's): "store" calls put the plan's entries
+        into `sink`, "fuse" calls read the inversion's from `source`; None: no store."""
         self.state.sink = sink
-        self.state._blend_maps = []
-        self.state.call = CallLayout("store", step, len(refs), 1, refs)
+        self.state.source = source
 
-    def fuse(self, step: int, ref_rows, source, groups: int = 2, fused_group: int | None = None) -> None:
-        """Next call is editing step `step`: fuse group `fused_group` (default: the last,
-        conditional one) with the inversion entries of `source`."""
-        refs = self._refs(ref_rows)
+    def before_unet(self, layout: BatchLayout) -> None:
+        """Next call: "plain" (spatial-temporal attention only: reconstruction,
+        recompute-mode inversion), "store" (an inversion step of one group of frames) or
+        "fuse" (an editing step: fuse `fused_group`, default the last, conditional one)."""
+        call = self._calls.get(layout)
+        if call is None:
+            call = self._calls[layout] = CallLayout.of(layout)
         state = self.state
-        state.source = source
-        fused_group = groups - 1 if fused_group is None else fused_group
-        state.call = CallLayout("fuse", step, len(refs), groups, refs, fused_group)
-        state._masks = {}
-        state._mask_source = None
-        if self.plan.blend and step in self.plan.self_steps:
-            param = next(self.unet.parameters())
-            state._mask_source = source.get((*BLEND_KEY, step), device=param.device, dtype=torch.float32)
+        if call.phase == "store":
+            if state.sink is None:
+                raise RuntimeError("a FateZero store call needs a sink: use_stores(sink=...) first")
+            state._blend_maps = []
+        elif call.phase == "fuse":
+            if state.source is None:
+                raise RuntimeError("a FateZero fuse call needs a source: use_stores(source=...) first")
+            state._masks = {}
+            state._mask_source = None
+            if self.plan.blend and call.step in self.plan.self_steps:
+                state._mask_source = state.source.get((*BLEND_KEY, call.step), device=self._device,
+                                                      dtype=torch.float32)
+        state.call = call

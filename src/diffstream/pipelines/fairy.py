@@ -287,7 +287,7 @@ class FairyPipeline:
     """
 
     def __init__(self, components, config: FairyConfig, lcm: bool = False):
-        from diffstream.attention.anchor import AnchorConfig, AnchorState, install_anchor_attention
+        from diffstream.attention.anchor import AnchorAttention, AnchorConfig
 
         self.components = components
         self.config = config = config.resolve(lcm=lcm, turbo=components.turbo)
@@ -303,11 +303,16 @@ class FairyPipeline:
                 f"model {components.name!r} has a {channels}-channel image-conditioned UNet: use --instruction "
                 f"with it, or a text-to-image model for --prompt"
             )
-        self.state = AnchorState(AnchorConfig(num_anchors=config.anchors))
+        self.mechanism = AnchorAttention(AnchorConfig(num_anchors=config.anchors))
+        self.state = self.mechanism.state  # the clip's anchor cache (export / load / nbytes)
         self.num_branches = config.num_branches
+        if config.instructing:  # InstructPix2Pix's order: (text, image), (-, image), (-, -)
+            self._branches = ("cond", "image", "uncond")[: self.num_branches]
+        else:  # diffusers' text-to-image order: (uncond, cond)
+            self._branches = ("uncond",) * (self.num_branches - 1) + ("cond",)
+        self._layouts: dict = {}  # (mode, step, frames) -> BatchLayout
         self._attached = contextlib.ExitStack()
-        if config.anchors > 0:
-            self._attached.enter_context(install_anchor_attention(components.unet, self.state))
+        self._attached.enter_context(self.mechanism.attach(components.unet))  # nothing with 0 anchors
         text = config.instruction if config.instructing else config.prompt
         emb = components.encode_prompt([text, config.negative_prompt])  # (2, 77, D)
         self._text, self._negative = emb[0:1], emb[1:2]
@@ -382,7 +387,7 @@ class FairyPipeline:
         """
         if num_frames < 1:
             raise InputError("no frames to edit")
-        self.state.reset()
+        self.mechanism.reset()
         self._anchor_outputs = {}
         self.size = tuple(size) if size is not None else self.processing_size(width, height)
         self.plan = EditPlan.build(num_frames, self.config.anchors, self.config.chunk_size)
@@ -486,6 +491,17 @@ class FairyPipeline:
             emb = self._emb_cache[n] = torch.cat([r.expand(n, -1, -1) for r in rows]).contiguous()
         return emb
 
+    def _layout(self, mode: str, step: int, n: int):
+        """The layout of one UNet call (built once per mode, step and batch size): n
+        frames per guidance branch, branch-major, every row at `step`."""
+        key = (mode, step, n)
+        layout = self._layouts.get(key)
+        if layout is None:
+            from diffstream.attention.base import BatchLayout
+
+            layout = self._layouts[key] = BatchLayout.branch_major(mode, step, self._branches, n, self.num_steps)
+        return layout
+
     def denoise(self, pixels: "torch.Tensor", indices: Sequence[int], mode: str = "off") -> "torch.Tensor":
         """Edit a batch of frames in latent space.
 
@@ -535,16 +551,12 @@ class FairyPipeline:
                 x_in = self.scheduler.scale_model_input(x_in, t)
             if image_rows is not None:
                 x_in = torch.cat([x_in, image_rows], dim=1)  # (branches*n, 2C, h, w)
-            if mode == "record":
-                self.state.record(step, branches)
-            elif mode == "attend":
-                self.state.attend(step, branches)
-            else:
-                self.state.off()
+            layout = self._layout(mode, step, n)
+            self.mechanism.before_unet(layout)
             try:
                 out = comp.unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
             finally:
-                self.state.off()
+                self.mechanism.after_unet(layout)  # back to plain attention between calls
             self.unet_calls += 1
             out = self._guide(out)  # (n, C, h, w)
             if c.sampler == "ddim":

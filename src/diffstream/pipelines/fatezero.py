@@ -45,6 +45,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from diffstream.attention.base import BatchLayout
 from diffstream.attention.fatezero import (
     FateZero,
     FateZeroConfig,
@@ -238,9 +239,24 @@ class FateZeroEditor:
         texts = components.encode_prompt([config.source_prompt, config.prompt, config.negative_prompt])
         self.source_text, self.target_text, self.uncond_text = texts[0:1], texts[1:2], texts[2:3]
         self.fusion = build_token_fusion(tokenizer, config)
-        self.mechanism = FateZero(components.unet, fz, self.layers, self.fusion, self.source_text)
+        self.mechanism = FateZero(fz, self.layers, self.fusion, self.source_text)
         self.plan: FusionPlan = self.mechanism.plan
         self.store_dtype = STORE_DTYPES[config.store_dtype]
+        self._layouts: dict = {}  # (phase, step, branches, ref_rows) -> BatchLayout
+
+    def _layout(self, phase: str, step: int, ref_rows, branches: tuple[str, ...] = ("source",)) -> BatchLayout:
+        """The layout of one UNet call: `branches` groups of the window's rows (branch-major),
+        built once per phase, step and window shape. One group of rows is the inversion
+        (or its recomputation, or the reconstruction) under the source prompt; editing with
+        guidance is ("uncond", "cond"), whose last group is the fused one."""
+        key = (phase, step, branches, tuple(ref_rows))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = BatchLayout.branch_major(
+                phase, step, branches, len(key[3]), self.num_steps, refs=key[3],
+                fused_group=len(branches) - 1 if phase == "fuse" else None,
+            )
+        return layout
 
     @property
     def num_steps(self) -> int:
@@ -302,12 +318,11 @@ class FateZeroEditor:
         if 0 in keep:
             store.put(("latent", "z", 0), x, dtype=torch.float32)
         self.mechanism.reset()
-        with self.mechanism.attach():
+        self.mechanism.use_stores(sink=store)
+        with self.mechanism.attach(self.components.unet):
             for i, k in enumerate(reversed(range(n))):
-                if store_attention and self.plan.keys_at(k):
-                    self.mechanism.store(k, ref_rows, store)
-                else:
-                    self.mechanism.plain(ref_rows)
+                phase = "store" if store_attention and self.plan.keys_at(k) else "plain"
+                self.mechanism.before_unet(self._layout(phase, k, ref_rows))
                 eps = self._eps(x, k, text, sched.abar_prev[k])
                 x = ddim_inversion_step(x, eps, sched, k)
                 if i + 1 in keep:
@@ -331,14 +346,16 @@ class FateZeroEditor:
         x = store.get(("latent", "z", n), device=c.device, dtype=c.dtype)
         rows = x.shape[0]
         guided = float(self.config.guidance) > 1.0
-        groups = 2 if guided else 1
+        branches = ("uncond", "cond") if guided else ("cond",)
+        groups = len(branches)
         text = self.target_text.expand(rows, -1, -1)
         if guided:
             text = torch.cat([self.uncond_text.expand(rows, -1, -1), text])  # (2R, T, D): uncond, cond
         source_text = self.source_text.expand(rows, -1, -1)
         recompute = self.config.fusion_source == "recompute"
         self.mechanism.reset()
-        with self.mechanism.attach():
+        self.mechanism.use_stores(source=store)
+        with self.mechanism.attach(c.unet):
             for k in range(n):
                 fused = bool(self.plan.keys_at(k))
                 source = store
@@ -346,13 +363,11 @@ class FateZeroEditor:
                     # The inversion's UNet call of this step, re-run: same latent, text,
                     # timestep and rows, hence the same attention inputs.
                     source = AttentionStore(None, self.store_dtype)
+                    self.mechanism.use_stores(sink=source, source=source)
                     x_src = store.get(("latent", "z", n - 1 - k), device=c.device, dtype=c.dtype)
-                    self.mechanism.store(k, ref_rows, source)
+                    self.mechanism.before_unet(self._layout("store", k, ref_rows))
                     self._eps(x_src, k, source_text, sched.abar_prev[k])
-                if fused:
-                    self.mechanism.fuse(k, ref_rows, source, groups=groups)
-                else:
-                    self.mechanism.plain(ref_rows, groups=groups)
+                self.mechanism.before_unet(self._layout("fuse" if fused else "plain", k, ref_rows, branches))
                 x_in = torch.cat([x] * groups)  # (groups*R, C, h, w)
                 eps = self._eps(x_in, k, text, sched.abar[k])
                 if guided:
@@ -361,6 +376,7 @@ class FateZeroEditor:
                 x = ddim_step(x, eps, sched, k)
                 if source is not store:
                     source.close()
+                    self.mechanism.use_stores(source=store)  # back to the window's store
                 if progress is not None:
                     progress()
         self.mechanism.reset()
@@ -373,9 +389,9 @@ class FateZeroEditor:
         text = self.source_text.expand(z_T.shape[0], -1, -1)
         x = z_T
         self.mechanism.reset()
-        with self.mechanism.attach():
+        with self.mechanism.attach(self.components.unet):
             for k in range(self.num_steps):
-                self.mechanism.plain(ref_rows)
+                self.mechanism.before_unet(self._layout("plain", k, ref_rows))
                 x = ddim_step(x, self._eps(x, k, text, self.schedule.abar[k]), self.schedule, k)
         self.mechanism.reset()
         return x

@@ -16,8 +16,6 @@ filter repeats the output of the frame it resembled, in its own position.
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from collections import deque
 from typing import Callable
 
@@ -25,16 +23,13 @@ import numpy as np
 import torch
 
 from diffstream import frames as F
-from diffstream.attention.base import BatchLayout, Mechanism
+from diffstream.attention.base import BatchLayout, Mechanism, ProcessorLease
 from diffstream.config import StreamConfig
 from diffstream.models.components import Components
 from diffstream.pipelines.similarity import SimilarityFilter
 from diffstream.schedule import guidance as G
 from diffstream.schedule.stream_batch import StreamBatch
 from diffstream.schedule.timesteps import add_noise, denoise, eps_to_x0, make_step_table, model_output_to_eps
-
-# Which stream's processors are installed on a (shared) UNet right now.
-_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class StreamPipeline:
@@ -56,7 +51,6 @@ class StreamPipeline:
         self.mechanism = mechanism or Mechanism()
         self.on_push: list[Callable[[int], None]] = []
         self.on_output: list[Callable[[int], None]] = []
-        self._attached: contextlib.ExitStack | None = None
         self._prompt_key = None
         self._schedule_key = None
         self._pending: dict = {}
@@ -64,30 +58,19 @@ class StreamPipeline:
 
     # --- lifecycle ----------------------------------------------------------------
     def close(self) -> None:
-        """Restore the UNet's original attention processors."""
-        if _OWNERS.get(self.components.unet) is self:
-            del _OWNERS[self.components.unet]
-        if self._attached is not None:
-            self._attached.close()
-            self._attached = None
+        """Restore the UNet's original attention processors (if this stream's are on it)."""
+        ProcessorLease.release(self.components.unet, self)
 
     def _own_unet(self) -> None:
         """Make sure this stream's processors are the ones installed on the shared UNet.
 
         Several streams may share one loaded model (the web server does); each installs
-        its mechanism's processors when it runs and the previous owner's are restored
-        first, so streams never see each other's processors. With one stream this is a
-        dictionary lookup per frame.
+        its mechanism's processors when it runs and the previous holder's are restored
+        first, so streams never see each other's processors. The record of the holder is
+        kept on the UNet (`ProcessorLease`); with one stream this is an attribute lookup
+        per frame.
         """
-        unet = self.components.unet
-        owner = _OWNERS.get(unet)
-        if owner is self:
-            return
-        if owner is not None:
-            owner.close()
-        self._attached = contextlib.ExitStack()
-        self._attached.enter_context(self.mechanism.attach(unet))
-        _OWNERS[unet] = self
+        ProcessorLease.acquire(self.components.unet, self, self.mechanism.attach)
 
     def __enter__(self):
         return self
