@@ -176,6 +176,7 @@ def test_depth_prior(video):
     """A zero depth module (untrained, as Live2Diff initialises it) changes nothing; a
     trained one changes the frames; frame count stays 1:1."""
     from diffstream.attention.causal_temporal import CausalTemporal
+    from diffstream.models.depth import DepthConditioner
     from diffstream.models.motion import DepthPrior
     from diffstream.models.tiny import randomize, tiny_depth_estimator
     from diffstream.pipelines.stream import StreamPipeline
@@ -185,7 +186,8 @@ def test_depth_prior(video):
                        causal=CausalTemporalConfig(warmup_frames=W, window=WINDOW, depth=True, depth_model="tiny"))
 
     def run(prior):
-        mech = CausalTemporal(cfg.causal, depth_estimator=tiny_depth_estimator(), depth_prior=prior)
+        conditioner = DepthConditioner(tiny_depth_estimator(), video.encode_image)
+        mech = CausalTemporal(cfg.causal, conditioner=conditioner, depth_prior=prior)
         with StreamPipeline(video, cfg, mech) as pipe:
             return [o for o in (pipe.push(f) for f in frames) if o is not None] + pipe.flush()
 

@@ -150,11 +150,12 @@ class Mechanism:
     # Frames denoised together before streaming starts (Live2Diff's warmup); 0: none.
     warmup_frames = 0
 
-    def condition(self, frame, components):
+    def condition(self, pixels: torch.Tensor) -> torch.Tensor | None:
         """Per-frame conditioning computed once when a frame enters (e.g. a depth latent).
 
         Args:
-            frame: (H, W, 3) uint8 at processing size.
+            pixels: (1, 3, H, W) the frame in [-1, 1] at processing size, on the model's
+                device and dtype (the tensor the engine VAE-encodes).
         Returns:
             a (1, ...) tensor that travels with the frame through the stream batch, or None.
         """

@@ -27,6 +27,7 @@ length 1 and adds P[0]; the processor removes that term and adds the window posi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -230,31 +231,32 @@ class CausalTemporal(Mechanism):
 
     Args:
         config: warmup and window sizes.
+        conditioner: with `depth_prior`, Live2Diff's depth conditioning (Sec. 3.2): pixels
+            (B, 3, H, W) in [-1, 1] -> depth latents (B, 4, h, w), computed once per frame
+            when it enters (`models.depth.DepthConditioner`, built by the pipeline factory:
+            the mechanism itself runs no model besides the UNet it is attached to).
+        depth_prior: module mapping those latents to a residual of the UNet's conv_in
+            output (`models.motion.DepthPrior`); None: no depth conditioning.
     """
 
     name = "live2diff"
 
-    def __init__(self, config: CausalTemporalConfig | None = None, depth_estimator=None, depth_prior=None):
+    def __init__(self, config: CausalTemporalConfig | None = None,
+                 conditioner: Callable[[torch.Tensor], torch.Tensor] | None = None, depth_prior=None):
+        if (conditioner is None) != (depth_prior is None):
+            raise ValueError("depth conditioning needs both a conditioner and a depth prior")
         self.config = config or CausalTemporalConfig()
         self.state = CausalTemporalState(self.config)
         self.warmup_frames = self.config.warmup_frames
-        self.depth_estimator = depth_estimator  # frames -> depth maps (models.depth.DepthEstimator)
-        self.depth_prior = depth_prior  # models.motion.DepthPrior
+        self.conditioner = conditioner
+        self.depth_prior = depth_prior
         self._residual = None  # depth-prior output for the rows of the current UNet call
 
-    def condition(self, frame, components):
-        """The frame's VAE-encoded depth map (1, 4, h, w), or None without --depth."""
-        if self.depth_prior is None:
+    def condition(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """The frame's depth latent (1, 4, h, w) from its pixels (1, 3, H, W), or None without --depth."""
+        if self.conditioner is None:
             return None
-        import numpy as np
-
-        from diffstream import frames as FR
-        from diffstream.models.depth import normalise_depth
-
-        depth = normalise_depth(self.depth_estimator.predict([frame])[0])  # (H, W) in [0, 1]
-        image = np.repeat((depth * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
-        pixels = FR.frames_to_tensor(image, device=components.device, dtype=components.dtype)
-        return components.encode_image(pixels)
+        return self.conditioner(pixels)
 
     def attach(self, unet):
         """Install the causal processors (and the depth prior's hook on conv_in)."""

@@ -31,18 +31,20 @@ def make_mechanism(config: StreamConfig, components: Components | None = None):
     if config.method == "live2diff":
         from diffstream.attention.causal_temporal import CausalTemporal
 
-        estimator = prior = None
+        conditioner = prior = None
         if config.causal.depth:
             if components is None:
                 raise ValueError("live2diff with depth needs the components")
-            estimator, prior = _depth_parts(components, config.causal.depth_model)
-        return CausalTemporal(config.causal, depth_estimator=estimator, depth_prior=prior)
+            conditioner, prior = _depth_parts(components, config.causal.depth_model)
+        return CausalTemporal(config.causal, conditioner=conditioner, depth_prior=prior)
     raise ValueError(f"unknown method {config.method!r}")
 
 
 def _depth_parts(components: Components, depth_model: str):
-    """Depth estimator and depth-prior module for live2diff's --depth."""
+    """Depth conditioner (pixels -> depth latent, on the model's device) and depth-prior
+    module for live2diff's --depth."""
     from diffstream.errors import ConfigError
+    from diffstream.models.depth import DepthConditioner, DepthEstimator
     from diffstream.models.motion import DepthPrior
 
     prior = DepthPrior(out_channels=components.unet.config.block_out_channels[0])
@@ -60,12 +62,10 @@ def _depth_parts(components: Components, depth_model: str):
     if depth_model == "tiny":
         from diffstream.models.tiny import tiny_depth_estimator
 
-        estimator = tiny_depth_estimator()
+        estimator = tiny_depth_estimator().to(components.device)
     else:
-        from diffstream.models.depth import DepthEstimator
-
         estimator = DepthEstimator(depth_model, device=components.device)
-    return estimator, prior.eval().requires_grad_(False)
+    return DepthConditioner(estimator, components.encode_image), prior.eval().requires_grad_(False)
 
 
 def make_pipeline(components: Components, config: StreamConfig) -> StreamPipeline:

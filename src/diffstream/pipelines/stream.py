@@ -259,7 +259,7 @@ class StreamPipeline:
         comp = self.components
         pixels = F.frames_to_tensor(frame, device=comp.device, dtype=comp.dtype)  # (1, 3, H, W)
         z0 = comp.encode_image(pixels)  # (1, C, h, w)
-        cond = self.mechanism.condition(frame, comp)
+        cond = self.mechanism.condition(pixels)
         if not self._warmed:
             self._warm.append((index, z0, cond))
             if len(self._warm) == self.mechanism.warmup_frames:
