@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from diffstream.attention.causal_temporal import CausalTemporalConfig
 from diffstream.attention.feature_bank import FeatureBankConfig
 from diffstream.errors import ConfigError
+from diffstream.schedule import timesteps
+from diffstream.schedule.timesteps import TIMESTEP_TABLE_SIZE
 
 # Presets: short names for the checkpoints users start from.
 MODEL_PRESETS: dict[str, dict] = {
@@ -31,8 +33,6 @@ TINY_VAE_PRESETS = {"taesd": "madebyollin/taesd"}
 METHODS = ("streamdiffusion", "streamv2v", "live2diff")
 CFG_TYPES = ("none", "self", "initialize", "full")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-# Entries of the LCM timestep table; StreamDiffusion's t_index_list indexes this table.
-TIMESTEP_TABLE_SIZE = 50
 
 
 @dataclass(frozen=True)
@@ -168,12 +168,9 @@ class StreamConfig:
             if any(b <= a for a, b in zip(idx, idx[1:])):
                 raise ConfigError(f"--t-index-list must be strictly increasing, got {idx}")
         elif self.steps is not None:
-            start = _start_index(self.strength)
-            if int(self.steps) > TIMESTEP_TABLE_SIZE - start:
-                raise ConfigError(
-                    f"--steps {self.steps} is too many for --strength {self.strength}: "
-                    f"at most {TIMESTEP_TABLE_SIZE - start}"
-                )
+            most = timesteps.max_steps(self.strength)
+            if int(self.steps) > most:
+                raise ConfigError(f"--steps {self.steps} is too many for --strength {self.strength}: at most {most}")
         if self.cfg_type is not None and self.cfg_type not in CFG_TYPES:
             raise ConfigError(f"--cfg-type must be one of {', '.join(CFG_TYPES)}, got {self.cfg_type!r}")
         if self.guidance < 0:
@@ -190,19 +187,9 @@ class StreamConfig:
             raise ConfigError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
 
     def t_indices(self, turbo: bool = False) -> tuple[int, ...]:
-        """Indices into the 50-entry timestep table, one per denoising step."""
-        if self.t_index_list is not None:
-            return tuple(int(i) for i in self.t_index_list)
-        steps = self.steps if self.steps is not None else (1 if turbo else 4)
-        start = _start_index(self.strength)
-        if steps > TIMESTEP_TABLE_SIZE - start:
-            raise ConfigError(
-                f"{steps} steps is too many for strength {self.strength}: at most {TIMESTEP_TABLE_SIZE - start}"
-            )
-        # Evenly spaced from the SDEdit start to the end of the table: strength 0.4 with
-        # 4 steps gives indices (30, 35, 40, 45), i.e. timesteps (399, 299, 199, 99).
-        span = TIMESTEP_TABLE_SIZE - start
-        return tuple(start + (i * span) // steps for i in range(steps))
+        """Indices into the 50-entry timestep table, one per denoising step
+        (`schedule.timesteps.t_indices` of this config's strength, steps and t_index_list)."""
+        return timesteps.t_indices(self.strength, self.steps, self.t_index_list, turbo=turbo)
 
     def resolved_cfg_type(self, turbo: bool = False) -> str:
         """The effective guidance type: turbo models and guidance <= 1 need none."""
@@ -215,11 +202,6 @@ class StreamConfig:
     def replace(self, **changes) -> "StreamConfig":
         """A validated copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
-
-
-def _start_index(strength: float) -> int:
-    """First table index for an SDEdit strength: strength 1 starts at pure noise (index 0)."""
-    return min(TIMESTEP_TABLE_SIZE - 1, int(round(TIMESTEP_TABLE_SIZE * (1.0 - float(strength)))))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from diffstream.schedule.timesteps import (
     eps_to_x0,
     lcm_timestep_table,
     make_step_table,
+    max_steps,
     model_output_to_eps,
+    t_indices,
 )
 
 
@@ -38,6 +40,19 @@ def test_strength_and_steps_to_indices():
     assert StreamConfig(strength=1.0, steps=2).t_indices() == (0, 25)
     assert StreamConfig(strength=0.5).t_indices(turbo=True) == (25,)
     assert StreamConfig(t_index_list=(32, 45)).t_indices() == (32, 45)
+
+
+def test_t_indices_is_a_pure_schedule_function():
+    """The schedule maths without a config: StreamConfig.t_indices is this function."""
+    assert t_indices(0.4, 4) == (30, 35, 40, 45)
+    assert t_indices(0.5, turbo=True) == (25,) and t_indices(0.5) == (25, 31, 37, 43)
+    assert t_indices(0.9, 3, t_index_list=(32, 45)) == (32, 45)  # explicit indices win
+    assert max_steps(0.4) == 20 and max_steps(1.0) == 50 and max_steps(1e-6) == 1
+    with pytest.raises(ConfigError, match="too many for strength 0.2"):
+        t_indices(0.2, 11)
+    for strength in (0.1, 0.35, 0.4, 0.77, 1.0):
+        for steps in (None, 1, 2, 4):
+            assert StreamConfig(strength=strength).replace(steps=steps).t_indices() == t_indices(strength, steps)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from diffstream.config import TINY_VAE_PRESETS, ModelConfig
+from diffstream.config import TINY_VAE_PRESETS, ModelConfig, uses_turbo
 from diffstream.errors import ModelLoadError, one_line
 from diffstream.models import hub
 from diffstream.models.components import Components
@@ -254,7 +254,7 @@ def load_components(config: ModelConfig) -> Components:
         )
         modules["unet"] = motion_unet(modules["unet"].float(), adapter)
 
-    turbo = config.turbo if config.turbo is not None else "turbo" in config.model.lower()
+    turbo = uses_turbo(config)
     for key in ("unet", "vae", "text_encoder"):
         module = modules[key]
         if next(module.parameters()).dtype != dtype:

@@ -50,7 +50,6 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 
 from diffstream import frames as F
-from diffstream.config import TIMESTEP_TABLE_SIZE, StreamConfig
 from diffstream.errors import ConfigError, InputError, ModelLoadError
 from diffstream.io.clip import as_clip
 
@@ -151,9 +150,14 @@ class FairyConfig:
                     f"raise --steps or --strength"
                 )
         if self.sampler == "lcm" and self.steps is not None:
+            from diffstream.schedule.timesteps import TIMESTEP_TABLE_SIZE, max_steps
+
             if self.steps > TIMESTEP_TABLE_SIZE:
                 raise ConfigError(f"--steps must be at most {TIMESTEP_TABLE_SIZE} with the LCM sampler")
-            StreamConfig(strength=self.resolved_strength, steps=self.steps)  # steps vs strength check
+            most = max_steps(self.resolved_strength)  # the LCM table's room below the SDEdit start
+            if self.steps > most:
+                raise ConfigError(f"--steps {self.steps} is too many for --strength {self.resolved_strength}: "
+                                  f"at most {most}")
 
     @property
     def instructing(self) -> bool:
@@ -336,7 +340,7 @@ class FairyPipeline:
 
     # --- the sampler ------------------------------------------------------------------
     def _setup_sampler(self) -> None:
-        from diffstream.schedule.timesteps import make_step_table
+        from diffstream.schedule.timesteps import make_step_table, t_indices
 
         comp, c = self.components, self.config
         if c.sampler == "ddim":
@@ -356,10 +360,9 @@ class FairyPipeline:
             self.timesteps = list(timesteps)
             self.noise_count = 1  # DDIM with eta 0: the initial noise is all
         else:
-            t_indices = StreamConfig(strength=c.strength, steps=c.steps).t_indices(comp.turbo)
             table = make_step_table(
                 comp.alphas_cumprod,
-                t_indices,
+                t_indices(c.strength, c.steps, turbo=comp.turbo),
                 sampler="x0" if comp.turbo else "lcm",
                 prediction_type=comp.prediction_type,
                 num_train_timesteps=comp.num_train_timesteps,

@@ -9,6 +9,9 @@ A denoising step from x_t (LCM, Luo et al. 2023, and StreamDiffusion's img2img l
     x_next   = alpha_sqrt_next * denoised + beta_sqrt_next * noise_next
 with a *fixed* noise tensor per step slot (StreamDiffusion), which keeps the stream
 temporally stable. Turbo models (ADD) predict x_0 directly: c_skip = 0, c_out = 1.
+
+Which steps run is StreamDiffusion's `t_index_list`: indices into the 50-entry LCM
+timestep table, chosen here from an SDEdit strength and a step count (`t_indices`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,45 @@ from dataclasses import dataclass
 
 import torch
 
-from diffstream.config import TIMESTEP_TABLE_SIZE
+from diffstream.errors import ConfigError
+
+# Entries of the LCM timestep table; StreamDiffusion's t_index_list indexes this table.
+TIMESTEP_TABLE_SIZE = 50
+
+
+def _start_index(strength: float) -> int:
+    """First table index for an SDEdit strength: strength 1 starts at pure noise (index 0)."""
+    return min(TIMESTEP_TABLE_SIZE - 1, int(round(TIMESTEP_TABLE_SIZE * (1.0 - float(strength)))))
+
+
+def max_steps(strength: float) -> int:
+    """The most denoising steps an SDEdit `strength` leaves room for in the table."""
+    return TIMESTEP_TABLE_SIZE - _start_index(strength)
+
+
+def t_indices(strength: float, steps: int | None = None, t_index_list=None, turbo: bool = False) -> tuple[int, ...]:
+    """Indices into the 50-entry timestep table, one per denoising step.
+
+    Args:
+        strength: SDEdit noise strength in (0, 1]; the first step starts at index
+            round(50 (1 - strength)).
+        steps: denoising steps; None: 4 (LCM) or 1 (`turbo`).
+        t_index_list: explicit indices (StreamDiffusion's convention); they win over
+            strength and steps.
+    Returns:
+        increasing indices. Evenly spaced from the SDEdit start to the end of the table:
+        strength 0.4 with 4 steps gives (30, 35, 40, 45), i.e. timesteps (399, 299, 199, 99).
+    Raises:
+        ConfigError: more steps than the strength leaves room for.
+    """
+    if t_index_list is not None:
+        return tuple(int(i) for i in t_index_list)
+    steps = steps if steps is not None else (1 if turbo else 4)
+    start = _start_index(strength)
+    span = TIMESTEP_TABLE_SIZE - start
+    if steps > span:
+        raise ConfigError(f"{steps} steps is too many for strength {strength}: at most {span}")
+    return tuple(start + (i * span) // steps for i in range(steps))
 
 
 def lcm_timestep_table(num_train_timesteps: int = 1000, size: int = TIMESTEP_TABLE_SIZE) -> list[int]:
