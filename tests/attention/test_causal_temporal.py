@@ -221,3 +221,32 @@ def test_schedule_change_warms_up_again(video):
             outs += pipe.process(f)
         outs += pipe.flush()
     assert len(outs) == 12
+
+
+def test_full_windows_are_one_sdpa_call_per_layer_over_preallocated_rings(video, monkeypatch):
+    """Once every window is full, each temporal layer attends for all rows of a UNet call
+    at once, and the ring buffers are the same tensors frame after frame."""
+    from diffstream.attention.causal_temporal import CausalTemporalAttnProcessor
+
+    calls = []
+    attend = CausalTemporalAttnProcessor._attend
+
+    def counting(attn, query, key, value, heads, mask=None):
+        calls.append(query.shape[0])
+        return attend(attn, query, key, value, heads, mask)
+
+    monkeypatch.setattr(CausalTemporalAttnProcessor, "_attend", staticmethod(counting))
+    cfg = StreamConfig(prompt="x", size=64, steps=2, strength=0.6, guidance=1.0, method="live2diff",
+                       causal=CausalTemporalConfig(warmup_frames=W, window=WINDOW))
+    frames = make_frames(12)
+    with make_pipeline(video, cfg) as pipe:
+        for f in frames[:W + 4]:  # warmup, then the stream batch fills and every ring wraps
+            pipe.push(f)
+        state = pipe.mechanism.state
+        layers = len(state.rings)
+        buffers = {name: (ring.key, ring.value) for name, ring in state.rings.items()}
+        for f in frames[W + 4 :]:
+            calls.clear()
+            pipe.push(f)
+            assert len(calls) == layers  # one SDPA per temporal layer, over both rows
+            assert all(state.rings[n].key is k and state.rings[n].value is v for n, (k, v) in buffers.items())

@@ -216,3 +216,33 @@ def test_streams_sharing_a_model_do_not_see_each_others_processors(tiny):
     assert all(np.array_equal(x, y) for x, y in zip(out_b, alone_sd))
     a.close()
     b.close()
+
+
+def test_dyme_splits_are_drawn_once_per_update_in_call_order(tiny):
+    """All of an update's DyMe permutations come from the stream's CPU generator at the
+    start of the call, in the order the processors use them (layers in call order, then
+    rows), so the split is the same on every device and equals drawing per layer and row
+    while only one host-to-device copy is left per update."""
+    config = StreamConfig(prompt="x", size=64, steps=2, strength=0.6, method="streamv2v",
+                          feature_bank=FeatureBankConfig(interval=1))
+    frames = make_frames(6, 64, 64)
+    with make_pipeline(tiny, config) as pipe:
+        run(pipe, frames[:4])  # every slot's bank full: the next updates merge
+        state = pipe.mechanism.state
+        layout = BatchLayout(steps=(0, 1), branches=("cond", "cond"), num_steps=2)
+        replay = torch.Generator().set_state(state.generator.get_state())
+        state.begin_call(layout)
+        assert len(state._orders) == 2 * len(state.layers)
+        for name, bank in state.layers.items():
+            for row in range(2):
+                expected = torch.randperm(bank.capacity * 2, generator=replay)  # L + M tokens, bank_size 1
+                assert torch.equal(state.order(name, row), expected)
+
+
+def test_layout_slot_map_is_computed_once_per_layout():
+    layout = BatchLayout(steps=(0, 1, 2), branches=("cond",) * 3, num_steps=3)
+    assert layout.slots == (0, 1, 2) and layout.slot_slice == slice(0, 3)
+    guided = BatchLayout(steps=(0, 0, 1), branches=("uncond", "cond", "cond"), num_steps=2)
+    assert guided.slots == (2, 0, 1) and guided.slot_slice is None
+    index = guided.slot_index(torch.device("cpu"))
+    assert index.tolist() == [2, 0, 1] and guided.slot_index(torch.device("cpu")) is index

@@ -133,6 +133,27 @@ class BatchLayout:
         """The step of an offline call (every row shares it)."""
         return self.steps[0]
 
+    # --- the stream engine's slot map, computed once per layout (the engine caches layouts)
+    @functools.cached_property
+    def slots(self) -> tuple[int, ...]:
+        """Stream slot of each row: `step` for "cond" rows, `num_steps + step` for "uncond"
+        ones (2 * num_steps slots, one per denoising step and guidance branch)."""
+        return tuple((b == "uncond") * self.num_steps + s for s, b in zip(self.steps, self.branches))
+
+    @functools.cached_property
+    def slot_slice(self) -> slice | None:
+        """`slots` as a slice when they are consecutive (the usual stream batch), else None."""
+        lo = self.slots[0]
+        return slice(lo, lo + len(self.slots)) if self.slots == tuple(range(lo, lo + len(self.slots))) else None
+
+    def slot_index(self, device) -> torch.Tensor:
+        """`slots` as a (B,) long tensor on `device`: one host-to-device copy per layout and device."""
+        cache = self.__dict__.setdefault("_slot_index", {})  # frozen dataclass: cache like cached_property
+        index = cache.get(device)
+        if index is None:
+            index = cache[device] = torch.tensor(self.slots, dtype=torch.long, device=device)
+        return index
+
 
 class Mechanism:
     """A temporal-consistency method as a pipeline sees it.

@@ -12,7 +12,9 @@ has no future. Here every temporal self-attention layer
 - keeps one KV cache per (temporal layer, denoising step, guidance branch), so keys and
   values of past frames are never recomputed (Sec. 3.4). With the stream batch each
   row of a UNet call is a different frame at a different step and reads and writes its
-  own step's cache.
+  own step's cache. The caches of a layer are one preallocated ring buffer
+  (`LayerRing`, one slot per step and branch): a frame is written once and read in
+  place, and once the windows are full a layer is one SDPA call over all rows.
 
 Positions (Appendix A.2): AnimateDiff adds a sinusoidal encoding P to the layer input,
 K = W_K (x + P[pos]). A frame's position in the window changes every time the window
@@ -83,50 +85,117 @@ def warmup_clip_length(layout: BatchLayout) -> int:
 
 
 class StepCache:
-    """Position-free keys/values of one (layer, step, branch).
+    """Position-free keys/values of one (layer, step, branch), for reading (tests, tools).
 
-    warm_*: (N, W, C) for the warmup frames; ring_*: (N, R, C) for the R most recent
-    streamed frames, oldest first. N = batch rows of a frame x spatial tokens (H*W).
+    warm_*: (N, W, C) for the W warmup frames; ring_*: (N, R + 1, C), the slot's part of
+    its layer's ring buffer (`LayerRing`: R recent frames plus the current one, in ring
+    order, not time order), None until streaming starts. N = spatial tokens (H*W). Once
+    streaming, both are views into the ring, so they stay the same objects frame after
+    frame.
     """
 
     def __init__(self):
         self.warm_k = self.warm_v = None
         self.ring_k = self.ring_v = None
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, keep: int) -> None:
-        """Add one frame's (N, 1, C) keys/values; keep at most `keep` recent frames."""
-        if keep == 0:
-            return
-        if self.ring_k is None:
-            self.ring_k, self.ring_v = key, value
-        else:
-            self.ring_k = torch.cat([self.ring_k, key], dim=1)[:, -keep:]
-            self.ring_v = torch.cat([self.ring_v, value], dim=1)[:, -keep:]
 
-    def window(self, key: torch.Tensor, value: torch.Tensor):
-        """The window's position-free keys/values [warmup, recent, current]: (N, S, C)."""
-        parts_k, parts_v = [self.warm_k], [self.warm_v]
-        if self.ring_k is not None:
-            parts_k.append(self.ring_k)
-            parts_v.append(self.ring_v)
-        return torch.cat(parts_k + [key], dim=1), torch.cat(parts_v + [value], dim=1)
+class LayerRing:
+    """The KV cache of one temporal layer for every slot, preallocated: a ring buffer.
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.warm_k, self.warm_v, self.ring_k, self.ring_v)
-                   if t is not None)
+    `key`, `value`: (slots, N, W + R + 1, C), per slot [warmup frames | ring of the R most
+    recent streamed frames and the current one]. A frame's position-free keys/values are
+    written once, at its slot's write index, and stay there until overwritten R + 1
+    frames later; nothing grows or moves while streaming (Live2Diff Sec. 3.4).
+    """
+
+    def __init__(self, slots: int, tokens: int, warm: int, ring: int, like: torch.Tensor):
+        shape = (slots, tokens, warm + ring, like.shape[-1])
+        self.key = like.new_zeros(shape)
+        self.value = like.new_zeros(shape)
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Where the rows of one streaming call read and write their rings (host side).
+
+    Built once per call from the per-slot fill counts and write indices and shared by
+    every temporal layer; `CausalTemporalState.plan_tensors(device)` holds its device
+    indices, cached per plan, so a call copies nothing to the device once the rings
+    have gone round once (the plans repeat every R + 1 frames).
+
+    Attributes:
+        slots: ring slot of each row.
+        write: (rows,) buffer index (warm + ring index) the current frame is written at.
+        lengths: S_r per row: keys/values the row attends to (warm + filled + current).
+        order: per row, the buffer index of each of the first max(S_r) window positions,
+            oldest first: the identity while the ring has not wrapped; once it has, the
+            warmup frames, then the ring from the entry after `write` round to `write`
+            (the current frame, position S_r - 1).
+    """
+
+    slots: tuple[int, ...]
+    write: tuple[int, ...]
+    lengths: tuple[int, ...]
+    order: tuple[tuple[int, ...], ...]
+
+    @property
+    def length(self) -> int:
+        return max(self.lengths)
+
+    @property
+    def in_order(self) -> bool:
+        """Every row's entries are already in time order (no ring has wrapped yet)."""
+        return all(o == tuple(range(len(o))) for o in self.order)
+
+
+class _PlanTensors:
+    """A `RingPlan` on one device: its index tensors, copied there once."""
+
+    def __init__(self, plan: RingPlan, device):
+        rows = len(plan.slots)
+        packed = torch.tensor([plan.slots, plan.write, *zip(*plan.order)],
+                              dtype=torch.long, device=device)  # one host-to-device copy: (2 + S, rows)
+        self.slot_index, self.write_index = packed[0], packed[1]
+        self.order = None if plan.in_order else packed[2:].T.contiguous()  # (rows, S)
+        lo = plan.slots[0]
+        self.slot_slice = slice(lo, lo + rows) if plan.slots == tuple(range(lo, lo + rows)) else None
+        # Rings filling at different rates (the first frames after warmup, while the
+        # stream batch fills): rows of each window length attend together.
+        self.groups = None
+        if len(set(plan.lengths)) > 1:
+            self.groups = [(n, torch.tensor([r for r, m in enumerate(plan.lengths) if m == n], device=device))
+                           for n in sorted(set(plan.lengths))]
 
 
 class CausalTemporalState:
-    """Every KV cache of the stream, and the layout of the current UNet call."""
+    """Every KV cache of the stream, and the layout of the current UNet call.
+
+    Host-side bookkeeping per slot (a (step, branch) pair that was warmed up): how many
+    ring entries are filled and where the next frame goes. The tensors are one
+    `LayerRing` per temporal layer, allocated at the first streaming call.
+    """
 
     def __init__(self, config: CausalTemporalConfig):
         self.config = config
         self.reset()
 
+    @property
+    def ring_size(self) -> int:
+        """Ring entries per slot: the recent frames plus the current one."""
+        return self.config.recent + 1
+
     def reset(self) -> None:
         """Drop every cache (a new stream: the next frames are warmup frames again)."""
         self.caches: dict[tuple[str, int, str], StepCache] = {}
         self.layout: BatchLayout | None = None
+        self.warm_len: int | None = None  # frames of the warmup clip (W, or fewer for a short stream)
+        self.warmed: dict[tuple[int, str], None] = {}  # (step, branch) slots with warmup keys, in order
+        self.slots: dict[tuple[int, str], int] | None = None  # slot index of each, fixed when streaming starts
+        self.filled: list[int] = []
+        self.write: list[int] = []
+        self.rings: dict[str, LayerRing] = {}
+        self.plan: RingPlan | None = None
+        self._plan_tensors: dict = {}
 
     def cache(self, layer: str, step: int, branch: str) -> StepCache:
         key = (layer, step, branch)
@@ -135,9 +204,104 @@ class CausalTemporalState:
             cache = self.caches[key] = StepCache()
         return cache
 
+    def begin_call(self, layout: BatchLayout) -> None:
+        """Publish the layout; for a streaming call, plan each row's ring read and write.
+
+        The previous streaming call wrote its frames into the rings; its write indices
+        advance here, so `before_unet` stays the only per-call channel.
+        """
+        self._advance()
+        self.layout = layout
+        if layout.phase == "warmup":
+            if self.slots is not None:  # a warmup after streaming: a new stream
+                self.reset()
+                self.layout = layout
+            frames = warmup_clip_length(layout)
+            self.warm_len = frames
+            for row in range(0, layout.batch_size, frames):
+                self.warmed[(layout.steps[row], layout.branches[row])] = None
+            return
+        if self.slots is None:
+            if not self.warmed:
+                raise RuntimeError("streaming before the warmup frames were processed")
+            # Unconditional slots first, then by step: the stream batch's row order, so a
+            # call's rows are usually consecutive slots (a view, no gather).
+            order = sorted(self.warmed, key=lambda sb: (sb[1] != "uncond", sb[0]))
+            self.slots = {sb: i for i, sb in enumerate(order)}
+            self.filled = [0] * len(order)
+            self.write = [0] * len(order)
+        try:
+            slots = tuple(self.slots[sb] for sb in zip(layout.steps, layout.branches))
+        except KeyError:
+            raise RuntimeError("streaming before the warmup frames were processed") from None
+        warm, size = self.warm_len, self.ring_size
+        write, lengths, order = [], [], []
+        for slot in slots:
+            filled, at = self.filled[slot], self.write[slot]
+            write.append(warm + at)
+            lengths.append(warm + min(filled + 1, size))
+        longest = max(lengths)
+        for slot in slots:
+            if self.filled[slot] < size:  # not wrapped: entries are in time order
+                order.append(tuple(range(longest)))
+            else:  # oldest first: the entry after the write index, round to the current frame
+                at = self.write[slot]
+                order.append(tuple(range(warm)) + tuple(warm + (at + 1 + i) % size for i in range(size)))
+        self.plan = RingPlan(slots, tuple(write), tuple(lengths), tuple(order))
+
+    def _advance(self) -> None:
+        """The last streaming call put every row's frame into its ring: move the write indices on."""
+        if self.plan is None:
+            return
+        size = self.ring_size
+        for slot in self.plan.slots:
+            self.write[slot] = (self.write[slot] + 1) % size
+            self.filled[slot] = min(self.filled[slot] + 1, size)
+        self.plan = None
+
+    def plan_tensors(self, device) -> _PlanTensors:
+        """The current plan's device tensors (cached per plan and device: the rings'
+        patterns repeat every R + 1 frames)."""
+        key = (self.plan, device)
+        tensors = self._plan_tensors.get(key)
+        if tensors is None:
+            if len(self._plan_tensors) > 256:  # bounded: only transients are ever new
+                self._plan_tensors.clear()
+            tensors = self._plan_tensors[key] = _PlanTensors(self.plan, device)
+        return tensors
+
+    def ring(self, layer: str, like: torch.Tensor) -> LayerRing:
+        """This layer's ring buffer, allocated at its first streaming call: the warmup
+        keys/values move in, and the layer's `StepCache`s become views of it.
+
+        Args:
+            like: (N, 1, C) this call's position-free keys of one row (shape, dtype, device).
+        """
+        ring = self.rings.get(layer)
+        if ring is None:
+            ring = self.rings[layer] = LayerRing(len(self.slots), like.shape[0], self.warm_len, self.ring_size, like)
+            warm = self.warm_len
+            for (step, branch), slot in self.slots.items():
+                cache = self.cache(layer, step, branch)
+                ring.key[slot, :, :warm] = cache.warm_k  # (N, W, C)
+                ring.value[slot, :, :warm] = cache.warm_v
+                cache.warm_k, cache.warm_v = ring.key[slot, :, :warm], ring.value[slot, :, :warm]
+                cache.ring_k, cache.ring_v = ring.key[slot, :, warm:], ring.value[slot, :, warm:]
+        return ring
+
     def nbytes(self) -> int:
-        """Bytes held by all caches (constant once the window is full)."""
-        return sum(c.nbytes() for c in self.caches.values())
+        """Bytes of the storage behind all caches (constant once streaming has started).
+
+        Counts each distinct storage once, whole, so a view pinning a larger buffer or a
+        growing tensor would show.
+        """
+        storages = {}
+        tensors = [t for ring in self.rings.values() for t in (ring.key, ring.value)]
+        tensors += [t for c in self.caches.values() for t in (c.warm_k, c.warm_v) if t is not None]
+        for t in tensors:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
 
 class CausalTemporalAttnProcessor:
@@ -167,17 +331,16 @@ class CausalTemporalAttnProcessor:
         if layout is None:
             raise RuntimeError("causal temporal attention used outside a stream (no layout published)")
         # hidden_states: (rows * HW, F, C); F = W frames in warmup, 1 frame per row in streaming
-        qp, kp, vp = self._position_terms(attn, hidden_states)
+        q_pos, k_pos, v_pos = self._position_terms(attn, hidden_states)  # each (max_len, C)
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         frames = hidden_states.shape[1]
         # Position-free parts: the block added P[0..F-1] before this layer.
-        key0, value0 = key - kp[:frames], value - vp[:frames]
-        heads = attn.heads
+        key_free, value_free = key - k_pos[:frames], value - v_pos[:frames]
         if layout.phase == "warmup":
-            out = self._attend(attn, query, key, value, heads)  # bidirectional over the W frames
-            self._store_warmup(layout, key0, value0)
+            out = self._attend(attn, query, key, value, attn.heads)  # bidirectional over the W frames
+            self._store_warmup(layout, key_free, value_free)
         else:
-            out = self._stream(attn, layout, query, key0, value0, qp, kp, vp, heads)
+            out = self._stream(attn, layout, query, key_free, value_free, q_pos, k_pos, v_pos)
         inputs = AttentionInputs(query, key, value, residual=hidden_states, input_shape=None)
         return attention_output(attn, out, inputs)
 
@@ -192,38 +355,66 @@ class CausalTemporalAttnProcessor:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).reshape(n, lq, c)
 
-    def _store_warmup(self, layout: BatchLayout, key0, value0) -> None:
+    def _store_warmup(self, layout: BatchLayout, key_free, value_free) -> None:
         """Warmup: each branch's rows are one clip of W frames; cache its keys/values."""
         frames = warmup_clip_length(layout)
         n_videos = layout.batch_size // frames
-        per_video = key0.shape[0] // n_videos  # HW tokens of one video
+        per_video = key_free.shape[0] // n_videos  # HW tokens of one video
         for v in range(n_videos):
             row = v * frames
             cache = self.state.cache(self.name, layout.steps[row], layout.branches[row])
-            cache.warm_k = key0[v * per_video : (v + 1) * per_video]  # (HW, W, C)
-            cache.warm_v = value0[v * per_video : (v + 1) * per_video]
+            cache.warm_k = key_free[v * per_video : (v + 1) * per_video]  # (HW, W, C)
+            cache.warm_v = value_free[v * per_video : (v + 1) * per_video]
             cache.ring_k = cache.ring_v = None
 
-    def _stream(self, attn, layout: BatchLayout, query, key0, value0, qp, kp, vp, heads):
-        """One frame per row; each row reads and extends its own step's cache."""
+    def _stream(self, attn, layout: BatchLayout, query, key_free, value_free, q_pos, k_pos, v_pos):
+        """One frame per row, all rows in one SDPA call: each row writes its frame into its
+        slot's ring, then attends over [warmup, recent, current] with window positions (A.2).
+
+        Args:
+            query: (rows * HW, 1, C) with the block's position P[0] in it.
+            key_free, value_free: (rows * HW, 1, C) position-free keys/values.
+            q_pos, k_pos, v_pos: (max_len, C) the position terms W P (`_position_terms`).
+        Returns:
+            (rows * HW, 1, C) attention output.
+        """
+        state = self.state
         rows = layout.batch_size
         tokens = query.shape[0] // rows  # HW
-        keep = self.state.config.recent
-        outs = []
-        for r in range(rows):
-            sl = slice(r * tokens, (r + 1) * tokens)
-            cache = self.state.cache(self.name, layout.steps[r], layout.branches[r])
-            if cache.warm_k is None:
-                raise RuntimeError("streaming before the warmup frames were processed")
-            k_win, v_win = cache.window(key0[sl], value0[sl])  # (HW, S, C), position-free
-            s = k_win.shape[1]
-            # Window positions 0..S-1; the current frame is the last one (A.2).
-            k_win = k_win + kp[:s]
-            v_win = v_win + vp[:s]
-            q = query[sl] + (qp[s - 1] - qp[0])  # move the query from position 0 to S-1
-            outs.append(self._attend(attn, q, k_win, v_win, heads))
-            cache.append(key0[sl], value0[sl], keep)
-        return torch.cat(outs, dim=0) if rows > 1 else outs[0]
+        channels = query.shape[-1]
+        ring = state.ring(self.name, key_free[:tokens])
+        plan = state.plan_tensors(query.device)
+        # The current frame goes to its ring entry first: the window is then the slot's
+        # first S entries, whatever the row.
+        ring.key[plan.slot_index, :, plan.write_index] = key_free.view(rows, tokens, channels)
+        ring.value[plan.slot_index, :, plan.write_index] = value_free.view(rows, tokens, channels)
+        length = state.plan.length  # S: the longest window of the call
+        if plan.slot_slice is not None:
+            keys, values = ring.key[plan.slot_slice], ring.value[plan.slot_slice]  # views
+        else:
+            keys, values = ring.key.index_select(0, plan.slot_index), ring.value.index_select(0, plan.slot_index)
+        # (rows, HW, S, C), oldest first, window positions 0..S-1 added at read time (A.2)
+        if plan.order is None:  # no ring has wrapped: the buffer is in time order
+            keys, values = keys[:, :, :length] + k_pos[:length], values[:, :, :length] + v_pos[:length]
+        else:  # read each row's ring round from its oldest entry (expanded index: no copy of it)
+            index = plan.order[:, None, :, None].expand(rows, tokens, length, channels)
+            keys = torch.gather(keys, 2, index).add_(k_pos[:length])
+            values = torch.gather(values, 2, index).add_(v_pos[:length])
+        # The query moves from the block's position 0 to the current frame's, S_r - 1.
+        if plan.groups is None:  # every row attends over S entries: one SDPA for all rows
+            query = query + (q_pos[length - 1] - q_pos[0])
+            return self._attend(attn, query, keys.view(rows * tokens, length, channels),
+                                values.view(rows * tokens, length, channels), attn.heads)
+        query = query.view(rows, tokens, 1, channels)
+        out = torch.empty_like(query)
+        for n, index in plan.groups:  # one SDPA per window length while the rings fill
+            m = index.shape[0]
+            q = query.index_select(0, index) + (q_pos[n - 1] - q_pos[0])  # (m, HW, 1, C)
+            k, v = keys.index_select(0, index)[:, :, :n], values.index_select(0, index)[:, :, :n]  # (m, HW, n, C)
+            o = self._attend(attn, q.view(m * tokens, 1, channels), k.reshape(m * tokens, n, channels),
+                             v.reshape(m * tokens, n, channels), attn.heads)
+            out.index_copy_(0, index, o.view(m, tokens, 1, channels))
+        return out.view(rows * tokens, 1, channels)
 
 
 class CausalTemporal(Mechanism):
@@ -298,7 +489,7 @@ class CausalTemporal(Mechanism):
         self.state.reset()
 
     def before_unet(self, layout: BatchLayout) -> None:
-        self.state.layout = layout
+        self.state.begin_call(layout)
 
     def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout, cond=None):
         """Add the frame axis: one frame per row while streaming, W-frame clips in warmup.

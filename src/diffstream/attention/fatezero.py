@@ -367,7 +367,8 @@ class CallLayout:
             UNet at the timestep of editing step k.
         rows: frames per group.
         groups: branch groups in the batch.
-        ref_rows: (rows,) long, Eq. 8 reference row of each row within its group.
+        ref_rows: (rows,) long, Eq. 8 reference row of each row within its group, on the
+            UNet's device (copied there once per layout, not per attention call).
         fused_group: the group whose maps are fused (the conditional one), or None.
     """
 
@@ -379,16 +380,17 @@ class CallLayout:
     fused_group: int | None = None
 
     @staticmethod
-    def of(layout: BatchLayout) -> "CallLayout":
+    def of(layout: BatchLayout, device=None) -> "CallLayout":
         """The processors' view of a FateZero phase of `BatchLayout` ("plain", "store",
-        "fuse"); a "fuse" call without `fused_group` fuses the last group."""
+        "fuse"); a "fuse" call without `fused_group` fuses the last group. `device`: where
+        the UNet runs (None: the CPU)."""
         if layout.phase not in FATEZERO_PHASES:
             raise ValueError(f"FateZero has no phase {layout.phase!r}; one of {', '.join(FATEZERO_PHASES)}")
         groups = layout.num_branches
         fused_group = None
         if layout.phase == "fuse":
             fused_group = groups - 1 if layout.fused_group is None else layout.fused_group
-        ref_rows = torch.as_tensor(layout.refs, dtype=torch.long)
+        ref_rows = torch.as_tensor(layout.refs, dtype=torch.long, device=device)  # (rows,)
         return CallLayout(layout.phase, layout.step, len(layout.refs), groups, ref_rows, fused_group)
 
 
@@ -465,7 +467,7 @@ def spatial_temporal(tensor: torch.Tensor, call: CallLayout) -> torch.Tensor:
     """
     b, heads, length, d = tensor.shape
     grouped = tensor.view(call.groups, call.rows, heads, length, d)  # (G, R, heads, L, d)
-    ref = grouped.index_select(1, call.ref_rows.to(tensor.device))
+    ref = grouped.index_select(1, call.ref_rows.to(tensor.device))  # no copy: ref_rows lives on the UNet's device
     return torch.cat([grouped, ref], dim=3).view(b, heads, 2 * length, d)
 
 
@@ -599,7 +601,7 @@ class FateZero(Mechanism):
         self.plan = FusionPlan.build(layers, config, blend=bool(fusion.blend_columns))
         self.state = FateZeroState(config=config, plan=self.plan, fusion=fusion, source_text=source_text)
         self._device = None  # the attached UNet's device (where blend maps are loaded)
-        self._calls: dict = {}  # BatchLayout -> CallLayout, built once per layout
+        self._calls: dict = {}  # (BatchLayout, device) -> CallLayout, built once per layout
 
     def attach(self, unet) -> contextlib.AbstractContextManager:
         """Install FateZero processors on every self-attention layer (Eq. 8 everywhere) and
@@ -630,9 +632,9 @@ class FateZero(Mechanism):
         """Next call: "plain" (spatial-temporal attention only: reconstruction,
         recompute-mode inversion), "store" (an inversion step of one group of frames) or
         "fuse" (an editing step: fuse `fused_group`, default the last, conditional one)."""
-        call = self._calls.get(layout)
+        call = self._calls.get((layout, self._device))
         if call is None:
-            call = self._calls[layout] = CallLayout.of(layout)
+            call = self._calls[(layout, self._device)] = CallLayout.of(layout, self._device)
         state = self.state
         if call.phase == "store":
             if state.sink is None:

@@ -107,7 +107,8 @@ class LayerBank:
         self.capacity = capacity
 
 
-def dyme_assign(bank_keys: torch.Tensor, new_keys: torch.Tensor, generator: torch.Generator):
+def dyme_assign(bank_keys: torch.Tensor, new_keys: torch.Tensor, generator: torch.Generator | None = None,
+                order: torch.Tensor | None = None):
     """DyMe's bipartite assignment (Sec. 4.3, after token merging, Bolya et al.).
 
     The current frame's tokens and the banked tokens are concatenated (new first) and
@@ -117,14 +118,17 @@ def dyme_assign(bank_keys: torch.Tensor, new_keys: torch.Tensor, generator: torc
     Args:
         bank_keys: (M, C) banked keys (the similarity metric).
         new_keys: (L, C) the current frame's keys.
-        generator: CPU generator for the random split.
+        generator: CPU generator for the random split (drawn here, then copied), or
+        order: (L + M,) the split's permutation, already drawn and on the keys' device
+            (the processors' path: `FeatureBankState` draws all of an update's at once).
     Returns:
         (dst_idx (M,), src_idx (L,), target (L,)): indices into the concatenation and,
         for each source, the position in dst_idx it merges into.
     """
     m = bank_keys.shape[0]
     tokens = torch.cat([new_keys, bank_keys], dim=0)  # (N, C), N = L + M
-    order = torch.randperm(tokens.shape[0], generator=generator).to(tokens.device)
+    if order is None:
+        order = torch.randperm(tokens.shape[0], generator=generator).to(tokens.device)
     dst_idx, src_idx = order[:m], order[m:]
     sim = F.normalize(tokens[src_idx].float(), dim=-1) @ F.normalize(tokens[dst_idx].float(), dim=-1).T  # (L, M)
     return dst_idx, src_idx, sim.argmax(dim=-1)
@@ -161,20 +165,52 @@ class FeatureBankState:
         self.update_now = False
         self.generator = torch.Generator().manual_seed(int(self.config.seed))
         self.num_slots = 0
-        self.rows: list[int] = []  # slot of each UNet row in the current call
-        self.row_slice: slice | None = None  # the same map as a slice when contiguous
+        self.layout: BatchLayout | None = None
+        self.rows: tuple[int, ...] = ()  # slot of each UNet row in the current call (layout.slots)
+        self._valid: dict = {}  # (fill counts, device) -> (B, M') bool mask while banks fill
+        self._orders: dict = {}  # (layer, row) -> DyMe permutation of this update, on the device
 
     def begin_call(self, layout: BatchLayout) -> None:
-        """Map this call's rows to bank slots: slot = branch * num_steps + step."""
+        """Map this call's rows to bank slots (`layout.slots`: branch * num_steps + step)."""
         num_slots = 2 * layout.num_steps
         if num_slots != self.num_slots:  # a new schedule: banks of other steps mean nothing
             self.layers.clear()
+            self._valid.clear()
             self.num_slots = num_slots
-        self.rows = [(b == "uncond") * layout.num_steps + s for s, b in zip(layout.steps, layout.branches)]
-        lo = self.rows[0]
-        self.row_slice = slice(lo, lo + len(self.rows)) if self.rows == list(range(lo, lo + len(self.rows))) else None
+        self.layout = layout
+        self.rows = layout.slots
         self.update_now = self.calls % self.config.interval == 0
         self.calls += 1
+        self._orders = {}
+        if self.update_now and self.config.bank == "dyme":
+            self._draw_orders()
+
+    def _draw_orders(self) -> None:
+        """Every DyMe permutation of this update, drawn now and moved to the device at once.
+
+        The draws come from the CPU generator in the order the processors would make
+        them (layers in call order, then rows), so the split is the same on every device
+        and equals drawing per layer and row; only one host-to-device copy per update is
+        left instead of one per layer and row. Rows whose bank is not yet full (appended
+        to, not merged) draw nothing.
+        """
+        spans, draws, offset = {}, [], 0
+        for name, bank in self.layers.items():  # created in call order by the first call
+            length = bank.capacity // self.config.bank_size  # the layer's tokens per frame
+            tokens = length + bank.capacity
+            for r, slot in enumerate(self.rows):
+                if bank.filled[slot] + length > bank.capacity:
+                    draws.append(torch.randperm(tokens, generator=self.generator))
+                    spans[(name, r)] = (offset, tokens)
+                    offset += tokens
+        if draws:
+            device = next(iter(self.layers.values())).key.device
+            flat = torch.cat(draws).to(device)  # (sum of L + M,)
+            self._orders = {key: flat[lo : lo + n] for key, (lo, n) in spans.items()}
+
+    def order(self, layer: str, row: int) -> torch.Tensor:
+        """The DyMe permutation (L + M,) drawn for `row` of `layer` in this update."""
+        return self._orders[(layer, row)]
 
     def gather(self, bank: LayerBank, tensor: torch.Tensor):
         """Banked tokens of this call's rows.
@@ -183,18 +219,25 @@ class FeatureBankState:
             (B, M', C) tokens and a (B, M') bool mask of valid ones (None if all valid),
             or (None, None) when every row's bank is empty.
         """
-        filled = [bank.filled[s] for s in self.rows]
+        filled = tuple(bank.filled[s] for s in self.rows)
         longest = max(filled)
         if longest == 0:
             return None, None
-        rows = tensor[self.row_slice] if self.row_slice is not None else tensor[self.rows]
+        layout = self.layout
+        if layout.slot_slice is not None:
+            rows = tensor[layout.slot_slice]  # a view
+        else:
+            rows = tensor.index_select(0, layout.slot_index(tensor.device))
         rows = rows[:, :longest]  # (B, M', C)
         if min(filled) == longest:
             return rows, None
-        valid = torch.zeros((len(filled), longest), dtype=torch.bool)
-        for r, f in enumerate(filled):
-            valid[r, :f] = True
-        return rows, valid.to(tensor.device)
+        valid = self._valid.get((filled, tensor.device))
+        if valid is None:  # banks still filling: one copy per fill pattern, not per layer
+            mask = torch.zeros((len(filled), longest), dtype=torch.bool)
+            for r, f in enumerate(filled):
+                mask[r, :f] = True
+            valid = self._valid[(filled, tensor.device)] = mask.to(tensor.device)
+        return rows, valid
 
 
 class FeatureBankAttnProcessor(SDPAAttnProcessor):
@@ -278,7 +321,7 @@ class FeatureBankAttnProcessor(SDPAAttnProcessor):
                 for store, new in ((bank.key, key), (bank.value, value), (bank.output, output)):
                     store[slot] = torch.cat([store[slot, length:], new[r]], dim=0)
             else:  # DyMe: one assignment from the keys, applied to keys, values, outputs
-                assign = dyme_assign(bank.key[slot], key[r], self.state.generator)
+                assign = dyme_assign(bank.key[slot], key[r], order=self.state.order(self.name, r))
                 for store, new in ((bank.key, key), (bank.value, value), (bank.output, output)):
                     store[slot] = dyme_apply(torch.cat([new[r], store[slot]], dim=0), *assign)
 
@@ -314,12 +357,17 @@ class FeatureBank(Mechanism):
         self.state.begin_call(layout)
 
     def bank_bytes(self) -> int:
-        """Bytes held by all banks (constant once every slot is full)."""
-        return sum(
-            t.numel() * t.element_size()
-            for bank in self.state.layers.values()
-            for t in (bank.key, bank.value, bank.output)
-        )
+        """Bytes of the storage behind all banks (constant once every slot is full).
+
+        Counts each distinct storage once, whole: a view that pinned a larger buffer, or
+        a bank that grew, would show here.
+        """
+        storages = {}
+        for bank in self.state.layers.values():
+            for t in (bank.key, bank.value, bank.output):
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
 
 def parse_bank(spec: str) -> tuple[str, int | None]:
