@@ -327,6 +327,13 @@ class AttentionInputs:
     input_shape: tuple | None
 
 
+# Adapted from diffusers/src/diffusers/models/attention_processor.py (AttnProcessor2_0.__call__,
+# diffusers 0.42.1): `attention_inputs`, `attend` and `attention_output` are its three parts
+# in order, and `SDPAAttnProcessor.__call__` reassembles them; tests/attention/test_base.py
+# pins the result bit for bit against AttnProcessor2_0. Deviations on purpose: the split
+# itself (a mechanism overrides only the part it changes: extra keys/values, fused outputs);
+# the attention mask is prepared after the projections, from the key length (diffusers'
+# sequence length); the deprecated `scale` argument is ignored without a warning.
 def attention_inputs(attn, hidden_states, encoder_hidden_states=None, temb=None) -> AttentionInputs:
     """First half of diffusers' attention: norms and q/k/v projections, split into heads.
 

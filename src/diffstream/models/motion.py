@@ -25,6 +25,11 @@ import torch.nn.functional as F
 from diffstream.errors import ModelLoadError, one_line
 
 # Original AnimateDiff/Live2Diff name fragment -> diffusers MotionAdapter name fragment.
+# Adapted from diffusers/scripts/convert_animatediff_motion_module_to_diffusers.py
+# (convert_motion_module): the same renames. Deviations on purpose in
+# `convert_original_motion`: the positional tables are kept (the script drops them), one
+# per block, after checking the two attentions' copies are equal; Live2Diff's depth prior
+# is split off; and every key is placed or reported, so a partial load fails loudly.
 _RENAMES = (
     (".temporal_transformer.", "."),
     (".attention_blocks.0.", ".attn1."),
@@ -124,6 +129,10 @@ def adapter_config_from(motion: dict, block_out_channels) -> dict:
     )
 
 
+# Adapted from diffusers/src/diffusers/models/controlnets/controlnet.py
+# (ControlNetConditioningEmbedding): the same layers, names and widths, so the checkpoint's
+# `flow_conv_in.*` tensors load as they are. Deviation on purpose: stride 1 throughout, as
+# the input is a VAE latent, already at the UNet's resolution.
 class DepthPrior(nn.Module):
     """Live2Diff's depth-prior module (Sec. 3.2): VAE-encoded depth -> a residual on conv_in.
 
@@ -214,6 +223,7 @@ def load_motion_adapter(spec: str, block_out_channels, dtype=torch.float32):
     return adapter.eval(), None, None
 
 
+# Deviates on purpose from diffusers' motion modules (AnimateDiffTransformer3D.norm), see below.
 class FrameGroupNorm(nn.GroupNorm):
     """GroupNorm with statistics per frame, as AnimateDiff and Live2Diff normalise.
 

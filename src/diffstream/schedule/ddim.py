@@ -51,6 +51,8 @@ class DDIMSchedule:
         return int(self.timesteps.shape[0])
 
 
+# Adapted from diffusers/src/diffusers/schedulers/scheduling_ddim.py (DDIMScheduler.set_timesteps,
+# its three `timestep_spacing` rules).
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading", steps_offset: int = 0):
     """diffusers' DDIM timesteps for `num_steps` steps, noisiest first.
 

@@ -12,6 +12,14 @@ moderated by delta:  eps = delta * eps' + gamma * (eps_c - delta * eps').
 - Onetime-negative RCFG ("initialize"): one real unconditional call at the first step
   gives eps_u; x0_ref = (x_t - sqrt(1 - abar) eps_u) / sqrt(abar) is then reused for
   the later steps of that frame.
+
+Deviates on purpose from StreamDiffusion's code, which carries eps' from step to step in
+a running `stock_noise` buffer: here eps' is the closed form above, recomputed at every
+step from x_t and x0_ref, so guidance needs no state of its own. At a frame's first step
+the two are the same (eps' is then exactly the added noise); at later steps, by the
+algebra of the architecture review (issue #11), they differ by a term proportional to
+(c_skip * alpha + c_out - 1) * x0_ref: zero for turbo models (c_skip = 0, c_out = 1)
+and tiny at LCM's timesteps (c_skip ~ 0, c_out ~ 1).
 """
 
 from __future__ import annotations

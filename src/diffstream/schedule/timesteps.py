@@ -61,6 +61,8 @@ def t_indices(strength: float, steps: int | None = None, t_index_list=None, turb
     return tuple(start + (i * span) // steps for i in range(steps))
 
 
+# Adapted from diffusers/src/diffusers/schedulers/scheduling_lcm.py (LCMScheduler.set_timesteps
+# with original_inference_steps = 50 and 50 inference steps; tests/schedule pins it).
 def lcm_timestep_table(num_train_timesteps: int = 1000, size: int = TIMESTEP_TABLE_SIZE) -> list[int]:
     """The LCM timestep table that StreamDiffusion's `t_index_list` indexes.
 
@@ -71,6 +73,8 @@ def lcm_timestep_table(num_train_timesteps: int = 1000, size: int = TIMESTEP_TAB
     return [stride * (i + 1) - 1 for i in reversed(range(size))]
 
 
+# Adapted from diffusers/src/diffusers/schedulers/scheduling_lcm.py
+# (LCMScheduler.get_scalings_for_boundary_condition_discrete), for a tensor of timesteps.
 def lcm_boundary_scalings(timesteps: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
     """LCM's consistency-model boundary conditions c_skip(t), c_out(t).
 
