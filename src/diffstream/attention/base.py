@@ -191,6 +191,7 @@ class Mechanism:
         Returns:
             (B, C, h, w) model output. Video UNets override this to add the frame axis.
         """
+        check_unet_batch(sample, timesteps, encoder_hidden_states, layout, cond)
         return unet(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
     def attach(self, unet) -> contextlib.AbstractContextManager:
@@ -209,6 +210,17 @@ class Mechanism:
 
     def after_unet(self, layout: BatchLayout) -> None:
         """Called after every UNet call (e.g. to update banks or caches)."""
+
+
+def check_unet_batch(sample, timesteps, encoder_hidden_states, layout: BatchLayout, cond=None) -> None:
+    """Shape checks of `Mechanism.call_unet`'s arguments (host-side metadata only, no sync)."""
+    assert sample.ndim == 4, f"{sample.shape=}"
+    rows = sample.shape[0]
+    assert rows == layout.batch_size, f"{sample.shape=} {layout.batch_size=}"
+    assert timesteps.shape == (rows,), f"{timesteps.shape=} {sample.shape=}"
+    assert encoder_hidden_states.ndim == 3 and encoder_hidden_states.shape[0] == rows, (
+        f"{encoder_hidden_states.shape=} {sample.shape=}")
+    assert cond is None or cond.shape[0] == rows, f"{cond.shape=} {sample.shape=}"
 
 
 def is_self_attention(name: str) -> bool:

@@ -34,7 +34,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from diffstream.attention.base import AttentionInputs, BatchLayout, Mechanism, attention_output, install_processors
+from diffstream.attention.base import (
+    AttentionInputs,
+    BatchLayout,
+    Mechanism,
+    attention_output,
+    check_unet_batch,
+    install_processors,
+)
 
 
 @dataclass(frozen=True)
@@ -497,7 +504,9 @@ class CausalTemporal(Mechanism):
         Args:
             sample: (B, C, h, w); timesteps: (B,); encoder_hidden_states: (B, 77, D).
         """
+        check_unet_batch(sample, timesteps, encoder_hidden_states, layout, cond)
         frames = warmup_clip_length(layout) if layout.phase == "warmup" else 1
+        assert sample.shape[0] % frames == 0, f"{sample.shape=} {frames=}"
         b, c, h, w = sample.shape
         videos = b // frames
         # (videos * F, C, h, w) -> (videos, C, F, h, w)

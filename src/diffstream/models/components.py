@@ -97,6 +97,7 @@ class Components:
 
         The posterior mean is used (not a sample), so encoding is deterministic.
         """
+        assert pixels.ndim == 4 and pixels.shape[1] == 3, f"{pixels.shape=}"
         if self.is_tiny_vae:
             latents = self.vae.encode(pixels).latents
         else:
@@ -106,4 +107,5 @@ class Components:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) to pixels (B, 3, 8h, 8w) in [-1, 1]."""
+        assert latents.ndim == 4, f"{latents.shape=}"
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample

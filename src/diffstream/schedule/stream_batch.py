@@ -28,7 +28,7 @@ class StreamBatch:
     """
 
     def __init__(self, table: StepTable, noise: torch.Tensor):
-        assert noise.shape[0] == table.num_steps, (noise.shape, table.num_steps)
+        assert noise.ndim == 4 and noise.shape[0] == table.num_steps, f"{noise.shape=} {table.num_steps=}"
         self.table = table
         self.noise = noise  # (n, C, h, w)
         self.reset()
@@ -58,15 +58,18 @@ class StreamBatch:
             tag: anything that identifies the frame (returned when it finishes).
             cond: (1, ...) conditioning that travels with the frame, or None.
         """
+        assert z0.ndim == 4 and z0.shape[0] == 1, f"{z0.shape=}"
+        assert z0.shape[1:] == self.noise.shape[1:], f"{z0.shape=} {self.noise.shape=}"
+        assert cond is None or cond.shape[0] == 1, f"{cond.shape=}"
         if self.in_flight and self.lo != 1:
             raise RuntimeError("a frame can join only when the newest in-flight frame is at step 1")
         rows = self.table.rows(0, 1)
         x_new = add_noise(z0, self.noise[0:1], rows.alpha_sqrt, rows.beta_sqrt)  # (1, C, h, w)
         if self.in_flight:
-            self.x = torch.cat([x_new, self.x], dim=0)
-            self.ref = torch.cat([z0, self.ref], dim=0)
+            self.x = torch.cat([x_new, self.x], dim=0)  # (m + 1, C, h, w), newest first
+            self.ref = torch.cat([z0, self.ref], dim=0)  # (m + 1, C, h, w)
             if cond is not None:
-                self.cond = torch.cat([cond, self.cond], dim=0)
+                self.cond = torch.cat([cond, self.cond], dim=0)  # (m + 1, ...)
         else:
             self.x, self.ref, self.cond = x_new, z0, cond
         self.tags.insert(0, tag)
@@ -92,6 +95,7 @@ class StreamBatch:
         Returns:
             (tag, latent (1, C, h, w)) of the frame that finished its last step, or None.
         """
+        assert self.x is None or denoised.shape == self.x.shape, f"{denoised.shape=} {self.x.shape=}"
         m, n, lo = self.in_flight, self.num_steps, self.lo
         keep = min(m, n - 1 - lo)  # frames with steps left; at most one frame finishes
         finished = None
