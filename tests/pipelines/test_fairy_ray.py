@@ -22,7 +22,9 @@ from diffstream.pipelines.distributed import (  # noqa: E402
     SegmentError,
     WorkerPool,
 )
-from diffstream.pipelines.fairy import Clip, EditPlan, FairyConfig, FairyPipeline, edit_command  # noqa: E402
+from diffstream.commands.edit_fairy import edit_command  # noqa: E402
+from diffstream.io.clip import Clip  # noqa: E402
+from diffstream.pipelines.fairy import EditPlan, FairyConfig, FairyPipeline  # noqa: E402
 from diffstream.testing import make_frames  # noqa: E402
 
 MODEL = ModelConfig(model="tiny", device="cpu", instruct=True)
@@ -135,7 +137,13 @@ def test_edit_command_on_a_running_cluster(pool, tmp_path):
     from diffstream.frames import load_image
     from diffstream.testing import write_video
 
-    from .test_fairy import edit_parser
+    from diffstream.cli import build_parser
+
+    def edit_parser():
+        class P:
+            def parse_args(self, argv):
+                return build_parser().parse_args(["edit", "--method", "fairy", *argv])
+        return P()
 
     video = write_video(tmp_path / "in.mp4", FRAMES, fps=10)
     out = tmp_path / "png/"
