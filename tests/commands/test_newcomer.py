@@ -320,3 +320,21 @@ def test_a_prompt_past_77_tokens_is_warned_about_once(clip, tmp_path, capsys):
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "77 tokens" in line]
     assert len(warnings) == 1 and "cut after" in warnings[0] and "number 12" in warnings[0]
+
+
+def test_seed_minus_one_means_a_random_seed_on_the_command_line_too(clip, tmp_path, capsys, monkeypatch):
+    import diffstream.server.protocol as protocol
+
+    monkeypatch.setattr(protocol.secrets, "randbelow", lambda n: 1234)
+    from diffstream.commands.run import stream_config
+
+    args = build_parser().parse_args(["run", clip, "-o", "o.mp4", "--prompt", "x", "--seed", "-1"])
+    assert stream_config(args).seed == 1234
+    assert "using seed 1234" in capsys.readouterr().err
+
+
+def test_serve_has_an_idle_timeout_option():
+    from diffstream.commands.serve import build_parser as serve_parser
+
+    assert serve_parser().parse_args([]).idle_timeout == 60.0
+    assert serve_parser().parse_args(["--idle-timeout", "0"]).idle_timeout == 0.0

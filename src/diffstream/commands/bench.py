@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=512, help="longer side of the processing size (default: 512)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps of the streams (default: 4, turbo: 1)")
     parser.add_argument("--strength", type=float, default=0.4, help="SDEdit strength (default: 0.4)")
-    parser.add_argument("--seed", type=int, default=2, help="one seed for every method (default: 2)")
+    parser.add_argument("--seed", type=int, default=2, help="one seed for every method; -1 picks a random one (default: 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed frames per stream before timing (default: 1)")
     parser.add_argument("--flow-preset", default="medium", choices=FLOW_PRESETS,
                         help="optical-flow quality for warp error (default: medium)")
@@ -51,6 +51,7 @@ def bench_command(args: argparse.Namespace, *, clip=None, components=None) -> in
     try:
         # Everything that can be checked without a model is checked first.
         methods = resolve_methods(args.methods)
+        args.seed = common.resolve_seed(args.seed)
         if args.frames < 2:
             raise ConfigError(f"--max-frames must be at least 2 (warp error compares pairs), got {args.frames}")
         if args.warmup < 0:

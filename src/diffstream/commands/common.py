@@ -141,6 +141,17 @@ def warn_long_prompts(components, *prompts) -> None:
         warner(prompt)
 
 
+def resolve_seed(seed: int) -> int:
+    """`--seed -1` asks for a random seed (as the web page's -1 does): pick one and say
+    which, so the run can be repeated."""
+    from diffstream.server.protocol import resolve_seed as pick
+
+    chosen = pick(int(seed))
+    if chosen != seed:
+        say(f"--seed -1: using seed {chosen}")
+    return chosen
+
+
 def say(message: str) -> None:
     """A status line for the person at the terminal (stderr, flushed)."""
     print(f"diffstream: {message}", file=sys.stderr, flush=True)

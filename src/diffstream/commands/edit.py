@@ -32,7 +32,7 @@ def add_arguments(edit: argparse.ArgumentParser) -> None:
                            f"fatezero {edit_fatezero.DEFAULT_GUIDANCE})")
     edit.add_argument("--strength", type=float, default=None,
                       help=f"SDEdit noise strength in (0, 1] for fairy --prompt (default: {edit_fairy.DEFAULT_STRENGTH})")
-    edit.add_argument("--seed", type=int, default=2, help="seed of every random draw (default: 2)")
+    edit.add_argument("--seed", type=int, default=2, help="seed of every random draw; -1 picks a random one and prints it (default: 2)")
     edit.add_argument("--size", type=int, default=512,
                       help="longer side of the processing size; the aspect ratio is kept (default: 512)")
     edit.add_argument("--max-frames", type=int, default=None, help="edit only the first N frames (default: all)")

@@ -68,7 +68,7 @@ def fairy_config(args) -> FairyConfig:
         image_guidance=args.image_guidance,
         strength=getattr(args, "strength", None),
         sampler=getattr(args, "sampler", "auto"),
-        seed=getattr(args, "seed", 0),
+        seed=common.resolve_seed(getattr(args, "seed", 0)),
         size=getattr(args, "size", 512),
     )
 

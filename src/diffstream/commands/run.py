@@ -52,7 +52,7 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-type", default=None, choices=CFG_TYPES,
                    help="none | self (RCFG, no extra call) | initialize (RCFG, 1 extra call/frame) | full (CFG) "
                         "(default: self, none for turbo or --guidance <= 1)")
-    g.add_argument("--seed", type=int, default=2, help="seeds the fixed noise and every random draw (default: 2)")
+    g.add_argument("--seed", type=int, default=2, help="seeds the fixed noise and every random draw; -1 picks a random seed and prints it (default: 2)")
     g.add_argument("--similarity-filter", type=float, default=None, metavar="THRESHOLD",
                    help="skip near-identical frames (cosine >= THRESHOLD skips for sure), e.g. 0.98 (default: off)")
     g.add_argument("--max-skip", type=int, default=10, help="longest run of skipped frames (default: 10)")
@@ -104,7 +104,7 @@ def stream_config(args) -> StreamConfig:
     return StreamConfig(
         prompt=args.prompt, negative_prompt=args.negative_prompt, strength=args.strength, steps=args.steps,
         t_index_list=args.t_index_list, guidance=args.guidance, delta=args.delta, cfg_type=args.cfg_type,
-        seed=args.seed, similarity_threshold=args.similarity_filter, max_skip=args.max_skip,
+        seed=common.resolve_seed(args.seed), similarity_threshold=args.similarity_filter, max_skip=args.max_skip,
         stream_batch=not args.no_stream_batch, size=args.size, method=args.method,
         feature_bank=feature_bank_config(args),
         causal=CausalTemporalConfig(warmup_frames=args.warmup_frames, window=args.window, depth=args.depth,

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for inference (torch.set_num_threads); default: torch's choice. "
                         "On a small CPU-only machine, 1 leaves a core for the network and JPEG work")
+    g.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="free a client's session after this many seconds without a message from it, telling "
+                        "the client why; 0 never (default: 60)")
     g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept WebSocket connections from pages of this origin "
                         "(e.g. https://demo.example.org behind a reverse proxy); repeatable")
@@ -89,6 +92,8 @@ def _check_args(args) -> None:
         raise ConfigError(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")
     if args.max_frame_bytes < 1 or args.max_frame_side < 1:
         raise ConfigError("--max-frame-bytes and --max-frame-side must be >= 1")
+    if args.idle_timeout < 0:
+        raise ConfigError(f"--idle-timeout must be >= 0 (0: never), got {args.idle_timeout}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
 
@@ -158,6 +163,7 @@ def command(args) -> int:
         from diffstream.config import StreamConfig
 
         app = create_app(components, size=args.size, max_clients=args.max_clients, limits=limits,
+                         idle_timeout=args.idle_timeout or None,
                          jpeg_quality=args.jpeg_quality, allowed_origins=tuple(args.allow_origin),
                          base_config=StreamConfig(stream_batch=not args.no_stream_batch))
         server = uvicorn.Server(
