@@ -142,6 +142,7 @@ def test_motion_modules_matter(video):
     assert max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(ours, plain)) > 5
 
 
+@pytest.mark.slow
 def test_cache_memory_is_constant_over_1000_frames(video):
     cfg = StreamConfig(prompt="x", size=64, steps=1, strength=0.5, guidance=1.0, method="live2diff",
                        causal=CausalTemporalConfig(warmup_frames=2, window=4))

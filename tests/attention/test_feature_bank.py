@@ -127,6 +127,7 @@ def test_dyme_merged_token_is_the_mean_of_its_group():
         assert torch.allclose(merged[j], torch.stack(group).mean(0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dyme_bank_size_is_fixed_over_500_frames(tiny):
     config = StreamConfig(prompt="x", size=64, steps=1, strength=0.5, method="streamv2v",
                           feature_bank=FeatureBankConfig(interval=1))

@@ -12,6 +12,12 @@ slot's fixed noise, one UNet call for all in-flight frames (stream batch), guida
 that finished. Output i always belongs to input i: the first n-1 pushes return None,
 `flush()` runs the remaining steps of the tail, and a frame skipped by the similarity
 filter repeats the output of the frame it resembled, in its own position.
+
+Follows StreamDiffusion's `StreamDiffusion` class (cumulo-autumn/StreamDiffusion,
+`src/streamdiffusion/pipeline.py`) in what it computes; deliberate deviations: RCFG is
+the closed form of Sec. 3.3 (`schedule/guidance.py`) instead of the reference's
+`stock_noise` recursion, and outputs are aligned 1:1 with inputs (the reference returns
+a warm-up frame per early push).
 """
 
 from __future__ import annotations
@@ -137,6 +143,7 @@ class StreamPipeline:
         Returns:
             (h, w, 3) uint8 output at processing size, or None while the stream batch fills.
         """
+        assert frame.ndim in (2, 3) and frame.shape[0] > 0 and frame.shape[1] > 0, f"{frame.shape=}"
         self._own_unet()
         if self._pending:
             self._apply_pending()
