@@ -71,3 +71,13 @@ def test_engine_stats_report_the_output_rate_at_one_frame_per_second():
         assert stats["fps"] == pytest.approx(rate, rel=0.01)
     assert FPS_WINDOW_SECONDS > 1 / rate  # the case that read 0.0 before
     assert engine.stats(engine.open_session(None))["fps"] is None  # nothing out yet: no figure
+
+
+def test_sessions_start_on_a_method_the_model_can_run():
+    """With motion modules only live2diff works: a new session must not start on the
+    default streamdiffusion and fail every frame."""
+    engine = Engine(lambda: None, StreamConfig())
+    engine.methods = ("live2diff",)
+    assert engine.open_session(None).applied.method == "live2diff"
+    engine.methods = ("streamdiffusion", "streamv2v")
+    assert engine.open_session(None).applied.method == "streamdiffusion"

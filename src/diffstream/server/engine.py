@@ -231,7 +231,12 @@ class Engine:
         with self._cond:
             if len(self._sessions) >= self.max_clients:
                 return None
-            session = Session(next(self._ids), loop, self.base_config)
+            config = self.base_config
+            if self.methods and config.method not in self.methods:
+                # e.g. a model with motion modules runs live2diff only: start every
+                # session on a method that works instead of failing every frame
+                config = config.replace(method=self.methods[0])
+            session = Session(next(self._ids), loop, config)
             self._sessions.append(session)
             return session
 
