@@ -538,3 +538,16 @@ def test_seed_minus_one_picks_a_random_seed_and_says_which(make_client):
     assert len(set(seeds)) > 1
     client.frames(FILL + 1)
     assert len(client.outputs) == 1 and client.errors() == []
+
+
+def test_a_prompt_clip_would_cut_is_warned_about(make_client, caplog):
+    client = connect(make_client())
+    long = "a watercolor painting of " + " and ".join(f"a tree number {i}" for i in range(40))
+    with caplog.at_level("WARNING", logger="diffstream.server"):
+        client.send(type="params", prompt=long)
+        warning = client.wait_for("warning")
+    assert "77 tokens" in warning["message"] and "cut after" in warning["message"]
+    assert any("77 tokens" in r.getMessage() for r in caplog.records)
+    client.send(type="params", prompt="a short prompt")
+    client.wait_for("params")
+    assert not [e for e in client.events if e["type"] == "warning" and "short" in e["message"]]

@@ -303,6 +303,9 @@ class Engine:
             # Check against the settings as they will be, so consecutive changes compose.
             session.requested = apply_params(session.requested, changes, self.turbo)
             payload = {"changes": changes}
+            for field in ("prompt", "negative_prompt"):
+                if changes.get(field) and self.components is not None:
+                    self._warn_long_prompt(session, changes[field])
         elif kind == "ping":
             payload = {"t": message.get("t")}
         with self._cond:
@@ -310,6 +313,19 @@ class Engine:
                 return
             session.ops.append(_Op(session.received, kind, payload))
             self._cond.notify_all()
+
+    def _warn_long_prompt(self, session: Session, prompt: str) -> None:
+        """Tell the client (and, once per prompt, the server log) that CLIP cuts `prompt`."""
+        from diffstream.models.tokenizer import truncation_note
+
+        note = truncation_note(self.components.tokenizer, prompt)
+        if note is None:
+            return
+        session.deliver({"type": "warning", "message": note})
+        warned = self.__dict__.setdefault("_warned_prompts", set())
+        if prompt not in warned:
+            warned.add(prompt)
+            log.warning("session %d: %s", session.id, note)
 
     def count_rejected(self, session: Session) -> None:
         """Count a rejected control message."""

@@ -153,6 +153,9 @@ function handleEvent(event) {
         setStatus(`Server error: ${event.message}`, "error");
       }
       break;
+    case "warning":
+      showNotice(event.message);
+      break;
     case "idle":
       state.idle = event.message.replace(/^session closed: /, "the server closed the session after ")
         .replace(/; connect again to go on$/, ".");
