@@ -155,3 +155,38 @@ def test_offline_adapter_timing_and_a_failing_method(tiny, scorer):
     assert report.warnings == ["broken failed: ValueError: broken returned 4 frames for 5 inputs"]
     assert "failed" in report.table()
     json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_the_bench_figure_says_what_it_shows(tiny):
+    """Axis names the real quantity, the title names clip/frames/size/model, legends sit
+    outside the axes, and an offline method gets no per-frame latency curve."""
+    def same(components, frames, *, prompt, seed, size, progress=None):
+        for i in range(len(frames)):
+            if progress is not None:
+                progress(i)
+        return list(frames)
+
+    frames = make_frames(4, 48, 64, seed=5)
+    methods = [(bench_method_stream(), None), (BenchMethod("copy", OFFLINE, adapter=same), same)]
+    report = run_benchmark(frames, methods, prompt="a cat", components=tiny, flow_preset="fast",
+                           info={"input_name": "in.mp4"})
+    fig = report.figure()
+    ax_warp, ax_lat = fig.axes[:2]
+    assert "MSE" in ax_warp.get_ylabel()
+    title = ax_warp.get_title()
+    assert "in.mp4" in title and "4 frames" in title and "64x48" in title and "tiny" in title
+    renderer = fig.canvas.get_renderer()
+    for ax in (ax_warp, ax_lat):
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.x0 >= ax.get_window_extent(renderer).x1  # beside the plot, never on a curve
+    labels = [line.get_label() for line in ax_lat.get_lines()]
+    assert any("streamdiffusion (latency per frame)" == label for label in labels)
+    offline = [line for line in ax_lat.get_lines() if line.get_label().startswith("copy")]
+    assert offline and all(len(line.get_xdata()) <= 2 for line in offline)  # a level and a marker, no curve
+    assert any("amortised" in line.get_label() for line in offline)
+
+
+def bench_method_stream():
+    from diffstream.metrics.bench import REGISTRY
+
+    return REGISTRY["streamdiffusion"]

@@ -328,7 +328,7 @@ def plot_report(report: EvalReport, path: str) -> None:
     fig, (ax_err, ax_valid) = new_figure(2)
     pairs = list(range(1, report.warp.num_pairs + 1))
     ax_err.plot(pairs, report.warp.per_pair_255, marker=".", color="tab:red")
-    ax_err.set_ylabel("warp error (0-255)")
+    ax_err.set_ylabel("warp error (MSE, pixels 0-255)")
     ax_err.set_title(f"{os.path.basename(report.output or 'output')} vs {os.path.basename(report.source or 'source')}")
     ax_err.grid(alpha=0.3)
     ax_valid.plot(pairs, report.warp.valid_fraction, marker=".", color="tab:blue")

@@ -88,6 +88,6 @@ def save_figure(fig, path: str) -> None:
     """Save a figure from `new_figure` as PNG. Raises OutputError."""
     fig.tight_layout()
     try:
-        fig.savefig(os.path.expanduser(path), format="png")
+        fig.savefig(os.path.expanduser(path), format="png", bbox_inches="tight")
     except OSError as exc:
         raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from None
