@@ -182,11 +182,100 @@ def test_the_bench_figure_says_what_it_shows(tiny):
     labels = [line.get_label() for line in ax_lat.get_lines()]
     assert any("streamdiffusion (latency per frame)" == label for label in labels)
     offline = [line for line in ax_lat.get_lines() if line.get_label().startswith("copy")]
-    assert offline and all(len(line.get_xdata()) <= 2 for line in offline)  # a level and a marker, no curve
-    assert any("amortised" in line.get_label() for line in offline)
+    assert not offline  # no per-frame curve, nor a level posing as one, on the latency axes
+    # Its amortised time per frame and first output are bars of the third panel, labelled so.
+    ax_time = fig.axes[2]
+    assert any("copy" in t.get_text() and "offline" in t.get_text() for t in ax_time.get_yticklabels())
+    assert any("amortised" in t.get_text() for t in ax_time.texts)
 
 
 def bench_method_stream():
     from diffstream.metrics.bench import REGISTRY
 
     return REGISTRY["streamdiffusion"]
+
+
+def _synthetic_report():
+    """A BenchReport built by hand: two streams, two offline methods (one far off in warp
+    error, one slow), a failed method and the input reference; no model runs."""
+    from diffstream.metrics.bench import STREAM, BenchReport, MethodResult
+    from diffstream.metrics.warp import WarpErrorResult
+
+    n = 8
+
+    def stream(name, base):
+        lat = [base + 0.01 * (i % 3) for i in range(n)]
+        timing = {"fps": 40.0, "seconds_per_frame": 0.025, "first_output_latency": lat[0], "wall_seconds": 0.3}
+        return MethodResult(name, STREAM, timing, lat, warp=WarpErrorResult((5.0, 9.0, 7.0, 12.0, 6.0, 8.0, 4.0)))
+
+    def offline(name, per_frame, first, warp):
+        timing = {"fps": 1 / per_frame, "seconds_per_frame": per_frame, "first_output_latency": first,
+                  "wall_seconds": per_frame * n}
+        return MethodResult(name, OFFLINE, timing, [per_frame] * n, warp=WarpErrorResult((warp,) * (n - 1)))
+
+    results = [stream("streamdiffusion", 0.09), stream("streamv2v", 0.1),
+               offline("fairy", 0.045, 0.27, 2800.0), offline("fatezero", 0.41, 3.2, 1700.0),
+               MethodResult("live2diff", STREAM, error="RuntimeError: boom")]
+    reference = MethodResult("input (reference)", "reference", warp=WarpErrorResult((20.0, 50.0, 40.0, 35.0, 18.0,
+                                                                                      30.0, 0.1)))
+    info = {"input_name": "bunny.mp4", "frames": n, "width": 128, "height": 80, "model": "tiny", "steps": 4,
+            "strength": 0.4, "seed": 2, "device": "cpu", "dtype": "float32", "prompt": "a watercolor painting"}
+    return BenchReport(results, reference, info)
+
+
+def test_bench_figure_offline_methods_are_not_drawn_as_per_frame_latency(tmp_path):
+    fig = _synthetic_report().figure()
+    ax_warp, ax_lat, ax_time = fig.axes
+    # Latency panel: a curve per stream, nothing for the offline methods (nor the failed one).
+    assert sorted(line.get_label() for line in ax_lat.get_lines()) == [
+        "streamdiffusion (latency per frame)", "streamv2v (latency per frame)"]
+    assert all(len(line.get_xdata()) == 8 for line in ax_lat.get_lines())
+    assert "fairy, fatezero: offline, no per-frame latency" in ax_lat.get_title()
+    # Time panel: every method that ran has a s/frame bar and a first-output bar; offline
+    # bars are their amortised time per frame, labelled so.
+    bars = sorted(round(p.get_width(), 6) for p in ax_time.patches)
+    assert bars == sorted([0.025, 0.09, 0.025, 0.1, 0.045, 0.27, 0.41, 3.2])
+    ticks = [t.get_text() for t in ax_time.get_yticklabels()]
+    assert ticks == ["live2diff (failed)", "fatezero\n(offline)", "fairy\n(offline)", "streamv2v", "streamdiffusion"]
+    texts = [t.get_text() for t in ax_time.texts]
+    assert " 0.41 s/frame (offline: amortised, wall / frames)" in texts
+    assert " 0.025 s/frame (1 / 40 fps)" in texts and " first output 3.2 s" in texts
+    assert ax_time.get_xscale() == "log"  # 0.025 .. 3.2 s: a linear axis would hide the streams' bars
+
+
+def test_bench_figure_names_the_quantity_the_run_and_keeps_legends_off_the_data(tmp_path):
+    report = _synthetic_report()
+    fig = report.figure()
+    ax_warp, ax_lat, ax_time = fig.axes
+    # warp.py computes a mean squared error on 0-255 pixel values, which reaches 255^2.
+    assert ax_warp.get_ylabel().startswith("warp error (MSE, pixels 0-255)")
+    assert ax_warp.get_yscale() == "log"  # 4 .. 2800: the streams and the reference stay visible
+    title = ax_warp.get_title()
+    for part in ("bunny.mp4", "8 frames", "128x80", "model tiny", "4 steps", "seed 2", '"a watercolor painting"'):
+        assert part in title, part
+    renderer = fig.canvas.get_renderer()
+    figure_box = fig.bbox
+    for ax in (ax_warp, ax_lat, ax_time):
+        legend = ax.get_legend()
+        assert legend is not None
+        box, data = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert not box.overlaps(data), ax.get_title()
+        assert figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1 and box.y0 >= figure_box.y0  # not cut off
+    # The PNG is written (and its legends are inside it).
+    png = tmp_path / "b.png"
+    report.plot(str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_figure_of_streams_only_and_of_offline_only():
+    from diffstream.metrics.bench import BenchReport
+
+    full = _synthetic_report()
+    streams = BenchReport(full.results[:2], full.reference, full.info)
+    fig = streams.figure()
+    assert "offline" not in fig.axes[1].get_title()
+    assert not any("offline" in t.get_text() for t in fig.axes[2].get_yticklabels())
+    offline = BenchReport(full.results[2:4], full.reference, full.info)
+    fig = offline.figure()
+    assert fig.axes[1].get_lines() == [] and "no streaming method in this run" in [t.get_text() for t in fig.axes[1].texts]
+

@@ -175,3 +175,28 @@ def test_missing_input_is_one_line_exit_2(videos, tmp_path, capsys):
     assert eval_command(_args("--source", src, "--output", tmp_path / "nope.mp4")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "input not found" in err[0]
+
+
+def test_eval_figure_names_the_quantity_and_the_run(tmp_path):
+    """`eval --plot`: the axis says what warp error is (an MSE on 0-255 pixel values, so up to
+    255^2, not a value "0-255"), the title names both videos, frames, size and flow preset,
+    and the legend sits beside the axes."""
+    from diffstream.metrics.evaluate import EvalReport, plot_report, report_figure
+    from diffstream.metrics.warp import WarpErrorResult
+
+    errors = (120.0, 2100.0, 900.0, 0.5, 1500.0)
+    report = EvalReport(frames=6, size=(96, 72), source_size=(64, 48), source="/x/src.mp4", output="/y/out.mp4",
+                        warp=WarpErrorResult(errors, (0.97, 0.95, 0.96, 1.0, 0.9)), flow_preset="fast")
+    fig = report_figure(report)
+    ax_err, ax_valid = fig.axes
+    assert ax_err.get_ylabel() == "warp error (MSE, pixels 0-255)"
+    assert ax_err.get_title() == "out.mp4 vs src.mp4: 6 frames at 96x72, flow fast"
+    (curve, mean) = ax_err.get_lines()
+    assert list(curve.get_ydata()) == list(errors) and list(curve.get_xdata()) == [1, 2, 3, 4, 5]
+    assert mean.get_ydata()[0] == pytest.approx(np.mean(errors)) and mean.get_label().startswith("mean ")
+    renderer = fig.canvas.get_renderer()
+    assert not ax_err.get_legend().get_window_extent(renderer).overlaps(ax_err.get_window_extent(renderer))
+    assert [t for t in ax_err.get_xticks() if 1 <= t <= 5] == [1, 2, 3, 4, 5]  # pair numbers, no 2.5
+    png = tmp_path / "e.png"
+    plot_report(report, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -48,7 +48,16 @@ import numpy as np
 from diffstream.errors import ConfigError, InputError, one_line
 from diffstream.frames import fit_size, resize
 from diffstream.metrics.clip import ClipResult
-from diffstream.metrics.report import finite_or_none, fmt, markdown_table, new_figure, save_figure
+from diffstream.metrics.report import (
+    WARP_ERROR_LABEL,
+    finite_or_none,
+    fmt,
+    legend_beside,
+    markdown_table,
+    new_figure,
+    save_figure,
+    wide_range,
+)
 from diffstream.metrics.timing import FrameTimer, PeakMemory
 from diffstream.metrics.warp import WarpErrorMeter, WarpErrorResult
 
@@ -308,60 +317,130 @@ class BenchReport:
         return markdown_table(header, rows)
 
     def figure(self):
-        """The bench figure: per-pair warp error of every method, and each method's time
-        per frame. Streams get their per-frame latency curve; offline methods have no
-        per-frame latency (every frame waits for the clip), so they are drawn as what is
-        true for them: a dotted level at their amortised seconds per frame, labelled so,
-        and a marker at their first output. Legends sit outside the axes, so they never
-        cover a curve.
+        """The bench figure, three panels sharing one colour per method.
+
+        1. Per-pair warp error of every method and of the input (reference); a log axis
+           when the values span more than 30x, so a method far off does not squash the
+           others onto zero.
+        2. Per-frame latency (push of input i -> output i) of the streaming methods. An
+           offline method has no per-frame latency (every frame waits for the whole
+           clip), so it gets no curve here.
+        3. Every method's seconds per frame (streams: 1 / steady fps; offline: wall time
+           / frames, amortised, labelled so) and first-output latency, as bars.
+
+        Legends sit beside the axes, so they never cover data. The title names the clip,
+        frame count, size, model, schedule, seed, device and prompt.
 
         Returns:
-            a matplotlib Figure (Agg canvas).
+            a matplotlib Figure (Agg canvas), laid out.
         """
-        fig, (ax_warp, ax_lat) = new_figure(2, width=11.0)
-        for i, r in enumerate(self.results):
-            color = f"C{i}"  # one colour per method in both panels
+        from matplotlib.ticker import MaxNLocator
+
+        fig, (ax_warp, ax_lat, ax_time) = new_figure(3, width=11.0, row_height=3.0)
+        info = self.info
+        colors = {r.name: f"C{i}" for i, r in enumerate(self.results)}
+        ok = [r for r in self.results if r.error is None]
+        frames = int(info.get("frames") or max((len(r.per_frame_latency) for r in ok), default=2))
+
+        warp_values = []
+        for r in ok:
             if r.warp is not None and r.warp.num_pairs:
                 ax_warp.plot(range(1, r.warp.num_pairs + 1), r.warp.per_pair_255, marker=".", label=r.name,
-                             color=color)
-            if not r.per_frame_latency:
-                continue
-            n = len(r.per_frame_latency)
-            if r.kind == OFFLINE:
-                first = r.timing.get("first_output_latency")
-                ax_lat.axhline(r.per_frame_latency[0], linestyle=":", color=color,
-                               label=f"{r.name} (offline: amortised s/frame)")
-                if first is not None:
-                    ax_lat.plot([0], [first], marker="*", markersize=10, linestyle="none", color=color,
-                                label=f"{r.name}: first output after {first:.3g} s")
-            else:
-                ax_lat.plot(range(n), r.per_frame_latency, marker=".", color=color,
-                            label=f"{r.name} (latency per frame)")
+                             color=colors[r.name])
+                warp_values += list(r.warp.per_pair_255)
         ref = self.reference.warp
         if ref is not None and ref.num_pairs:
             ax_warp.plot(range(1, ref.num_pairs + 1), ref.per_pair_255, color="gray", linestyle="--",
                          label="input (reference)")
-        # warp.py: mean squared error of the flow-warped previous frame over visible
-        # pixels, with pixel values on the 0-255 scale (so up to 255^2)
-        ax_warp.set_ylabel("warp error (MSE, pixels 0-255)")
-        ax_warp.set_xlabel("frame t (pair t-1 -> t)")
-        info = self.info
+            warp_values += list(ref.per_pair_255)
+        log_warp = wide_range(warp_values)
+        if log_warp:
+            ax_warp.set_yscale("log")
+        ax_warp.set_ylabel(WARP_ERROR_LABEL + ("\n(log scale)" if log_warp else ""))
+        ax_warp.set_xlabel("frame t (pair t-1 -> t); lower = more consistent")
         size = f"{info.get('width')}x{info.get('height')}" if info.get("width") else "?"
-        title = (f"{info.get('input_name', 'clip')}, {info.get('frames', '?')} frames at {size}, "
-                 f"model {info.get('model', '?')}: \"{info.get('prompt', '')}\"")
-        ax_warp.set_title(title if len(title) <= 110 else title[:109] + "…", fontsize=10)
-        ax_lat.set_ylabel("seconds")
+        run = [f"{info.get('steps')} steps" if info.get("steps") else None,
+               f"strength {info.get('strength')}" if info.get("strength") is not None else None,
+               f"seed {info.get('seed')}" if info.get("seed") is not None else None,
+               info.get("device"), info.get("dtype")]
+        line1 = (f"{info.get('input_name', 'clip')}: {frames} frames at {size}, model {info.get('model', '?')}"
+                 + "".join(f", {part}" for part in run if part))
+        prompt = str(info.get("prompt", ""))
+        line2 = f'prompt "{prompt if len(prompt) <= 90 else prompt[:89] + "…"}"'
+        ax_warp.set_title(f"{line1}\n{line2}", fontsize=10)
+
+        streams = [r for r in ok if r.kind != OFFLINE and r.per_frame_latency]
+        offline = [r.name for r in ok if r.kind == OFFLINE]
+        for r in streams:
+            ax_lat.plot(range(len(r.per_frame_latency)), r.per_frame_latency, marker=".", color=colors[r.name],
+                        label=f"{r.name} (latency per frame)")
+        if not streams:
+            ax_lat.text(0.5, 0.5, "no streaming method in this run", transform=ax_lat.transAxes,
+                        ha="center", va="center", color="gray")
+        title = "per-frame latency of the streaming methods: push of input i -> output i"
+        if offline:
+            title += f"\n{', '.join(offline)}: offline, no per-frame latency (each frame waits for the clip): see below"
+        ax_lat.set_title(title, fontsize=9)
+        ax_lat.set_ylabel("latency (s)")
         ax_lat.set_xlabel("output frame")
         for ax in (ax_warp, ax_lat):
+            ax.set_xlim(-0.4, frames - 0.6)  # frame t sits above output frame t
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+        _time_bars(ax_time, self.results, colors)
+        for ax in (ax_warp, ax_lat, ax_time):
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        legend_beside(ax_warp)
+        legend_beside(ax_lat)
         fig.tight_layout()
         return fig
 
     def plot(self, path: str) -> None:
         """Write `figure()` as a PNG at `path` (OutputError if it cannot be written)."""
         save_figure(self.figure(), path)
+
+
+def _time_bars(ax, results: list, colors: dict) -> None:
+    """Horizontal bars per method: seconds per frame (solid) and first-output latency
+    (hatched); offline seconds per frame are the amortised wall time / frames."""
+    from matplotlib.patches import Patch
+
+    labels, values = [], []
+    rows = list(reversed(results))  # the first method on top
+    for k, r in enumerate(rows):
+        if r.error is not None:
+            labels.append(f"{r.name} (failed)")
+            continue
+        offline = r.kind == OFFLINE
+        labels.append(f"{r.name}\n(offline)" if offline else r.name)
+        color = colors.get(r.name, "gray")
+        per_frame = finite_or_none(r.timing.get("seconds_per_frame"))
+        first = finite_or_none(r.timing.get("first_output_latency"))
+        if per_frame:
+            fps = finite_or_none(r.timing.get("fps"))
+            note = "offline: amortised, wall / frames" if offline else f"1 / {fps:.3g} fps" if fps else ""
+            ax.barh(k + 0.2, per_frame, 0.38, color=color)
+            ax.annotate(f" {per_frame:.3g} s/frame" + (f" ({note})" if note else ""), (per_frame, k + 0.2),
+                        va="center", fontsize=8)
+            values.append(per_frame)
+        if first:
+            ax.barh(k - 0.2, first, 0.38, facecolor="white", edgecolor=color, hatch="///")
+            ax.annotate(f" first output {first:.3g} s", (first, k - 0.2), va="center", fontsize=8)
+            values.append(first)
+    ax.set_yticks(range(len(rows)), labels, fontsize=9)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    log = wide_range(values)
+    if values:
+        if log:
+            ax.set_xscale("log")
+            ax.set_xlim(min(values) / 2, max(values) * 10)  # room for the value labels
+        else:
+            ax.set_xlim(0, max(values) * 1.6)
+    ax.set_xlabel("seconds" + (" (log scale)" if log else ""))
+    ax.set_title("time per frame and to the first output, every method", fontsize=9)
+    legend_beside(ax, handles=[Patch(color="gray"), Patch(facecolor="white", edgecolor="gray", hatch="///")],
+                  labels=["seconds per frame\n(streams: 1 / steady fps;\noffline: amortised)",
+                          "first-output latency"])
 
 
 # ----------------------------------------------------------------------------- runner

@@ -26,7 +26,15 @@ import numpy as np
 from diffstream.errors import ConfigError, InputError, ModelLoadError
 from diffstream.frames import Frame, resize
 from diffstream.metrics.clip import ClipResult
-from diffstream.metrics.report import finite_or_none, fmt, markdown_table, new_figure, save_figure
+from diffstream.metrics.report import (
+    WARP_ERROR_LABEL,
+    finite_or_none,
+    fmt,
+    legend_beside,
+    markdown_table,
+    new_figure,
+    save_figure,
+)
 from diffstream.metrics.warp import WarpErrorMeter, WarpErrorResult
 
 __all__ = [
@@ -323,17 +331,41 @@ def load_depth_estimator(name: Optional[str], device: Optional[str] = None):
         return None, f"depth MSE skipped: {err}"
 
 
-def plot_report(report: EvalReport, path: str) -> None:
-    """Per-pair warp error and the share of non-occluded pixels, as a PNG at `path`."""
-    fig, (ax_err, ax_valid) = new_figure(2)
+def report_figure(report: EvalReport):
+    """The `eval --plot` figure: per-pair warp error (with its mean) and the share of
+    non-occluded pixels each pair was scored on. The title names both videos, the frame
+    count, the size the metrics were computed at and the flow preset.
+
+    Returns:
+        a matplotlib Figure (Agg canvas), laid out.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_err, ax_valid) = new_figure(2, width=10.0)
     pairs = list(range(1, report.warp.num_pairs + 1))
-    ax_err.plot(pairs, report.warp.per_pair_255, marker=".", color="tab:red")
-    ax_err.set_ylabel("warp error (MSE, pixels 0-255)")
-    ax_err.set_title(f"{os.path.basename(report.output or 'output')} vs {os.path.basename(report.source or 'source')}")
-    ax_err.grid(alpha=0.3)
+    ax_err.plot(pairs, report.warp.per_pair_255, marker=".", color="tab:red", label="per pair")
+    mean = finite_or_none(report.warp.mean_255)
+    if mean is not None:
+        ax_err.axhline(mean, color="tab:red", linestyle=":", label=f"mean {mean:.4g}")
+    ax_err.set_ylabel(WARP_ERROR_LABEL)
+    w, h = report.size
+    ax_err.set_title(
+        f"{os.path.basename(report.output or 'output')} vs {os.path.basename(report.source or 'source')}: "
+        f"{report.frames} frames at {w}x{h}, flow {report.flow_preset}", fontsize=10)
+    ax_err.set_xlabel("frame t (pair t-1 -> t); lower = more consistent")
     ax_valid.plot(pairs, report.warp.valid_fraction, marker=".", color="tab:blue")
     ax_valid.set_ylabel("non-occluded share")
     ax_valid.set_xlabel("frame t (pair t-1 -> t)")
     ax_valid.set_ylim(0, 1.02)
-    ax_valid.grid(alpha=0.3)
-    save_figure(fig, path)
+    for ax in (ax_err, ax_valid):
+        ax.grid(alpha=0.3)
+        ax.set_xlim(0.6, max(len(pairs), 1) + 0.4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    legend_beside(ax_err)
+    fig.tight_layout()
+    return fig
+
+
+def plot_report(report: EvalReport, path: str) -> None:
+    """`report_figure` as a PNG at `path` (OutputError if it cannot be written)."""
+    save_figure(report_figure(report), path)

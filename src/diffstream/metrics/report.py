@@ -68,6 +68,29 @@ def write_json(path: str, data: dict) -> None:
         raise OutputError(f"cannot write {path!r}: {exc.strerror or exc}") from None
 
 
+# The y label of every warp-error plot. What `metrics.warp` computes: the mean squared
+# difference between output t and output t-1 warped by the input's flow, over the
+# non-occluded pixels and the 3 channels, pixel values on the 0-255 scale (0 .. 255^2).
+WARP_ERROR_LABEL = "warp error (MSE, pixels 0-255)"
+
+
+def wide_range(values, ratio: float = 30.0) -> bool:
+    """Whether the finite `values` are all positive and span more than `ratio`: a log
+    axis then shows the small ones, which a linear axis squashes onto zero."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > ratio
+
+
+def legend_beside(ax, **kwargs) -> None:
+    """The legend of `ax` to the right of its axes (never over a curve), if it has entries."""
+    handles, labels = kwargs.pop("handles", None), kwargs.pop("labels", None)
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  **kwargs)
+
+
 def new_figure(rows: int, width: float = 9.0, row_height: float = 3.2):
     """A matplotlib Figure with `rows` stacked axes, drawn with the Agg canvas.
 
