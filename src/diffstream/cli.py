@@ -13,6 +13,8 @@ configs first (a bad option fails in one line before any model loads). Exit code
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import signal
 import sys
@@ -61,8 +63,31 @@ def _exit_quietly_on_broken_pipe() -> int:
     return 0
 
 
+def _cheap_teardown() -> None:
+    """atexit hook: make the interpreter's teardown after the last line cheap.
+
+    A process that imported torch, diffusers and transformers holds ~3,300 modules and
+    ~410,000 objects the garbage collector tracks; CPython's teardown runs several full
+    collections over all of them while it clears the modules, which kept every command
+    alive 0.9-1.5 s (measured on 2 CPU cores) after its last line. One collection here
+    still finalises whatever is garbage (what teardown's first collection would do);
+    freezing the rest keeps teardown's later collections from traversing it again.
+    atexit runs the last-registered hook first, so the hooks libraries register later
+    (tqdm's monitor, Ray) still run before this one.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+_teardown_registered = False
+
+
 def main(argv=None) -> int:
     """Entry point of the `diffstream` command; returns the exit code."""
+    global _teardown_registered
+    if not _teardown_registered:
+        atexit.register(_cheap_teardown)
+        _teardown_registered = True
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
