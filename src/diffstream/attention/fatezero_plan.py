@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from diffstream.attention.base import SDPAAttnProcessor, block_of, install_processors, is_self_attention
 from diffstream.errors import ConfigError
 
-if TYPE_CHECKING:
-    from diffstream.attention.fatezero import FateZeroConfig
 
 # Store key of the blend mask's source maps (Eqs. 6-7).
 BLEND_KEY = ("blend", "mask")
@@ -121,7 +118,8 @@ class FusionPlan:
     num_steps: int
 
     @staticmethod
-    def build(layers, config: FateZeroConfig, blend: bool) -> "FusionPlan":
+    def build(layers, config, blend: bool) -> "FusionPlan":
+        # config: an attention.fatezero.FateZeroConfig (not imported: that module imports this one)
         """The plan of `config` on `layers` (from `probe_layers`)."""
         layers = tuple(layers)
         fused = [l for l in layers if l.downsample >= config.fuse_min_downsample]
