@@ -119,8 +119,8 @@ class FusionPlan:
 
     @staticmethod
     def build(layers, config, blend: bool) -> "FusionPlan":
-        # config: an attention.fatezero.FateZeroConfig (not imported: that module imports this one)
-        """The plan of `config` on `layers` (from `probe_layers`)."""
+        """The plan of `config` (an `attention.fatezero.FateZeroConfig`, not imported here
+        because that module imports this one) on `layers` (from `probe_layers`)."""
         layers = tuple(layers)
         fused = [l for l in layers if l.downsample >= config.fuse_min_downsample]
         outer = [l for l in layers if l.kind == "cross" and l.block != "mid_block"]
