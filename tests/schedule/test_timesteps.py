@@ -55,6 +55,35 @@ def test_t_indices_is_a_pure_schedule_function():
             assert StreamConfig(strength=strength).replace(steps=steps).t_indices() == t_indices(strength, steps)
 
 
+def streamv2v_t_index_list(noise_strength, diffusion_steps):
+    """The reference, as StreamV2V's vid2vid/main.py writes it (an independent oracle)."""
+    init_step = int(50 * (1 - noise_strength))
+    interval = int(50 * noise_strength) // diffusion_steps
+    return [init_step + i * interval for i in range(diffusion_steps)]
+
+
+STRENGTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # as a user types them
+
+
+@pytest.mark.parametrize("strength", STRENGTHS)
+def test_t_indices_equal_streamv2v_reference_table(strength):
+    """Strength x steps -> t_index_list exactly as the reference computes it, 1..8 steps."""
+    for steps in range(1, 9):
+        if steps > int(50 * strength):  # the reference would repeat an index: we refuse
+            with pytest.raises(ConfigError, match="too many"):
+                t_indices(strength, steps)
+            continue
+        assert list(t_indices(strength, steps)) == streamv2v_t_index_list(strength, steps), (strength, steps)
+
+
+def test_t_indices_reference_spot_values():
+    """Values the issue names, and the reference's float truncation (50 * 0.1 = 4.999...)."""
+    assert t_indices(0.4, 3) == (30, 36, 42)  # not (30, 36, 43): the stride is truncated once
+    assert t_indices(0.9, 1) == (4,)  # int(50 * (1 - 0.9)) = int(4.999...) = 4
+    assert t_indices(0.45, 2) == (27, 38)  # .5 starts truncate: int(27.5) = 27
+    assert t_indices(0.01, 1) == (49,)  # a single step always fits
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

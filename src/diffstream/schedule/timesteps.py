@@ -26,14 +26,26 @@ from diffstream.errors import ConfigError
 TIMESTEP_TABLE_SIZE = 50
 
 
+# Adapted from StreamV2V's vid2vid/main.py (Jeff-LiangF/streamv2v), which turns its
+# --noise_strength and --diffusion_steps into StreamDiffusion's t_index_list: the start is
+# int(50 (1 - strength)) and the stride int(50 strength) // steps, both truncated in
+# floating point as written there. We keep that arithmetic exactly, quirks included
+# (strength 0.9 starts at index 4, not 5, because 50 * (1 - 0.9) = 4.999...), so a
+# setting means the same schedule here as in the reference; tests/schedule pins the table.
 def _start_index(strength: float) -> int:
     """First table index for an SDEdit strength: strength 1 starts at pure noise (index 0)."""
-    return min(TIMESTEP_TABLE_SIZE - 1, int(round(TIMESTEP_TABLE_SIZE * (1.0 - float(strength)))))
+    return int(TIMESTEP_TABLE_SIZE * (1 - float(strength)))
+
+
+def _stride(strength: float, steps: int) -> int:
+    """Table indices between consecutive steps: the strength's span split evenly, truncated."""
+    return int(TIMESTEP_TABLE_SIZE * float(strength)) // int(steps)
 
 
 def max_steps(strength: float) -> int:
-    """The most denoising steps an SDEdit `strength` leaves room for in the table."""
-    return TIMESTEP_TABLE_SIZE - _start_index(strength)
+    """The most denoising steps an SDEdit `strength` leaves room for in the table
+    (every step needs a distinct index; a single step always fits)."""
+    return max(1, int(TIMESTEP_TABLE_SIZE * float(strength)))
 
 
 def t_indices(strength: float, steps: int | None = None, t_index_list=None, turbo: bool = False) -> tuple[int, ...]:
@@ -41,24 +53,26 @@ def t_indices(strength: float, steps: int | None = None, t_index_list=None, turb
 
     Args:
         strength: SDEdit noise strength in (0, 1]; the first step starts at index
-            round(50 (1 - strength)).
+            int(50 (1 - strength)).
         steps: denoising steps; None: 4 (LCM) or 1 (`turbo`).
         t_index_list: explicit indices (StreamDiffusion's convention); they win over
             strength and steps.
     Returns:
-        increasing indices. Evenly spaced from the SDEdit start to the end of the table:
-        strength 0.4 with 4 steps gives (30, 35, 40, 45), i.e. timesteps (399, 299, 199, 99).
+        increasing indices, StreamV2V's mapping: start + i * (int(50 strength) // steps).
+        Strength 0.4 with 4 steps gives (30, 35, 40, 45), i.e. timesteps (399, 299, 199,
+        99); with 3 steps (30, 36, 42).
     Raises:
         ConfigError: more steps than the strength leaves room for.
     """
     if t_index_list is not None:
         return tuple(int(i) for i in t_index_list)
     steps = steps if steps is not None else (1 if turbo else 4)
+    most = max_steps(strength)
+    if steps > most:
+        raise ConfigError(f"{steps} steps is too many for strength {strength}: at most {most}")
     start = _start_index(strength)
-    span = TIMESTEP_TABLE_SIZE - start
-    if steps > span:
-        raise ConfigError(f"{steps} steps is too many for strength {strength}: at most {span}")
-    return tuple(start + (i * span) // steps for i in range(steps))
+    stride = _stride(strength, steps)
+    return tuple(start + i * stride for i in range(steps))
 
 
 # Adapted from diffusers/src/diffusers/schedulers/scheduling_lcm.py (LCMScheduler.set_timesteps
