@@ -54,7 +54,7 @@ def test_disabled_mechanism_equals_streamdiffusion_exactly(tiny):
 
 def test_extended_attention_with_empty_bank_is_plain_attention(attn):
     state = FeatureBankState(FeatureBankConfig(fusion=False, interval=10**9))
-    state.calls = 1  # not an update call: the bank stays empty
+    state.frames = 1  # the second frame: not an update frame, the bank stays empty
     proc = FeatureBankAttnProcessor(state, "layer", fuse=False)
     x = tokens(0)
     with torch.no_grad():
@@ -219,11 +219,11 @@ def test_streams_sharing_a_model_do_not_see_each_others_processors(tiny):
     b.close()
 
 
-def test_dyme_splits_are_drawn_once_per_update_in_call_order(tiny):
-    """All of an update's DyMe permutations come from the stream's CPU generator at the
-    start of the call, in the order the processors use them (layers in call order, then
-    rows), so the split is the same on every device and equals drawing per layer and row
-    while only one host-to-device copy is left per update."""
+def test_dyme_splits_are_drawn_once_per_update_per_row_seeded_by_slot_and_frame(tiny):
+    """All of an update's DyMe permutations are drawn at the start of the call on the CPU:
+    row r (slot s, frame f) draws one permutation per layer, in call order, from a
+    generator seeded by (seed, s, f), so the split is the same on every device, the same
+    with and without the stream batch, and one host-to-device copy is left per update."""
     config = StreamConfig(prompt="x", size=64, steps=2, strength=0.6, method="streamv2v",
                           feature_bank=FeatureBankConfig(interval=1))
     frames = make_frames(6, 64, 64)
@@ -231,13 +231,17 @@ def test_dyme_splits_are_drawn_once_per_update_in_call_order(tiny):
         run(pipe, frames[:4])  # every slot's bank full: the next updates merge
         state = pipe.mechanism.state
         layout = BatchLayout(steps=(0, 1), branches=("cond", "cond"), num_steps=2)
-        replay = torch.Generator().set_state(state.generator.get_state())
+        frames_before = state.frames
         state.begin_call(layout)
+        assert state.row_frames() == (frames_before, frames_before - 1)  # newest first
         assert len(state._orders) == 2 * len(state.layers)
-        for name, bank in state.layers.items():
-            for row in range(2):
+        for row, slot in enumerate((0, 1)):
+            replay = state.split_generator(slot, frames_before - row)
+            for name, bank in state.layers.items():
                 expected = torch.randperm(bank.capacity * 2, generator=replay)  # L + M tokens, bank_size 1
                 assert torch.equal(state.order(name, row), expected)
+        assert not torch.equal(state.split_generator(0, 5).get_state(), state.split_generator(1, 5).get_state())
+        assert not torch.equal(state.split_generator(0, 5).get_state(), state.split_generator(0, 6).get_state())
 
 
 def test_layout_slot_map_is_computed_once_per_layout():

@@ -14,7 +14,7 @@ and outputs of past frames and lets the current frame look back at it:
   the first two up blocks, Appendix A.3: fusing high-resolution features blurs detail).
   The processor sees the self-attention sublayer's output (after its projection), so
   that is the O we bank and fuse.
-- Bank update (Sec. 4.3): every `interval` UNet calls (the paper's 4), the current
+- Bank update (Sec. 4.3): every `interval` frames (the paper's 4), the current
   features enter the bank by dynamic merging (DyMe): concatenate current and banked
   tokens, split them at random into source and destination sets, and average every
   source token into its most similar destination token, so the bank keeps a fixed size
@@ -62,7 +62,9 @@ class FeatureBankConfig:
         bank: "dyme" (dynamic merging, fixed size) or "queue" (FIFO of whole frames).
         bank_size: bank capacity in frames' worth of tokens (DyMe default 1; the
             queue ablation uses 2).
-        interval: update the bank every this many UNet calls (Sec. 5.1: 4).
+        interval: update the bank every this many frames (Sec. 5.1: 4). With the stream
+            batch, frame f's features at step k are banked when (f + k) is a multiple of
+            it: StreamV2V's reference, whose counter advances once per batched call.
         seed: seeds DyMe's random source/destination split.
     """
 
@@ -161,9 +163,9 @@ class FeatureBankState:
     def reset(self) -> None:
         """Empty every bank and restart the random stream."""
         self.layers: dict[str, LayerBank] = {}
-        self.calls = 0
+        self.calls = 0  # UNet calls seen
+        self.frames = 0  # frames that entered the stream (calls with a step-0 row)
         self.update_now = False
-        self.generator = torch.Generator().manual_seed(int(self.config.seed))
         self.num_slots = 0
         self.layout: BatchLayout | None = None
         self.rows: tuple[int, ...] = ()  # slot of each UNet row in the current call (layout.slots)
@@ -179,28 +181,51 @@ class FeatureBankState:
             self.num_slots = num_slots
         self.layout = layout
         self.rows = layout.slots
-        self.update_now = self.calls % self.config.interval == 0
+        # The interval counts frames, not UNet calls (Sec. 5.1: "every 4 frames"). A frame
+        # enters the stream in the call that holds its step-0 row; the rows of one stream
+        # batch are consecutive frames, newest first, at consecutive steps, so every row
+        # has the same frame + step: the newest frame's index plus the lowest step. A row
+        # is banked when that sum is a multiple of the interval, which is the reference's
+        # "every 4th stream-batch call" with the stream batch, and the same frames at the
+        # same steps without it (one frame, steps 0..n-1, one call each).
+        if 0 in layout.steps:
+            self.frames += 1
+        self.update_now = (self.frames - 1 + min(layout.steps)) % self.config.interval == 0
         self.calls += 1
         self._orders = {}
         if self.update_now and self.config.bank == "dyme":
             self._draw_orders()
 
+    def row_frames(self) -> tuple[int, ...]:
+        """Index (0, 1, ...) of the frame each row of the current call belongs to: the
+        rows are consecutive frames, newest first, one step apart (`begin_call`)."""
+        newest, lo = self.frames - 1, min(self.layout.steps)
+        return tuple(newest - (step - lo) for step in self.layout.steps)
+
+    def split_generator(self, slot: int, frame: int) -> torch.Generator:
+        """The CPU generator of one bank update: seeded from (seed, slot, frame), so a
+        row's split does not depend on which other rows share its UNet call (the same
+        with and without the stream batch) nor on the device."""
+        mixed = (int(self.config.seed) * 0x9E3779B1 + frame * 4099 + slot) % (2**63)
+        return torch.Generator().manual_seed(mixed)
+
     def _draw_orders(self) -> None:
         """Every DyMe permutation of this update, drawn now and moved to the device at once.
 
-        The draws come from the CPU generator in the order the processors would make
-        them (layers in call order, then rows), so the split is the same on every device
-        and equals drawing per layer and row; only one host-to-device copy per update is
-        left instead of one per layer and row. Rows whose bank is not yet full (appended
-        to, not merged) draw nothing.
+        Each row draws from its own `split_generator(slot, frame)`, one permutation per
+        layer in call order, on the CPU (the same split on every device); only one
+        host-to-device copy per update is left instead of one per layer and row. Rows
+        whose bank is not yet full (appended to, not merged) draw nothing.
         """
         spans, draws, offset = {}, [], 0
-        for name, bank in self.layers.items():  # created in call order by the first call
-            length = bank.capacity // self.config.bank_size  # the layer's tokens per frame
-            tokens = length + bank.capacity
-            for r, slot in enumerate(self.rows):
+        for r, (slot, frame) in enumerate(zip(self.rows, self.row_frames())):
+            generator = None
+            for name, bank in self.layers.items():  # created in call order by the first call
+                length = bank.capacity // self.config.bank_size  # the layer's tokens per frame
+                tokens = length + bank.capacity
                 if bank.filled[slot] + length > bank.capacity:
-                    draws.append(torch.randperm(tokens, generator=self.generator))
+                    generator = generator or self.split_generator(slot, frame)
+                    draws.append(torch.randperm(tokens, generator=generator))
                     spans[(name, r)] = (offset, tokens)
                     offset += tokens
         if draws:
