@@ -32,6 +32,21 @@ TINY_VAE_PRESETS = {"taesd": "madebyollin/taesd"}
 
 METHODS = ("streamdiffusion", "streamv2v", "live2diff")
 CFG_TYPES = ("none", "self", "initialize", "full")
+NOISE_MODES = ("fixed", "per-frame")
+VAE_ENCODINGS = ("mean", "sample")
+
+# Each method's own paper/reference setting for what the user leaves unset (issue #20):
+# - StreamDiffusion's examples run RCFG self at guidance 1.2 with one fixed noise tensor
+#   per step slot (Sec. 3.2: the fixed noise keeps the stream stable);
+# - StreamV2V runs "without classifier-free guidance" (Sec. 5.1; its vid2vid/main.py has
+#   guidance_scale 1.0) and keeps StreamDiffusion's fixed slot noise;
+# - Live2Diff's reference asserts cfg none and draws fresh noise for every frame and
+#   every re-noise, which is what its motion modules saw in training.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "streamdiffusion": dict(guidance=1.2, noise="fixed"),
+    "streamv2v": dict(guidance=1.0, noise="fixed"),
+    "live2diff": dict(guidance=1.0, noise="per-frame"),
+}
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -116,13 +131,21 @@ class StreamConfig:
         steps: denoising steps; None means 4 (LCM) or 1 (turbo).
         t_index_list: explicit indices into the 50-entry LCM timestep table
             (StreamDiffusion's convention, e.g. (32, 45)); overrides strength/steps.
-        guidance: classifier-free guidance scale gamma; <= 1 disables guidance.
+        guidance: classifier-free guidance scale gamma; <= 1 disables guidance; None: the
+            method's paper setting (`METHOD_DEFAULTS`: 1.2 for streamdiffusion, 1.0, i.e.
+            no guidance, for streamv2v and live2diff).
         delta: RCFG magnitude moderation of the virtual residual noise (StreamDiffusion).
         cfg_type: "none", "self" (self-negative RCFG: no extra UNet call),
             "initialize" (onetime-negative RCFG: one unconditional call per frame, at the
             first step), "full" (ordinary CFG: an unconditional call at every step);
             None means "self" for LCM models and "none" for turbo.
         seed: seeds the fixed per-slot noise and every random draw of the stream.
+        noise: "fixed" (StreamDiffusion: one noise tensor per step slot, the same for
+            every frame) or "per-frame" (Live2Diff's reference: fresh noise for every frame
+            and re-noise, drawn from (seed, frame, step) so runs are reproducible); None:
+            the method's setting (per-frame for live2diff, fixed otherwise).
+        vae_encode: "mean" (the posterior mean: deterministic, our default) or "sample"
+            (a posterior sample per frame, drawn from (seed, frame), as the references do).
         similarity_threshold: stochastic similarity filter threshold on the cosine
             similarity of consecutive inputs; None disables the filter.
         max_skip: at most this many consecutive frames are skipped by the filter.
@@ -140,10 +163,12 @@ class StreamConfig:
     strength: float = 0.4
     steps: int | None = None
     t_index_list: tuple[int, ...] | None = None
-    guidance: float = 1.2
+    guidance: float | None = None
     delta: float = 1.0
     cfg_type: str | None = None
     seed: int = 2
+    noise: str | None = None
+    vae_encode: str = "mean"
     similarity_threshold: float | None = None
     max_skip: int = 10
     stream_batch: bool = True
@@ -173,8 +198,12 @@ class StreamConfig:
                 raise ConfigError(f"--steps {self.steps} is too many for --strength {self.strength}: at most {most}")
         if self.cfg_type is not None and self.cfg_type not in CFG_TYPES:
             raise ConfigError(f"--cfg-type must be one of {', '.join(CFG_TYPES)}, got {self.cfg_type!r}")
-        if self.guidance < 0:
+        if self.guidance is not None and self.guidance < 0:
             raise ConfigError(f"--guidance must be >= 0, got {self.guidance}")
+        if self.noise is not None and self.noise not in NOISE_MODES:
+            raise ConfigError(f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
+        if self.vae_encode not in VAE_ENCODINGS:
+            raise ConfigError(f"--vae-encode must be one of {', '.join(VAE_ENCODINGS)}, got {self.vae_encode!r}")
         if self.similarity_threshold is not None and not (0.0 <= self.similarity_threshold < 1.0):
             raise ConfigError(
                 f"--similarity-filter must be in [0, 1), got {self.similarity_threshold}"
@@ -191,11 +220,21 @@ class StreamConfig:
         (`schedule.timesteps.t_indices` of this config's strength, steps and t_index_list)."""
         return timesteps.t_indices(self.strength, self.steps, self.t_index_list, turbo=turbo)
 
+    @property
+    def resolved_guidance(self) -> float:
+        """The guidance scale: `guidance`, or the method's paper setting when unset."""
+        return float(self.guidance if self.guidance is not None else METHOD_DEFAULTS[self.method]["guidance"])
+
+    @property
+    def resolved_noise(self) -> str:
+        """The noise mode: `noise`, or the method's reference setting when unset."""
+        return self.noise or METHOD_DEFAULTS[self.method]["noise"]
+
     def resolved_cfg_type(self, turbo: bool = False) -> str:
         """The effective guidance type: turbo models and guidance <= 1 need none."""
         # With gamma <= 1 every guidance formula reduces to the conditional prediction
         # (eps_u + 1 * (eps_c - eps_u) = eps_c), so no unconditional work is needed.
-        if turbo or self.guidance <= 1.0:
+        if turbo or self.resolved_guidance <= 1.0:
             return "none"
         return self.cfg_type or "self"
 

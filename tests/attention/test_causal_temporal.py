@@ -13,6 +13,7 @@ from diffstream.attention.causal_temporal import CausalTemporalConfig, is_tempor
 from diffstream.config import ModelConfig, StreamConfig
 from diffstream.models.loading import load_components
 from diffstream.pipelines.factory import make_pipeline
+from diffstream.schedule.noise import frame_noise
 from diffstream.schedule.timesteps import add_noise, denoise, model_output_to_eps
 from diffstream.testing import make_frames
 
@@ -68,7 +69,8 @@ def reference_clip(components, frames, processors=None):
     table = make_step_table(components.alphas_cumprod, cfg.t_indices())
     pixels = FR.frames_to_tensor([FR.resize(f, (64, 48)) for f in frames])
     z0 = components.encode_image(pixels)  # (N, 4, 6, 8)
-    noise = torch.randn((2, 4, 6, 8), generator=torch.Generator().manual_seed(cfg.seed))
+    # Live2Diff's per-frame noise (its reference's): frame i's own noise for each step, (2, N, 4, 6, 8)
+    noise = torch.stack([frame_noise(cfg.seed, i, 2, (4, 6, 8)) for i in range(len(frames))], dim=1)
     emb = components.encode_prompt(["a fox"]).expand(len(frames), -1, -1)
     unet = components.unet
 
@@ -80,7 +82,7 @@ def reference_clip(components, frames, processors=None):
 
     with install_processors(unet, make), torch.no_grad():
         rows = table.rows(0, 1)
-        x = add_noise(z0, noise[0:1], rows.alpha_sqrt, rows.beta_sqrt)
+        x = add_noise(z0, noise[0], rows.alpha_sqrt, rows.beta_sqrt)
         for k in range(2):
             rows = table.rows(k, k + 1)
             video = x.transpose(0, 1)[None]  # (1, C, N, h, w)
@@ -88,7 +90,7 @@ def reference_clip(components, frames, processors=None):
             x = denoise(model_output_to_eps(out, x, rows.alpha_sqrt, rows.beta_sqrt, "epsilon"), x, rows)
             if k == 0:
                 nxt = table.rows(1, 2)
-                x = add_noise(x, noise[1:2], nxt.alpha_sqrt, nxt.beta_sqrt)
+                x = add_noise(x, noise[1], nxt.alpha_sqrt, nxt.beta_sqrt)
     return FR.tensor_to_frames(components.decode_latents(x))
 
 
@@ -127,7 +129,7 @@ def test_motion_modules_zeroed_equal_the_image_model(video):
     image = load_components(ModelConfig(model="tiny", device="cpu"))
     frames = make_frames(8)
     ours, _ = stream(zeroed, frames)
-    cfg = StreamConfig(prompt="a fox", size=64, steps=2, strength=0.6, guidance=1.0)
+    cfg = StreamConfig(prompt="a fox", size=64, steps=2, strength=0.6, guidance=1.0, noise="per-frame")
     with make_pipeline(image, cfg) as pipe:
         plain = [o for o in (pipe.push(f) for f in frames) if o is not None] + pipe.flush()
     close(ours, plain)

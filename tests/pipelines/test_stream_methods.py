@@ -105,3 +105,149 @@ def test_streamdiffusion_without_stream_batch(tiny, cfg_type):
     with make_pipeline(tiny, config("streamdiffusion", cfg_type)) as a, \
             make_pipeline(tiny, config("streamdiffusion", cfg_type, stream_batch=False)) as b:
         close(run(a, frames), run(b, frames))
+
+
+# --- update(): every documented field, for every method (issue #20, bug 2) ------------------
+
+# (field, new value, base-config overrides that make the field matter)
+GUIDED = dict(guidance=1.5, cfg_type="self")
+UPDATES = [
+    ("prompt", "a blue car", {}),
+    ("negative_prompt", "blurry, grey", dict(guidance=1.5, cfg_type="full")),
+    ("strength", 0.8, {}),
+    ("steps", 3, {}),
+    ("t_index_list", (15, 40), {}),  # strength 0.6, 2 steps is (20, 35)
+    ("seed", 9, {}),
+    ("guidance", 2.5, GUIDED),
+    ("guidance", 1.0, GUIDED),
+    ("guidance", 1.8, {}),  # from the method's default (1.0 = none for streamv2v/live2diff)
+    ("delta", 0.4, GUIDED),
+    ("cfg_type", "initialize", dict(guidance=1.5, cfg_type="none")),  # adds an unconditional branch
+    ("cfg_type", "full", dict(guidance=1.5, cfg_type="initialize")),  # unconditional rows at every step
+    ("cfg_type", "none", dict(guidance=1.5, cfg_type="full")),
+    ("noise", "per-frame", dict(noise="fixed")),
+    ("noise", "fixed", dict(noise="per-frame")),
+    ("vae_encode", "sample", {}),
+    ("similarity_threshold", 0.2, {}),
+    ("max_skip", 0, dict(similarity_threshold=0.2)),
+]
+_BASELINES: dict = {}
+
+
+def update_run(components, method, base, change=None, frames=12, at=6):
+    cfg = StreamConfig(prompt="a red fox", size=64, steps=2, strength=0.6, method=method, seed=3,
+                       causal=CausalTemporalConfig(warmup_frames=2, window=4), **base)
+    clip = make_frames(frames)
+    with make_pipeline(components, cfg) as pipe:
+        outs = []
+        for i, f in enumerate(clip):
+            if i == at and change is not None:
+                pipe.update(**change)
+            outs.extend(pipe.process(f))
+        outs.extend(pipe.flush())
+        return outs, pipe.skipped
+
+
+@pytest.mark.parametrize("method", ["streamdiffusion", "streamv2v", "live2diff"])
+@pytest.mark.parametrize("field, value, base", UPDATES, ids=[f"{f}={v}" for f, v, _ in UPDATES])
+def test_every_update_field_works_for_every_method(request, tiny, method, field, value, base):
+    """Each change is accepted mid-stream, loses no frame, and changes what comes after it."""
+    components = request.getfixturevalue("video") if method == "live2diff" else tiny
+    key = (method, tuple(sorted(base.items())))
+    if key not in _BASELINES:
+        _BASELINES[key] = update_run(components, method, base)
+    before, skipped_before = _BASELINES[key]
+    after, skipped_after = update_run(components, method, base, {field: value})
+    assert len(before) == len(after) == 12
+    # Frames that finished before the change are untouched (frame 5 was still in flight:
+    # it takes the new settings at its remaining step).
+    assert all(np.array_equal(a, b) for a, b in zip(before[:5], after[:5])), "frames before the change moved"
+    if field in ("similarity_threshold", "max_skip"):
+        assert skipped_after != skipped_before, (skipped_before, skipped_after)
+    else:
+        assert any(not np.array_equal(a, b) for a, b in zip(before[6:], after[6:])), "the change had no effect"
+
+
+# --- noise and VAE encoding (issue #20, items 4 and 6) ----------------------------------
+
+def test_method_defaults_are_their_papers():
+    """StreamDiffusion: RCFG self at 1.2, fixed slot noise; StreamV2V: no guidance (Sec. 5.1);
+    Live2Diff: no guidance, fresh noise per frame (its reference)."""
+    sd, v2v, l2d = (StreamConfig(method=m) for m in ("streamdiffusion", "streamv2v", "live2diff"))
+    assert (sd.resolved_guidance, sd.resolved_cfg_type(), sd.resolved_noise) == (1.2, "self", "fixed")
+    assert (v2v.resolved_guidance, v2v.resolved_cfg_type(), v2v.resolved_noise) == (1.0, "none", "fixed")
+    assert (l2d.resolved_guidance, l2d.resolved_cfg_type(), l2d.resolved_noise) == (1.0, "none", "per-frame")
+    # RCFG stays available to every method
+    assert StreamConfig(method="streamv2v", guidance=1.4).resolved_cfg_type() == "self"
+    assert sd.vae_encode == v2v.vae_encode == l2d.vae_encode == "mean"
+
+
+def test_per_frame_noise_is_drawn_from_seed_frame_and_step(tiny):
+    """Per-frame mode: frame i's latent after admission is add_noise(z0_i, n_i[0]) with
+    n_i = randn from a generator seeded by (seed, i); its re-noise after step k uses n_i[k+1]."""
+    from diffstream import frames as FR
+    from diffstream.schedule.noise import frame_noise, mix_seed
+    from diffstream.schedule.timesteps import add_noise, make_step_table
+
+    cfg = StreamConfig(prompt="x", size=64, steps=3, strength=0.6, noise="per-frame", seed=7)
+    clip = make_frames(3)
+    from diffstream.schedule.stream_batch import StreamBatch
+
+    admitted = []
+    original = StreamBatch.admit
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        admitted.append(self.x[0:1].clone())  # the newest frame right after its SDEdit noise
+
+    with make_pipeline(tiny, cfg) as pipe, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StreamBatch, "admit", spy)
+        pipe.push(clip[0])
+        pipe.push(clip[1])  # frame 0 is now at step 1, frame 1 at step 0 (newest first)
+        batch = pipe._batch
+        table = make_step_table(tiny.alphas_cumprod, cfg.t_indices())
+        z = tiny.encode_image(FR.frames_to_tensor(FR.resize(clip[1], (64, 48))))
+        n1 = torch.randn((3, 4, 6, 8), generator=torch.Generator().manual_seed(mix_seed(7, 1)))
+        torch.testing.assert_close(admitted[1], add_noise(z, n1[0:1], table.alpha_sqrt[0], table.beta_sqrt[0]))
+        assert torch.equal(batch.frame_noise[0], n1) and torch.equal(batch.frame_noise[1], frame_noise(7, 0, 3, (4, 6, 8)))
+    assert not torch.equal(frame_noise(7, 0, 3, (4, 6, 8)), frame_noise(7, 1, 3, (4, 6, 8)))
+    assert not torch.equal(frame_noise(7, 0, 3, (4, 6, 8)), frame_noise(8, 0, 3, (4, 6, 8)))
+    noise = frame_noise(7, 0, 3, (4, 6, 8))
+    assert not torch.equal(noise[0], noise[1])  # each re-noise is fresh too
+
+
+def test_per_frame_noise_renoises_each_row_with_its_own_frame_and_step():
+    """StreamBatch alone, on a toy table: row r (frame f_r at step lo + r) is re-noised with
+    f_r's noise for step lo + r + 1, by hand."""
+    from diffstream.schedule.stream_batch import StreamBatch
+    from diffstream.schedule.timesteps import make_step_table
+
+    table = make_step_table(torch.linspace(0.99, 0.01, 1000), (10, 25, 40))
+    batch = StreamBatch(table, None)
+    noises = [torch.full((3, 1, 1, 1), 10.0 * i) + torch.arange(3.0).view(3, 1, 1, 1) for i in range(3)]
+    for i in range(2):
+        batch.admit(torch.zeros(1, 1, 1, 1), i, noise=noises[i])
+        if i == 0:
+            batch.advance(torch.zeros(1, 1, 1, 1))
+    # frame 1 at step 0, frame 0 at step 1: after the step both are re-noised from x0 = 0
+    batch.advance(torch.zeros(2, 1, 1, 1))
+    expected = torch.stack([noises[1][1], noises[0][2]]) * table.beta_sqrt[1:3].view(2, 1, 1, 1)
+    torch.testing.assert_close(batch.x, expected)
+
+
+def test_vae_sample_is_a_reproducible_posterior_sample(tiny):
+    from diffstream import frames as FR
+    from diffstream.schedule.noise import frame_generator
+
+    pixels = FR.frames_to_tensor(FR.resize(make_frames(1)[0], (64, 48)))
+    mean = tiny.encode_image(pixels)
+    a = tiny.encode_image(pixels, generator=frame_generator(3, 0, 1))
+    b = tiny.encode_image(pixels, generator=frame_generator(3, 0, 1))
+    posterior = tiny.vae.encode(pixels).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=frame_generator(3, 0, 1))
+    torch.testing.assert_close(a, (posterior.mean + posterior.std * noise) * tiny.vae.config.scaling_factor)
+    assert torch.equal(a, b) and not torch.equal(a, mean)
+    cfg = StreamConfig(prompt="x", size=64, steps=2, strength=0.6)
+    clip = make_frames(4)
+    with make_pipeline(tiny, cfg) as p1, make_pipeline(tiny, cfg.replace(vae_encode="sample")) as p2:
+        assert any(not np.array_equal(x, y) for x, y in zip(run(p1, clip), run(p2, clip)))

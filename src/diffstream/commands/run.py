@@ -14,7 +14,7 @@ import time
 
 from diffstream.attention.causal_temporal import CausalTemporalConfig
 from diffstream.commands import common
-from diffstream.config import CFG_TYPES, METHODS, IOConfig, RunConfig, StreamConfig
+from diffstream.config import CFG_TYPES, METHODS, NOISE_MODES, VAE_ENCODINGS, IOConfig, RunConfig, StreamConfig
 
 
 def add_arguments(run: argparse.ArgumentParser) -> None:
@@ -47,11 +47,20 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4, turbo: 1)")
     g.add_argument("--t-index-list", type=common.int_list, default=None, metavar="I,J,...",
                    help="explicit indices into the 50-step LCM table, e.g. 32,45 (overrides --strength/--steps)")
-    g.add_argument("--guidance", type=float, default=1.2, help="CFG scale; <= 1 disables guidance (default: 1.2)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale; <= 1 disables guidance (default: each method's paper setting: 1.2 for "
+                        "streamdiffusion, 1.0 = none for streamv2v and live2diff)")
     g.add_argument("--delta", type=float, default=1.0, help="RCFG residual-noise moderation (default: 1.0)")
     g.add_argument("--cfg-type", default=None, choices=CFG_TYPES,
                    help="none | self (RCFG, no extra call) | initialize (RCFG, 1 extra call/frame) | full (CFG) "
                         "(default: self, none for turbo or --guidance <= 1)")
+    g.add_argument("--noise", default=None, choices=NOISE_MODES,
+                   help="fixed (one noise tensor per step slot, StreamDiffusion) | per-frame (fresh noise per "
+                        "frame and re-noise, from the seed; Live2Diff's reference) (default: per-frame for "
+                        "live2diff, fixed otherwise)")
+    g.add_argument("--vae-encode", default="mean", choices=VAE_ENCODINGS,
+                   help="mean (the VAE posterior mean: deterministic) | sample (a posterior sample per frame, "
+                        "as the references draw) (default: mean)")
     g.add_argument("--seed", type=int, default=2, help="seeds the fixed noise and every random draw; -1 picks a random seed and prints it (default: 2)")
     g.add_argument("--similarity-filter", type=float, default=None, metavar="THRESHOLD",
                    help="skip near-identical frames (cosine >= THRESHOLD skips for sure), e.g. 0.98 (default: off)")
@@ -104,6 +113,7 @@ def stream_config(args) -> StreamConfig:
     return StreamConfig(
         prompt=args.prompt, negative_prompt=args.negative_prompt, strength=args.strength, steps=args.steps,
         t_index_list=args.t_index_list, guidance=args.guidance, delta=args.delta, cfg_type=args.cfg_type,
+        noise=args.noise, vae_encode=args.vae_encode,
         seed=common.resolve_seed(args.seed), similarity_threshold=args.similarity_filter, max_skip=args.max_skip,
         stream_batch=not args.no_stream_batch, size=args.size, method=args.method,
         feature_bank=feature_bank_config(args),

@@ -92,16 +92,22 @@ class Components:
         return hidden.to(self.dtype)
 
     @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] to scaled latents (B, C, H/8, W/8).
 
-        The posterior mean is used (not a sample), so encoding is deterministic.
+        Without `generator` the posterior mean is used, so encoding is deterministic; with
+        a (CPU) generator, a posterior sample mean + std * noise is drawn from it (what the
+        streaming references do every frame). A tiny VAE has no posterior: always its output.
         """
         assert pixels.ndim == 4 and pixels.shape[1] == 3, f"{pixels.shape=}"
         if self.is_tiny_vae:
             latents = self.vae.encode(pixels).latents
-        else:
+        elif generator is None:
             latents = self.vae.encode(pixels).latent_dist.mean
+        else:
+            posterior = self.vae.encode(pixels).latent_dist
+            noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+            latents = posterior.mean + posterior.std * noise
         return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()

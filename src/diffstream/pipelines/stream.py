@@ -7,7 +7,7 @@
     for out in pipe.flush(): write(out)
 
 Per frame (Kodaira et al. 2023): VAE-encode, SDEdit-noise to the first step with the
-slot's fixed noise, one UNet call for all in-flight frames (stream batch), guidance
+slot's fixed noise (Live2Diff: the frame's own noise, `schedule.noise`), one UNet call for all in-flight frames (stream batch), guidance
 (none / RCFG self / RCFG onetime / full CFG), consistency step, VAE-decode the frame
 that finished. Output i always belongs to input i: the first n-1 pushes return None,
 `flush()` runs the remaining steps of the tail, and a frame skipped by the similarity
@@ -34,6 +34,7 @@ from diffstream.config import StreamConfig
 from diffstream.models.components import Components
 from diffstream.pipelines.similarity import SimilarityFilter
 from diffstream.schedule import guidance as G
+from diffstream.schedule import noise as N
 from diffstream.schedule.stream_batch import StreamBatch
 from diffstream.schedule.timesteps import add_noise, denoise, eps_to_x0, make_step_table, model_output_to_eps
 
@@ -94,8 +95,9 @@ class StreamPipeline:
         self._skipped: set[int] = set()
         self._next_out = 0
         self._last_out: np.ndarray | None = None
-        self._warm: list = []  # (index, latent) of warmup frames not yet denoised
+        self._warm: list = []  # (index, latent, cond, noise) of warmup frames not yet denoised
         self._warmed = self.mechanism.warmup_frames == 0
+        self._warm_uncond = 0  # unconditional slots the warmup filled (`_uncond_slots`)
         self.frames_in = 0
         self.frames_out = 0
         self.unet_calls = 0
@@ -126,9 +128,14 @@ class StreamPipeline:
 
     def update(self, **changes) -> None:
         """Change settings (prompt, negative_prompt, strength, steps, t_index_list, seed,
-        guidance, delta, cfg_type, similarity_threshold, max_skip); they take effect from
-        the next pushed frame, without resetting temporal state. Invalid values raise
-        ConfigError now, not at the next frame.
+        guidance, delta, cfg_type, noise, vae_encode, similarity_threshold, max_skip); they
+        take effect from the next pushed frame. Invalid values raise ConfigError now, not
+        at the next frame.
+
+        Temporal state is kept, except where it cannot be: a new schedule (strength,
+        steps, t_index_list) or, for Live2Diff, guidance that needs unconditional KV
+        caches its warmup did not fill (cfg_type initialize/full after none/self) warms up
+        again on the next W frames (their outputs arrive together, still one per input).
         """
         new = self.config.replace(**{**self._pending, **changes})
         new.t_indices(self.components.turbo)  # validates steps against strength
@@ -213,14 +220,18 @@ class StreamPipeline:
             self._cond, self._uncond = emb[0:1], emb[1:2]
             self._emb_cache: dict = {}
             self._prompt_key = prompt_key
-        schedule_key = (c.t_indices(turbo), c.size)
-        if schedule_key != self._schedule_key:
+        schedule_key = (c.t_indices(turbo), c.size, c.resolved_noise)
+        uncond = self._uncond_slots(c.resolved_cfg_type(turbo))
+        rewarm = (bool(self.mechanism.warmup_frames) and getattr(self, "_warmed", False)
+                  and uncond > getattr(self, "_warm_uncond", 0))
+        if schedule_key != self._schedule_key or rewarm:
             if getattr(self, "_batch", None) is not None and self._batch.in_flight:
                 self._drain()  # finish in-flight frames under the schedule they started with
-            if self._schedule_key is not None and self.mechanism.warmup_frames:
+            if (self._schedule_key is not None and self.mechanism.warmup_frames) or rewarm:
                 # Live2Diff's caches hold keys/values of the old steps' noise levels: the
-                # next frames warm up again. (A feature bank keeps its features; it drops
-                # them itself when the number of step slots changes.)
+                # next frames warm up again, and so do they when guidance needs unconditional
+                # caches the warmup did not fill. (A feature bank keeps its features; it
+                # drops them itself when the number of step slots changes.)
                 self.mechanism.reset()
                 self._warmed = False
             self._t_indices = schedule_key[0]
@@ -241,16 +252,24 @@ class StreamPipeline:
             # A new seed only changes the fixed noise: in-flight frames keep going and
             # take the new noise at their remaining steps; nothing is reset.
             self._seed = c.seed
-            if self._batch is not None:
+            if self._batch is not None and self._batch.noise is not None:
                 self._batch.noise = self._slot_noise(tuple(self._batch.noise.shape[-2:]))
         self._cfg_type = c.resolved_cfg_type(turbo)
+        self._guidance = c.resolved_guidance
+
+    @staticmethod
+    def _uncond_slots(cfg_type: str) -> int:
+        """How many unconditional step slots a guidance type runs: 0 (none, self), 1
+        (initialize: the first step) or 2 (full: every step); ordered by inclusion."""
+        return {"initialize": 1, "full": 2}.get(cfg_type, 0)
 
     def _ensure_batch(self, latent_hw: tuple[int, int]) -> StreamBatch:
         if self._batch is not None and self._latent_hw == latent_hw:
             return self._batch
         if self._batch is not None and self._batch.in_flight:
             self._drain()
-        self._batch = StreamBatch(self._table, self._slot_noise(latent_hw))
+        fixed = self.config.resolved_noise == "fixed"
+        self._batch = StreamBatch(self._table, self._slot_noise(latent_hw) if fixed else None)
         self._latent_hw = latent_hw
         return self._batch
 
@@ -258,22 +277,33 @@ class StreamPipeline:
         """Fixed noise per step slot (num_steps, C, h, w), drawn on the CPU from the seed so
         every device gets the same numbers."""
         comp = self.components
-        generator = torch.Generator().manual_seed(int(self.config.seed))
-        noise = torch.randn((self.num_steps, comp.latent_channels, *latent_hw), generator=generator)
-        return noise.to(device=comp.device, dtype=comp.dtype)
+        return N.slot_noise(self.config.seed, self.num_steps, (comp.latent_channels, *latent_hw),
+                            device=comp.device, dtype=comp.dtype)
+
+    def _frame_noise(self, index: int, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """Frame `index`'s own noise (num_steps, C, h, w) in per-frame mode, else None."""
+        if self.config.resolved_noise == "fixed":
+            return None
+        comp = self.components
+        return N.frame_noise(self.config.seed, index, self.num_steps, (comp.latent_channels, *latent_hw),
+                             device=comp.device, dtype=comp.dtype)
 
     def _process(self, index: int, frame: np.ndarray) -> None:
         comp = self.components
         pixels = F.frames_to_tensor(frame, device=comp.device, dtype=comp.dtype)  # (1, 3, H, W)
-        z0 = comp.encode_image(pixels)  # (1, C, h, w)
+        # The posterior mean by default (deterministic); a sample per frame on request,
+        # drawn from (seed, frame) as the references draw a new one every frame.
+        sampler = N.frame_generator(self.config.seed, index, 1) if self.config.vae_encode == "sample" else None
+        z0 = comp.encode_image(pixels, generator=sampler)  # (1, C, h, w)
         cond = self.mechanism.condition(pixels)
+        noise = self._frame_noise(index, tuple(z0.shape[-2:]))
         if not self._warmed:
-            self._warm.append((index, z0, cond))
+            self._warm.append((index, z0, cond, noise))
             if len(self._warm) == self.mechanism.warmup_frames:
                 self._warmup()
             return
         batch = self._ensure_batch(tuple(z0.shape[-2:]))
-        batch.admit(z0, index, cond)
+        batch.admit(z0, index, cond, noise)
         if self.config.stream_batch:
             self._emit(self._step(batch))
         else:
@@ -337,7 +367,7 @@ class StreamPipeline:
         eps = model_output_to_eps(out[u:], x, a, b, ptype)
         new_ref = None
         if cfg == "full":
-            eps = G.cfg(eps, model_output_to_eps(out[:u], x, a, b, ptype), self.config.guidance)
+            eps = G.cfg(eps, model_output_to_eps(out[:u], x, a, b, ptype), self._guidance)
         elif cfg in ("self", "initialize"):
             if u:
                 au, bu = (a[:u], b[:u]) if a.shape[0] == m else (a, b)
@@ -347,7 +377,7 @@ class StreamPipeline:
                 new_ref = eps_to_x0(eps_u, x[:u], au, bu)
                 ref = torch.cat([new_ref, ref[u:]])
             residual = G.virtual_residual_noise(x, ref, a, b)
-            eps = G.residual_cfg(eps, residual, self.config.guidance, self.config.delta)
+            eps = G.residual_cfg(eps, residual, self._guidance, self.config.delta)
         return eps, new_ref
 
     @torch.no_grad()
@@ -365,14 +395,18 @@ class StreamPipeline:
     def _warmup(self) -> None:
         """Denoise the buffered warmup frames together, through every step (Live2Diff's
         warmup stage, Sec. 3.4): the mechanism sees phase "warmup" and one video of W frames."""
-        indices = [i for i, _, _ in self._warm]
-        z0 = torch.cat([z for _, z, _ in self._warm])  # (W, C, h, w)
-        cond = None if self._warm[0][2] is None else torch.cat([c for _, _, c in self._warm])
-        self._warm = []
+        indices = [i for i, _, _, _ in self._warm]
+        z0 = torch.cat([z for _, z, _, _ in self._warm])  # (W, C, h, w)
+        cond = None if self._warm[0][2] is None else torch.cat([c for _, _, c, _ in self._warm])
         batch = self._ensure_batch(tuple(z0.shape[-2:]))
-        noise, table, n = batch.noise, self._table, self.num_steps
+        if batch.noise is not None:  # the stream's slot noise, every frame: (n, 1, C, h, w)
+            noise = batch.noise[:, None]
+        else:  # each frame's own: (n, W, C, h, w)
+            noise = torch.stack([fn for _, _, _, fn in self._warm], dim=1)
+        self._warm = []
+        table, n = self._table, self.num_steps
         rows = table.rows(0, 1)
-        x = add_noise(z0, noise[0:1], rows.alpha_sqrt, rows.beta_sqrt)  # the stream's slot noise, every frame
+        x = add_noise(z0, noise[0], rows.alpha_sqrt, rows.beta_sqrt)
         ref = z0
         for k in range(n):
             rows = table.rows(k, k + 1)
@@ -383,10 +417,11 @@ class StreamPipeline:
             x = denoise(eps, x, rows)
             if k + 1 < n:
                 nxt = table.rows(k + 1, k + 2)
-                x = add_noise(x, noise[k + 1 : k + 2], nxt.alpha_sqrt, nxt.beta_sqrt)
+                x = add_noise(x, noise[k + 1], nxt.alpha_sqrt, nxt.beta_sqrt)
         for i, index in enumerate(indices):
             self._emit((index, x[i : i + 1]))
         self._warmed = True
+        self._warm_uncond = self._uncond_slots(self._cfg_type)
 
     def _emit(self, finished) -> None:
         if finished is None:

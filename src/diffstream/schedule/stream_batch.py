@@ -24,13 +24,15 @@ class StreamBatch:
     Args:
         table: the schedule's per-step coefficients, already on the latents' device/dtype.
         noise: (num_steps, C, h, w) fixed noise, one tensor per step slot: slot 0 noises
-            the input (SDEdit), slot k > 0 re-noises after step k - 1.
+            the input (SDEdit), slot k > 0 re-noises after step k - 1 (StreamDiffusion).
+            None: every frame brings its own noise to `admit` (Live2Diff's reference).
     """
 
-    def __init__(self, table: StepTable, noise: torch.Tensor):
-        assert noise.ndim == 4 and noise.shape[0] == table.num_steps, f"{noise.shape=} {table.num_steps=}"
+    def __init__(self, table: StepTable, noise: torch.Tensor | None):
+        assert noise is None or (noise.ndim == 4 and noise.shape[0] == table.num_steps), (
+            f"{noise.shape=} {table.num_steps=}")
         self.table = table
-        self.noise = noise  # (n, C, h, w)
+        self.noise = noise  # (n, C, h, w) or None
         self.reset()
 
     def reset(self) -> None:
@@ -39,6 +41,7 @@ class StreamBatch:
         self.ref: torch.Tensor | None = None  # (m, C, h, w) RCFG reference x0 per frame
         self.cond: torch.Tensor | None = None  # (m, ...) per-frame conditioning (e.g. depth latents)
         self.tags: list = []  # caller's tag per in-flight frame, newest first
+        self.frame_noise: list = []  # per-frame noise (n, C, h, w) per in-flight frame, newest first
         self.lo = 0  # step index of the newest in-flight frame
 
     @property
@@ -50,21 +53,28 @@ class StreamBatch:
         """How many frames have started but not finished."""
         return len(self.tags)
 
-    def admit(self, z0: torch.Tensor, tag, cond: torch.Tensor | None = None) -> None:
+    def admit(self, z0: torch.Tensor, tag, cond: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None) -> None:
         """Start a new frame: SDEdit-noise its clean latent to the first step.
 
         Args:
             z0: (1, C, h, w) the frame's clean (VAE) latent.
             tag: anything that identifies the frame (returned when it finishes).
             cond: (1, ...) conditioning that travels with the frame, or None.
+            noise: (n, C, h, w) this frame's own noise, one per step (required without
+                slot noise, refused with it).
         """
         assert z0.ndim == 4 and z0.shape[0] == 1, f"{z0.shape=}"
-        assert z0.shape[1:] == self.noise.shape[1:], f"{z0.shape=} {self.noise.shape=}"
+        assert (noise is None) != (self.noise is None), "frame noise exactly when there is no slot noise"
+        own = self.noise if noise is None else noise  # (n, C, h, w)
+        assert own.shape == (self.num_steps, *z0.shape[1:]), f"{z0.shape=} {own.shape=}"
         assert cond is None or cond.shape[0] == 1, f"{cond.shape=}"
         if self.in_flight and self.lo != 1:
             raise RuntimeError("a frame can join only when the newest in-flight frame is at step 1")
         rows = self.table.rows(0, 1)
-        x_new = add_noise(z0, self.noise[0:1], rows.alpha_sqrt, rows.beta_sqrt)  # (1, C, h, w)
+        x_new = add_noise(z0, own[0:1], rows.alpha_sqrt, rows.beta_sqrt)  # (1, C, h, w)
+        if noise is not None:
+            self.frame_noise.insert(0, noise)
         if self.in_flight:
             self.x = torch.cat([x_new, self.x], dim=0)  # (m + 1, C, h, w), newest first
             self.ref = torch.cat([z0, self.ref], dim=0)  # (m + 1, C, h, w)
@@ -103,9 +113,12 @@ class StreamBatch:
             finished = (self.tags[-1], denoised[keep:])
         if keep > 0:
             nxt = self.table.rows(lo + 1, lo + 1 + keep)
-            self.x = add_noise(
-                denoised[:keep], self.noise[lo + 1 : lo + 1 + keep], nxt.alpha_sqrt, nxt.beta_sqrt
-            )
+            if self.noise is not None:
+                renoise = self.noise[lo + 1 : lo + 1 + keep]  # (keep, C, h, w): slot noise
+            else:  # row r (at step lo + r) takes its own frame's noise for step lo + r + 1
+                renoise = torch.stack([self.frame_noise[r][lo + 1 + r] for r in range(keep)])
+                self.frame_noise = self.frame_noise[:keep]
+            self.x = add_noise(denoised[:keep], renoise, nxt.alpha_sqrt, nxt.beta_sqrt)
             self.ref = self.ref[:keep]
             if self.cond is not None:
                 self.cond = self.cond[:keep]

@@ -330,7 +330,7 @@ def public_params(config: StreamConfig) -> dict:
         "negative_prompt": config.negative_prompt,
         "method": config.method,
         "strength": config.strength,
-        "guidance": config.guidance,
+        "guidance": config.resolved_guidance,
         "delta": config.delta,
         "seed": config.seed,
         "steps": config.steps,
