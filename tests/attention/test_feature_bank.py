@@ -43,7 +43,7 @@ def call(proc, state, attn, hidden, layout=ONE_SLOT):
 
 def test_disabled_mechanism_equals_streamdiffusion_exactly(tiny):
     frames = make_frames(9)
-    base = StreamConfig(prompt="a fox", size=64, steps=3, strength=0.6)
+    base = StreamConfig(prompt="a fox", size=64, steps=3, strength=0.6, guidance=1.4)  # RCFG self: both branches of the maths
     plain = run(make_pipeline(tiny, base), frames)
     off = FeatureBankConfig(extended_attention=False, fusion=False, interval=1)
     with make_pipeline(tiny, base.replace(method="streamv2v", feature_bank=off)) as pipe:
@@ -169,7 +169,7 @@ def test_each_step_slot_has_its_own_bank(tiny):
 
 def test_streamv2v_keeps_counts_alignment_and_is_reproducible(tiny):
     frames = make_frames(11)
-    config = StreamConfig(prompt="x", size=64, steps=2, strength=0.5, method="streamv2v", seed=4,
+    config = StreamConfig(prompt="x", size=64, steps=2, strength=0.5, method="streamv2v", seed=4, guidance=1.0,
                           similarity_threshold=0.99, feature_bank=FeatureBankConfig(interval=2))
     a, b = run(make_pipeline(tiny, config), frames), run(make_pipeline(tiny, config), frames)
     assert len(a) == 11 and all(np.array_equal(x, y) for x, y in zip(a, b))
