@@ -51,6 +51,7 @@ class Patch:
         original = inspect.getattr_static(owner, name)
         func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
         func = getattr(func, "func", func)  # functools.cached_property keeps the function in .func
+        func = func.fget if isinstance(func, property) else func
         source = textwrap.dedent(inspect.getsource(func))
         count = source.count(self.old)
         if count != 1:
@@ -62,6 +63,8 @@ class Patch:
         mutated = namespace[name]
         if isinstance(original, (staticmethod, classmethod)) and not isinstance(mutated, type(original)):
             mutated = type(original)(mutated)
+        if isinstance(original, property) and not isinstance(mutated, property):
+            mutated = property(mutated)
         if hasattr(original, "attrname") and not hasattr(mutated, "attrname"):  # cached_property
             import functools
 
@@ -97,6 +100,8 @@ class Mutant:
             must fail under it.
         harmless: if set, why the mutant cannot be caught because it changes nothing
             (documented and skipped, never silently dropped).
+        raises: the bug is one that raises (e.g. a refused update): then a proof that
+            fails on that exception kills it too.
     """
 
     name: str
@@ -104,6 +109,7 @@ class Mutant:
     patches: tuple[Patch, ...]
     killers: tuple[str, ...]
     harmless: str | None = None
+    raises: bool = False
 
     @contextlib.contextmanager
     def applied(self):
@@ -113,10 +119,11 @@ class Mutant:
             yield
 
 
-def mutant(name: str, bug: str, killers, *patches: Patch, harmless: str | None = None) -> Mutant:
+def mutant(name: str, bug: str, killers, *patches: Patch, harmless: str | None = None,
+           raises: bool = False) -> Mutant:
     """Shorthand used by the mutant lists: `mutant(name, bug, killers, Patch(...), ...)`."""
     killers = (killers,) if isinstance(killers, str) else tuple(killers)
-    return Mutant(name, bug, tuple(patches), killers, harmless)
+    return Mutant(name, bug, tuple(patches), killers, harmless, raises)
 
 
 class _Recorder:
@@ -154,8 +161,9 @@ class _Recorder:
 
     @property
     def killed(self) -> bool:
-        """A kill: some proof failed on an assertion (not on an exception the broken code raised)."""
-        return bool(self.killed_by)
+        """A kill: some proof failed on an assertion (not on an exception the broken code
+        raised, unless the mutant's bug is one that raises)."""
+        return bool(self.killed_by) or (self.mutant.raises and bool(self.crashed))
 
     def summary(self) -> str:
         return (f"{self.mutant.name}: killed by {self.killed_by or 'nothing'}; passed {self.passed}; "
