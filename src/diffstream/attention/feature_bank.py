@@ -53,7 +53,9 @@ class FeatureBankConfig:
     Attributes:
         extended_attention: concatenate banked keys/values in self-attention (Eq. 1).
         fusion: blend outputs with their nearest banked output (Eq. 2).
-        fusion_strength: alpha of Eq. 2; the paper's text gives 0.75.
+        fusion_strength: alpha of Eq. 2. Deliberate deviation: we take the paper's text
+            (0.75, Sec. 5.1); the reference code's default `feature_injection_strength`
+            is 0.8. Pass 0.8 to match the code.
         fusion_threshold: minimum cosine similarity for a token to be fused. The paper
             gives no number; 0.98 fuses only near-identical features, so regions new to
             the scene (low similarity to anything banked) are left alone, which is the
@@ -65,7 +67,10 @@ class FeatureBankConfig:
         interval: update the bank every this many frames (Sec. 5.1: 4). With the stream
             batch, frame f's features at step k are banked when (f + k) is a multiple of
             it: StreamV2V's reference, whose counter advances once per batched call.
-        seed: seeds DyMe's random source/destination split.
+        seed: seeds DyMe's random source/destination split. Deliberate deviation: the
+            reference draws the split from torch's global generator; here each update's
+            split comes from a generator seeded by (stream seed, slot, frame), so a run
+            is reproducible, the same on every device, and independent of batching.
     """
 
     extended_attention: bool = True
