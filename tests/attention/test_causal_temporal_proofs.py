@@ -98,13 +98,16 @@ def stream_calls(cfg: str):
         yield both, BatchLayout(tuple(k for k, _, _ in both), tuple(b for _, b, _ in both), STEPS, "stream")
 
 
-def drive(attn, feats: dict, cfg: str, config: CausalTemporalConfig | None = None) -> dict:
+def drive(attn, feats: dict, cfg: str, state: CausalTemporalState | None = None) -> dict:
     """Run the processor under test through a whole stream: {(k, b, frame): (N, C)}.
 
     The inputs are what the motion block hands its attention: x + P[0..W-1] for a
     warmup clip, x + P[0] for a streamed row (one frame per row).
+
+    Args:
+        state: the caches to use (default: new ones).
     """
-    state = CausalTemporalState(config or CausalTemporalConfig(warmup_frames=W, window=WINDOW))
+    state = state or CausalTemporalState(CausalTemporalConfig(warmup_frames=W, window=WINDOW))
     proc = CausalTemporalAttnProcessor(state, "layer", PE)
     out = {}
     with torch.no_grad():
@@ -268,6 +271,15 @@ def test_no_frame_sees_the_future(attn):
         for key in base:
             if key[2] <= t:
                 torch.testing.assert_close(moved[key], base[key], atol=1e-6, rtol=0)
+
+
+def test_a_new_warmup_starts_new_caches(attn):
+    """A warmup after streaming is a new stream (e.g. after a schedule change): nothing of
+    the old stream's caches is read; the second stream equals the oracle on its own inputs."""
+    state = CausalTemporalState(CausalTemporalConfig(warmup_frames=W, window=WINDOW))
+    drive(attn, slot_features("full", seed=5), "full", state)
+    feats = slot_features("full", seed=6)
+    assert_matches(drive(attn, feats, "full", state), feats, attn)
 
 
 def test_warmup_is_bidirectional_diffusers_attention(attn):
