@@ -183,6 +183,16 @@ def test_apply_params_checks_ranges_in_field_names():
         apply_params(config.replace(strength=0.1), {"steps": 10})
 
 
+def test_noise_vae_and_default_guidance_fields():
+    text = json.dumps({"type": "params", "noise": "per-frame", "vae_encode": "sample", "guidance": None})
+    assert parse_control(text, LIMITS)["changes"] == {"noise": "per-frame", "vae_encode": "sample", "guidance": None}
+    for bad in ({"noise": "pink"}, {"vae_encode": "mode"}, {"noise": 3}):
+        with pytest.raises(ProtocolError, match="must be one of"):
+            parse_control(json.dumps({"type": "params", **bad}), LIMITS)
+    shown = public_params(StreamConfig(method="live2diff"))
+    assert shown["guidance"] == 1.0 and shown["noise"] == "per-frame" and shown["vae_encode"] == "mean"
+
+
 def test_public_params_is_json_and_covers_every_field():
     params = public_params(StreamConfig(prompt="p", t_index_list=(10, 20)))
     assert json.loads(json.dumps(params)) == params

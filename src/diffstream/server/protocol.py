@@ -41,7 +41,7 @@ import struct
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from diffstream.config import CFG_TYPES, METHODS, StreamConfig
+from diffstream.config import CFG_TYPES, METHODS, NOISE_MODES, VAE_ENCODINGS, StreamConfig
 from diffstream.errors import ConfigError
 
 PROTOCOL_VERSION = 1
@@ -63,12 +63,14 @@ PARAM_FIELDS: dict[str, str] = {
     "negative_prompt": "text",
     "method": "method",
     "strength": "number",
-    "guidance": "number",
+    "guidance": "number_or_null",  # null: the method's paper setting
     "delta": "number",
     "seed": "seed",
     "steps": "int_or_null",
     "t_index_list": "int_list_or_null",
     "cfg_type": "cfg_type_or_null",
+    "noise": "noise_or_null",
+    "vae_encode": "vae_encode",
     "similarity_threshold": "number_or_null",
     "max_skip": "int",
 }
@@ -275,6 +277,11 @@ def _check_field(name: str, kind: str, value, limits: Limits, methods: tuple[str
         if value not in CFG_TYPES:
             raise ProtocolError(f"cfg_type must be one of {', '.join(CFG_TYPES)} or null, got {value!r}")
         return value
+    if kind in ("noise", "vae_encode"):
+        choices = NOISE_MODES if kind == "noise" else VAE_ENCODINGS
+        if not isinstance(value, str) or value not in choices:
+            raise ProtocolError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
     if kind == "number":
         if not _is_number(value):
             raise wrong("a number")
@@ -336,6 +343,8 @@ def public_params(config: StreamConfig) -> dict:
         "steps": config.steps,
         "t_index_list": list(config.t_index_list) if config.t_index_list is not None else None,
         "cfg_type": config.cfg_type,
+        "noise": config.resolved_noise,
+        "vae_encode": config.vae_encode,
         "similarity_threshold": config.similarity_threshold,
         "max_skip": config.max_skip,
         "size": config.size,
