@@ -60,27 +60,35 @@ def stack(frames):
 
 # --- mechanism off == stock diffusers ---------------------------------------------------
 
-def test_mechanism_off_equals_diffusers_instruct_pix2pix(instruct):
-    from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
+@pytest.mark.parametrize("sampler", ["euler-a", "ddim"])
+def test_mechanism_off_equals_diffusers_instruct_pix2pix(instruct, sampler):
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    from diffstream.pipelines.fairy import frame_generator
 
     comp, frames, seed, steps = instruct, make_frames(3), 11, 3
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(comp.scheduler.config, clip_sample=False, steps_offset=1)
+    else:  # the oracle: diffusers' own Euler ancestral, drawing from the frame's generator
+        scheduler = EulerAncestralDiscreteScheduler.from_config(comp.scheduler.config, steps_offset=1)
     stock = StableDiffusionInstructPix2PixPipeline(
         vae=comp.vae, text_encoder=comp.text_encoder, tokenizer=comp.tokenizer, unet=comp.unet,
-        scheduler=DDIMScheduler.from_config(comp.scheduler.config, clip_sample=False, steps_offset=1),
-        safety_checker=None,
+        scheduler=scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     stock.set_progress_bar_config(disable=True)
-    config = FairyConfig(instruction=INSTR, anchors=0, chunk_size=1, steps=steps, seed=seed, size=64)
+    config = FairyConfig(instruction=INSTR, anchors=0, chunk_size=1, steps=steps, seed=seed, size=64,
+                         sampler=sampler)
     with FairyPipeline(comp, config) as pipe:
-        assert pipe.num_branches == 3
+        assert pipe.num_branches == 3 and pipe.config.sampler == sampler
         ours = list(pipe.edit(frames))
         for i, frame in enumerate(frames):
             pixels = F.frames_to_tensor(frame)  # (1, 3, 48, 64)
-            noise = frame_noise(seed, i, 1, (4, 6, 8))  # (1, 4, 6, 8)
+            # diffusers draws the initial latent, then one noise per ancestral step, from one generator
             with install_processors(comp.unet, lambda n, p: AttnProcessor2_0()):
                 expected = stock(INSTR, image=pixels, num_inference_steps=steps, guidance_scale=7.5,
-                                 image_guidance_scale=1.5, latents=noise, output_type="latent").images
+                                 image_guidance_scale=1.5, generator=frame_generator(seed, i),
+                                 output_type="latent").images
             latents = pipe.denoise(pixels, [i], "off")
             assert torch.equal(latents, expected)
             assert np.array_equal(ours[i], F.tensor_to_frames(comp.decode_latents(expected))[0])
@@ -289,8 +297,12 @@ def test_bad_options_are_one_line_config_errors(kwargs, match):
 
 
 def test_defaults_resolve_per_sampler():
-    c = FairyConfig(instruction="x").resolve()
-    assert (c.sampler, c.steps, c.guidance, c.strength, c.num_branches) == ("ddim", 10, 7.5, None, 3)
+    c = FairyConfig(instruction="x").resolve()  # Fairy's Euler ancestral, 10 steps
+    assert (c.sampler, c.steps, c.guidance, c.strength, c.num_branches) == ("euler-a", 10, 7.5, None, 3)
+    c = FairyConfig(instruction="x", sampler="ddim").resolve()
+    assert (c.sampler, c.steps) == ("ddim", 10)
+    c = FairyConfig(prompt="x").resolve()
+    assert (c.sampler, c.steps, c.guidance) == ("ddim", 10, 7.5)
     c = FairyConfig(prompt="x").resolve(lcm=True)
     assert (c.sampler, c.steps, c.guidance, c.strength, c.num_branches) == ("lcm", 4, 1.0, 0.5, 1)
     c = FairyConfig(prompt="x").resolve(turbo=True)

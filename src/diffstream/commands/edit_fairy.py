@@ -13,6 +13,7 @@ from diffstream.pipelines.fairy import (
     DEFAULT_ANCHORS,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DDIM_STEPS,
+    DEFAULT_EULER_STEPS,
     DEFAULT_GUIDANCE,
     DEFAULT_IMAGE_GUIDANCE,
     DEFAULT_LCM_GUIDANCE,
@@ -24,7 +25,7 @@ from diffstream.pipelines.fairy import (
     FairyPipeline,
 )
 
-DEFAULT_STEPS_HELP = f"{DEFAULT_DDIM_STEPS} DDIM, {DEFAULT_LCM_STEPS} LCM, 1 turbo"
+DEFAULT_STEPS_HELP = f"{DEFAULT_EULER_STEPS} Euler a / {DEFAULT_DDIM_STEPS} DDIM, {DEFAULT_LCM_STEPS} LCM, 1 turbo"
 DEFAULT_GUIDANCE_HELP = f"{DEFAULT_GUIDANCE}, LCM {DEFAULT_LCM_GUIDANCE}"
 
 
@@ -43,7 +44,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE,
                        help=f"InstructPix2Pix image guidance scale (default: {DEFAULT_IMAGE_GUIDANCE})")
     group.add_argument("--sampler", default="auto", choices=SAMPLERS,
-                       help="ddim | lcm (SDEdit with LCM-LoRA/turbo models) | auto (default: auto)")
+                       help="euler-a (Euler ancestral, Fairy's sampler) | ddim (eta 0) | lcm (SDEdit with "
+                            "LCM-LoRA/turbo models) | auto: euler-a for --instruction, lcm for LCM/turbo models, "
+                            "else ddim (default: auto)")
     group.add_argument("--workers", type=int, default=None,
                        help="split the frames across N local Ray worker processes (needs diffstream[ray]) "
                             "(default: one process, no Ray)")

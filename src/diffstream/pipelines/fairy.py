@@ -21,11 +21,12 @@ Two editing modes:
   is generated from noise, conditioned on the source frame's latent. Three guidance
   branches run in one UNet batch: (instruction, image), (empty text, image), (empty text,
   no image), combined as in InstructPix2Pix (Brooks et al. 2023, eq. 3) with a text scale
-  `guidance` and an image scale `image_guidance`. Sampler: DDIM (eta 0), 10 steps: Fairy's
-  step ablation (supplement) finds quality holds from 10 steps on and uses 10 for all
-  experiments. DDIM rather than an ancestral sampler: ancestral sampling injects fresh,
-  independent noise into every frame at every step, which pulls neighbouring frames
-  apart; with DDIM a frame's only randomness is its initial noise.
+  `guidance` and an image scale `image_guidance`. Sampler: Euler ancestral, 10 steps, as
+  Fairy samples (field notes, /work/shared/notes/field-offline-editing.md; it is also the
+  scheduler the timbrooks/instruct-pix2pix checkpoint ships), written as pure functions
+  in `diffstream.schedule.euler_ancestral`. `--sampler ddim` (eta 0) is the alternative:
+  an ancestral step injects fresh noise into every frame at every step (each frame its
+  own), while with DDIM a frame's only randomness is its initial noise.
 - SDEdit (plain text-to-image checkpoints, 4-channel UNet): each frame's latent is noised
   to `strength` and denoised towards `prompt` with classifier-free guidance. DDIM with 10
   steps for ordinary checkpoints (diffusers' img2img convention: steps x strength of them
@@ -45,7 +46,7 @@ import bisect
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence, get_args
 
 import numpy as np
 
@@ -62,12 +63,14 @@ if TYPE_CHECKING:
 
 # The checkpoint `--instruction` uses when --model is left at its default.
 INSTRUCT_DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
-SAMPLERS = ("auto", "ddim", "lcm")
+Sampler = Literal["auto", "euler-a", "ddim", "lcm"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 DEFAULT_ANCHORS = 3
 # 4 frames x 3 guidance branches = 12 UNet rows per call, each attending to (1 + K) frames
 # of tokens: a batch that keeps a GPU busy at 512 px without needing a large one.
 DEFAULT_CHUNK_SIZE = 4
-DEFAULT_DDIM_STEPS = 10  # Fairy's setting (step ablation in its supplement)
+DEFAULT_DDIM_STEPS = 10  # Fairy's 10 steps (field notes), kept for --sampler ddim
+DEFAULT_EULER_STEPS = 10  # Fairy: Euler ancestral, 10 steps (field notes)
 DEFAULT_LCM_STEPS = 4
 DEFAULT_TURBO_STEPS = 1
 DEFAULT_GUIDANCE = 7.5  # InstructPix2Pix / Stable Diffusion default text scale
@@ -90,14 +93,17 @@ class FairyConfig:
         anchors: K anchor frames (Fairy's default range: 3 works, 1 is too few, > 7 loses
             detail); 0 edits every frame independently (no cross-frame attention).
         chunk_size: ordinary frames per UNet batch; memory grows with it.
-        steps: denoising steps; None: 10 (DDIM), 4 (LCM), 1 (turbo). In SDEdit mode with
-            DDIM, int(steps x strength) of them run (diffusers' img2img convention).
+        steps: denoising steps; None: 10 (Euler ancestral, DDIM), 4 (LCM), 1 (turbo). In
+            SDEdit mode with Euler ancestral or DDIM, int(steps x strength) of them run
+            (diffusers' img2img convention).
         guidance: text guidance scale; None: 7.5, or 1.0 with the LCM sampler. <= 1 runs
             a single branch.
         image_guidance: InstructPix2Pix image guidance scale (instruction mode only).
         strength: SDEdit noise strength in (0, 1]; None: 0.5 (SDEdit mode only).
-        sampler: "ddim", "lcm" (consistency sampler, for LCM-LoRA/turbo checkpoints in
-            SDEdit mode) or "auto" (LCM for LCM/turbo checkpoints in SDEdit mode, else DDIM).
+        sampler: "euler-a" (Euler ancestral, Fairy's sampler), "ddim" (eta 0), "lcm"
+            (consistency sampler, for LCM-LoRA/turbo checkpoints in SDEdit mode) or "auto":
+            Euler ancestral for instruction edits (Fairy's setting), LCM for LCM/turbo
+            checkpoints in SDEdit mode, else DDIM.
         seed: frame i's noise comes from (seed, i).
         size: longer side of the processing size in pixels (rounded to the model's multiple).
     """
@@ -111,7 +117,7 @@ class FairyConfig:
     guidance: float | None = None
     image_guidance: float = DEFAULT_IMAGE_GUIDANCE
     strength: float | None = None
-    sampler: str = "auto"
+    sampler: Sampler = "auto"
     seed: int = 0
     size: int = 512
 
@@ -140,10 +146,10 @@ class FairyConfig:
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.sampler == "lcm" and self.instructing:
-            raise ConfigError("--sampler lcm is for SDEdit with LCM/turbo checkpoints; instruction edits use ddim")
+            raise ConfigError("--sampler lcm is for SDEdit with LCM/turbo checkpoints; instruction edits use euler-a or ddim")
         if self.size < MIN_SIZE:
             raise ConfigError(f"--size must be at least {MIN_SIZE}, got {self.size}")
-        if self.sampler == "ddim" and not self.instructing and self.steps is not None:
+        if self.sampler in ("ddim", "euler-a") and not self.instructing and self.steps is not None:
             if int(self.steps * self.resolved_strength) < 1:
                 raise ConfigError(
                     f"--steps {self.steps} with --strength {self.resolved_strength} runs no denoising step: "
@@ -179,12 +185,15 @@ class FairyConfig:
         """
         sampler = self.sampler
         if sampler == "auto":
-            sampler = "lcm" if (not self.instructing and (lcm or turbo)) else "ddim"
+            if self.instructing:
+                sampler = "euler-a"  # Fairy's sampler
+            else:
+                sampler = "lcm" if (lcm or turbo) else "ddim"
         if sampler == "lcm":
             steps = self.steps or (DEFAULT_TURBO_STEPS if turbo else DEFAULT_LCM_STEPS)
             guidance = DEFAULT_LCM_GUIDANCE if self.guidance is None else self.guidance
         else:
-            steps = self.steps or DEFAULT_DDIM_STEPS
+            steps = self.steps or (DEFAULT_EULER_STEPS if sampler == "euler-a" else DEFAULT_DDIM_STEPS)
             guidance = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
         strength = None if self.instructing else self.resolved_strength
         return dataclasses.replace(self, sampler=sampler, steps=steps, guidance=guidance, strength=strength)
@@ -211,10 +220,17 @@ def frame_generator(seed: int, index: int) -> "torch.Generator":
 
 
 def frame_noise(seed: int, index: int, count: int, shape: tuple[int, ...]) -> "torch.Tensor":
-    """`count` standard-normal tensors of `shape` (C, h, w) for frame `index`: (count, C, h, w) fp32."""
+    """`count` standard-normal tensors of `shape` (C, h, w) for frame `index`: (count, C, h, w) fp32.
+
+    Drawn one (1, C, h, w) tensor after another from the frame's generator, the order in
+    which diffusers' pipelines consume a generator (initial latent, then one draw per
+    ancestral step), so a one-frame run equals diffusers' with `frame_generator(seed, i)`.
+    One draw of (count, C, h, w) would not give the same numbers for every shape.
+    """
     import torch
 
-    return torch.randn((count, *shape), generator=frame_generator(seed, index))
+    gen = frame_generator(seed, index)
+    return torch.cat([torch.randn((1, *shape), generator=gen) for _ in range(count)])
 
 
 @dataclass(frozen=True)
@@ -359,6 +375,27 @@ class FairyPipeline:
                 timesteps = timesteps[c.steps - run :]
             self.timesteps = list(timesteps)
             self.noise_count = 1  # DDIM with eta 0: the initial noise is all
+        elif c.sampler == "euler-a":
+            from diffstream.schedule.euler_ancestral import euler_ancestral_schedule
+
+            # The checkpoint's noise schedule and timestep spacing, read as diffusers'
+            # EulerAncestralDiscreteScheduler.from_config reads it: a config that does not
+            # set a spacing itself (timbrooks/instruct-pix2pix's; diffusers lists defaults
+            # it filled in under "_use_default_values") gets Euler-a's default "linspace"
+            # (999 .. 0); steps offset 1 as for DDIM above (used by "leading" only).
+            config = comp.scheduler.config
+            spacing = config.get("timestep_spacing")
+            if spacing is None or "timestep_spacing" in config.get("_use_default_values", ()):
+                spacing = "linspace"
+            schedule = euler_ancestral_schedule(comp.alphas_cumprod, c.steps, spacing=spacing, steps_offset=1)
+            if not c.instructing:  # SDEdit: start part-way down the schedule (diffusers img2img)
+                run = min(int(c.steps * c.strength), c.steps)
+                if run < 1:
+                    raise ConfigError(f"--steps {c.steps} with --strength {c.strength} runs no denoising step")
+                schedule = schedule.tail(c.steps - run)
+            self.euler = schedule
+            self.timesteps = list(schedule.timesteps.to(comp.device))
+            self.noise_count = 1 + len(self.timesteps)  # the initial (or SDEdit) noise, then one per step
         else:
             table = make_step_table(
                 comp.alphas_cumprod,
@@ -524,6 +561,7 @@ class FairyPipeline:
     def _denoise(self, pixels, indices, mode):
         import torch
 
+        from diffstream.schedule import euler_ancestral as EA
         from diffstream.schedule.timesteps import add_noise, denoise, model_output_to_eps
 
         comp, c = self.components, self.config
@@ -539,9 +577,12 @@ class FairyPipeline:
         if c.instructing:
             # The unconditional branch sees a zero image (InstructPix2Pix's dropped image).
             image_rows = torch.cat([z0, z0, torch.zeros_like(z0)][:branches])  # (branches*n, C, h, w)
-            x = noise[0] * self.scheduler.init_noise_sigma
+            sigma0 = self.euler.init_noise_sigma if c.sampler == "euler-a" else self.scheduler.init_noise_sigma
+            x = noise[0] * sigma0
         elif c.sampler == "ddim":
             x = self.scheduler.add_noise(z0, noise[0], self.timesteps[0].repeat(n))
+        elif c.sampler == "euler-a":
+            x = EA.add_noise(z0, noise[0], self.euler.sigmas[0])
         else:
             first = self.table.rows(0, 1)
             x = add_noise(z0, noise[0], first.alpha_sqrt, first.beta_sqrt)
@@ -552,6 +593,8 @@ class FairyPipeline:
             x_in = torch.cat([x] * branches)
             if c.sampler == "ddim":
                 x_in = self.scheduler.scale_model_input(x_in, t)
+            elif c.sampler == "euler-a":
+                x_in = EA.scale_model_input(x_in, self.euler.sigmas[step])
             if image_rows is not None:
                 x_in = torch.cat([x_in, image_rows], dim=1)  # (branches*n, 2C, h, w)
             layout = self._layout(mode, step, n)
@@ -564,6 +607,9 @@ class FairyPipeline:
             out = self._guide(out)  # (n, C, h, w)
             if c.sampler == "ddim":
                 x = self.scheduler.step(out, t, x, return_dict=False)[0]
+            elif c.sampler == "euler-a":  # fresh noise: this frame's own draw for this step
+                sig = self.euler.sigmas
+                x = EA.euler_ancestral_step(out, x, sig[step], sig[step + 1], noise[step + 1], comp.prediction_type)
             else:
                 rows = self.table.rows(step, step + 1)
                 eps = model_output_to_eps(out, x, rows.alpha_sqrt, rows.beta_sqrt, rows.prediction_type)
