@@ -14,7 +14,7 @@ WHOLE = [f"{PROOFS}::test_a_whole_edit_step_by_step[7]", f"{PROOFS}::test_a_whol
 FAIRY = "tests/pipelines/test_fairy.py"
 OFF_EA = f"{FAIRY}::test_mechanism_off_equals_diffusers_instruct_pix2pix[euler-a]"
 PLAN_TEST = f"{FAIRY}::test_plan_chunks_and_segments"
-SEGMENTS = f"{FAIRY}::test_segments_in_any_order_and_shipped_anchors_reproduce_one_run"
+SEGMENTS = f"{FAIRY}::test_segments_in_any_order_and_shipped_anchors_reproduce_one_run[euler-a]"
 EA_STEP = "tests/schedule/test_euler_ancestral.py::test_every_step_equals_diffusers_for_the_same_output_and_noise"
 
 MUTANTS = [

@@ -164,20 +164,25 @@ def test_anchors_change_ordinary_frames_and_anchor_frames_come_from_the_anchor_p
 
 # --- chunking and segments ------------------------------------------------------------------
 
-def test_chunk_sizes_give_identical_frames(instruct, instruct64):
+@pytest.mark.parametrize("sampler", ["euler-a", "ddim"])
+def test_chunk_sizes_give_identical_frames(instruct, instruct64, sampler):
     frames = make_frames(11)
-    exact = {c: stack(edit(instruct64, frames, chunk_size=c, steps=2)) for c in (1, 3, 8)}
+    kw = dict(steps=2, sampler=sampler)
+    exact = {c: stack(edit(instruct64, frames, chunk_size=c, **kw)) for c in (1, 3, 8)}
     assert np.array_equal(exact[1], exact[3]) and np.array_equal(exact[1], exact[8])
-    fp32 = {c: stack(edit(instruct, frames, chunk_size=c, steps=2)) for c in (1, 3, 8)}
+    fp32 = {c: stack(edit(instruct, frames, chunk_size=c, **kw)) for c in (1, 3, 8)}
     for c in (3, 8):  # last-bit differences between batch shapes, at most one level after rounding
         assert np.abs(fp32[1] - fp32[c]).max() <= 1
         assert (fp32[1] != fp32[c]).mean() < 1e-3
-    assert np.array_equal(fp32[3], stack(edit(instruct, frames, chunk_size=3, steps=2)))  # same layout: bit-identical
+    assert np.array_equal(fp32[3], stack(edit(instruct, frames, chunk_size=3, **kw)))  # same layout: bit-identical
+    # the noise really is per frame and per step: another seed moves the frames
+    assert np.abs(fp32[3] - stack(edit(instruct, frames, chunk_size=3, seed=1, **kw))).max() > 2
 
 
-def test_segments_in_any_order_and_shipped_anchors_reproduce_one_run(instruct):
+@pytest.mark.parametrize("sampler", ["euler-a", "ddim"])
+def test_segments_in_any_order_and_shipped_anchors_reproduce_one_run(instruct, sampler):
     frames = make_frames(13)
-    config = FairyConfig(instruction=INSTR, anchors=3, chunk_size=2, steps=2, size=64)
+    config = FairyConfig(instruction=INSTR, anchors=3, chunk_size=2, steps=2, size=64, sampler=sampler)
     with FairyPipeline(instruct, config) as pipe:
         whole = list(pipe.edit(frames))
         plan = pipe.plan
