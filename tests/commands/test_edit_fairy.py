@@ -84,6 +84,19 @@ def test_model_choice_for_instructions():
     assert not edit_model_config(args, fairy_config(args)).instruct
 
 
+def test_sampler_option():
+    base = ["in.mp4", "-o", "o.mp4", "--model", "tiny", "--instruction", "x"]
+    assert fairy_config(edit_parser().parse_args(base)).resolve().sampler == "euler-a"  # Fairy's default
+    for sampler in ("euler-a", "ddim"):
+        config = fairy_config(edit_parser().parse_args(base + ["--sampler", sampler]))
+        assert config.sampler == sampler and config.resolve().steps == 10
+    with pytest.raises(ConfigError, match="--sampler lcm") as err:
+        fairy_config(edit_parser().parse_args(base + ["--sampler", "lcm"]))
+    assert "\n" not in str(err.value)
+    with pytest.raises(SystemExit):  # argparse refuses an unknown sampler, naming the choices
+        edit_parser().parse_args(base + ["--sampler", "euler"])
+
+
 def test_edit_command_errors_come_before_the_model(tmp_path, monkeypatch):
     import diffstream.models.loading as loading
 

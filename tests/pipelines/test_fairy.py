@@ -94,23 +94,27 @@ def test_mechanism_off_equals_diffusers_instruct_pix2pix(instruct, sampler):
             assert np.array_equal(ours[i], F.tensor_to_frames(comp.decode_latents(expected))[0])
 
 
-def test_mechanism_off_equals_diffusers_img2img(tiny):
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+@pytest.mark.parametrize("sampler", ["ddim", "euler-a"])
+def test_mechanism_off_equals_diffusers_img2img(tiny, sampler):
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
     from diffstream.pipelines.fairy import frame_generator
 
     comp, frames, seed = tiny, make_frames(2), 5
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(comp.scheduler.config, clip_sample=False, steps_offset=1)
+    else:
+        scheduler = EulerAncestralDiscreteScheduler.from_config(comp.scheduler.config, steps_offset=1)
     stock = StableDiffusionImg2ImgPipeline(
         vae=comp.vae, text_encoder=comp.text_encoder, tokenizer=comp.tokenizer, unet=comp.unet,
-        scheduler=DDIMScheduler.from_config(comp.scheduler.config, clip_sample=False, steps_offset=1),
-        safety_checker=None,
+        scheduler=scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     stock.set_progress_bar_config(disable=True)
     config = FairyConfig(prompt="a bronze statue", anchors=0, chunk_size=1, steps=5, strength=0.6,
-                         guidance=3.0, seed=seed, size=64)
+                         guidance=3.0, seed=seed, size=64, sampler="auto" if sampler == "ddim" else sampler)
     with FairyPipeline(comp, config) as pipe:
-        assert pipe.config.sampler == "ddim" and pipe.num_branches == 2 and pipe.num_steps == 3
+        assert pipe.config.sampler == sampler and pipe.num_branches == 2 and pipe.num_steps == 3
         for i, frame in enumerate(frames):
             pixels = F.frames_to_tensor(frame)
             z0 = comp.encode_image(pixels)  # img2img takes 4-channel input as latents
@@ -290,6 +294,8 @@ def test_frames_in_memory_do_not_grow_with_length(tiny, tmp_path):
     (dict(instruction="a", strength=0.5), "--strength is for SDEdit"),
     (dict(prompt="a", strength=1.5), "--strength"),
     (dict(instruction="a", sampler="lcm"), "--sampler lcm"),
+    (dict(instruction="a", sampler="euler"), "--sampler must be one of auto, euler-a, ddim, lcm"),
+    (dict(prompt="a", sampler="euler-a", steps=1, strength=0.5), "runs no denoising step"),
     (dict(prompt="a", sampler="ddim", steps=1, strength=0.5), "runs no denoising step"),
     (dict(prompt="a", sampler="lcm", steps=40, strength=0.5), "too many"),
     (dict(instruction="a", guidance=-1.0), "--guidance"),

@@ -28,7 +28,8 @@ from diffstream.pipelines.fairy import EditPlan, FairyConfig, FairyPipeline  # n
 from diffstream.testing import make_frames  # noqa: E402
 
 MODEL = ModelConfig(model="tiny", device="cpu", instruct=True)
-CONFIG = FairyConfig(instruction="Turn into a bronze statue", anchors=3, chunk_size=2, steps=2, size=64, seed=9)
+CONFIG = FairyConfig(instruction="Turn into a bronze statue", anchors=3, chunk_size=2, steps=2, size=64, seed=9,
+                     sampler="euler-a")  # Fairy's ancestral sampler: fresh per-frame noise at every step
 FRAMES = make_frames(14)
 
 
