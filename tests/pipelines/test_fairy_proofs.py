@@ -1,24 +1,24 @@
 """A whole Fairy edit followed step by step, against a hand-built expectation.
 
 The edit (instruction mode, guidance 3.0 > 1 and image guidance 1.7 > 1, so all three
-InstructPix2Pix branches run and the two scales differ, Euler ancestral, 3 steps, K = 3
-anchors, chunks of 2, an odd and an even frame count) is recorded at every UNet call:
+InstructPix2Pix branches run and the two scales differ, Euler ancestral and once DDIM, 3
+steps, K = 3 anchors, chunks of 2, an odd and an even frame count) is recorded at every UNet call:
 which frames its rows are (found from the image-conditioning channels), its timestep, its
 text rows, the image rows, which step the anchor cache is told, and, in every
 self-attention layer, which keys/values each row attends over. That trace is checked
 against the expectation written out by hand (anchors at the centres of K equal parts,
-chunks of the ordinary frames in order, diffusers' Euler-a timesteps), and the output
+chunks of the ordinary frames in order, diffusers' timesteps), and the output
 frames against a reference edit built only from stock parts: diffusers' attention
 processor over hand-assembled token sets (Fairy Fig. 4), InstructPix2Pix eq. 3 written as
-the paper writes it, and diffusers' EulerAncestralDiscreteScheduler drawing each frame's
-noise from its own (seed, frame) generator. Attention is sharpened (self-attention
+the paper writes it, and diffusers' EulerAncestralDiscreteScheduler (or DDIMScheduler)
+drawing each frame's noise from its own (seed, frame) generator. Attention is sharpened (self-attention
 query weights x 4) so that what each token attends to shows in the output.
 """
 
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerAncestralDiscreteScheduler
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from diffstream import frames as F
@@ -93,7 +93,17 @@ class Reference:
         return self.stock(attn, hidden_states, encoder_hidden_states=context)
 
 
-def reference_edit(comp, frames, num_frames):
+def scheduler(comp, sampler):
+    """diffusers' own scheduler for `sampler`, set to STEPS steps (the oracle)."""
+    if sampler == "euler-a":
+        sched = EulerAncestralDiscreteScheduler.from_config(comp.scheduler.config, steps_offset=1)
+    else:
+        sched = DDIMScheduler.from_config(comp.scheduler.config, clip_sample=False, steps_offset=1)
+    sched.set_timesteps(STEPS)
+    return sched
+
+
+def reference_edit(comp, frames, num_frames, sampler):
     """The edit built by hand from stock diffusers parts; returns {frame index: (h, w, 3) uint8}."""
     exp = EXPECTED[num_frames]
     emb = comp.encode_prompt([INSTR, NEG])  # (2, 77, D)
@@ -107,8 +117,7 @@ def reference_edit(comp, frames, num_frames):
         for mode, idx in [("record", exp["anchors"])] + [("attend", c) for c in exp["chunks"]]:
             n = len(idx)
             ctl["mode"] = mode
-            sched = EulerAncestralDiscreteScheduler.from_config(comp.scheduler.config, steps_offset=1)
-            sched.set_timesteps(STEPS)
+            sched = scheduler(comp, sampler)
             gens = [frame_generator(SEED, i) for i in idx]  # one generator per frame, as a list
             pixels = F.frames_to_tensor([F.resize(frames[i], (64, 48)) for i in idx])
             z0 = unscaled_latents(comp, pixels)  # (n, 4, 6, 8)
@@ -126,13 +135,13 @@ def reference_edit(comp, frames, num_frames):
     return out, emb
 
 
-def traced_edit(comp, frames):
+def traced_edit(comp, frames, sampler):
     """Our edit with every UNet call and every anchor-attention call logged."""
     config = FairyConfig(instruction=INSTR, negative_prompt=NEG, anchors=K, chunk_size=CHUNK, steps=STEPS,
-                         guidance=G_TEXT, image_guidance=G_IMAGE, seed=SEED, size=64)
+                         guidance=G_TEXT, image_guidance=G_IMAGE, seed=SEED, size=64, sampler=sampler)
     calls, attn = [], []
     with FairyPipeline(comp, config) as pipe:
-        assert pipe.config.sampler == "euler-a" and pipe.num_branches == 3
+        assert pipe.config.sampler == sampler and pipe.num_branches == 3
 
         def pre_hook(module, args, kwargs):
             sample = args[0] if args else kwargs["sample"]
@@ -152,15 +161,14 @@ def traced_edit(comp, frames):
     return out, calls
 
 
-@pytest.mark.parametrize("num_frames", [7, 8])
-def test_a_whole_edit_step_by_step(sharp, num_frames):
+@pytest.mark.parametrize("num_frames, sampler", [(7, "euler-a"), (8, "euler-a"), (8, "ddim")],
+                         ids=["7-euler-a", "8-euler-a", "8-ddim"])
+def test_a_whole_edit_step_by_step(sharp, num_frames, sampler):
     comp, exp = sharp, EXPECTED[num_frames]
     frames = make_frames(num_frames, seed=num_frames)
-    ours, calls = traced_edit(comp, frames)
-    ref, emb = reference_edit(comp, frames, num_frames)
-
-    oracle = EulerAncestralDiscreteScheduler.from_config(comp.scheduler.config, steps_offset=1)
-    oracle.set_timesteps(STEPS)
+    ours, calls = traced_edit(comp, frames, sampler)
+    ref, emb = reference_edit(comp, frames, num_frames, sampler)
+    oracle = scheduler(comp, sampler)
     pixels = F.frames_to_tensor([F.resize(f, (64, 48)) for f in frames])
     z0 = unscaled_latents(comp, pixels)  # (N, 4, 6, 8): each frame's image conditioning
 
@@ -213,7 +221,7 @@ def test_a_whole_edit_step_by_step(sharp, num_frames):
     diff = np.stack([np.abs(ours[i].astype(int) - ref[i].astype(int)) for i in range(num_frames)])
     assert diff.max() <= 1, diff.max()
     # the property is visible: without anchors (or with DDIM) the frames are far from these
-    with FairyPipeline(comp, FairyConfig(instruction=INSTR, negative_prompt=NEG, anchors=0, steps=STEPS,
+    with FairyPipeline(comp, FairyConfig(instruction=INSTR, negative_prompt=NEG, anchors=0, steps=STEPS, sampler=sampler,
                                          guidance=G_TEXT, image_guidance=G_IMAGE, seed=SEED, size=64)) as pipe:
         independent = list(pipe.edit(frames))
     ordinary = [i for c in exp["chunks"] for i in c]
