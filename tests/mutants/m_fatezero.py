@@ -7,6 +7,7 @@ PROC = "diffstream.attention.fatezero:FateZeroAttnProcessor"
 CALLS = "tests/pipelines/test_fatezero_calls.py::test_every_unet_call_of_an_edit_is_the_papers"
 STYLE2, STYLE3, SWAP2, SWAP3 = (f"{CALLS}[{c}-{f}]" for c in ("style", "swap") for f in (2, 3))
 ALL = (STYLE2, STYLE3, SWAP2, SWAP3)
+MODES = "tests/pipelines/test_fatezero_modes.py::"
 RECOMPUTE = "tests/pipelines/test_fatezero.py::test_recompute_gives_the_same_edit_as_the_store"
 
 MUTANTS = [
@@ -76,4 +77,18 @@ MUTANTS = [
     mutant("fz-eq8-no-reference", "Eq. 8 dropped: self-attention of the edit sees only its own frame", ALL,
            Patch("diffstream.attention.fatezero:spatial_temporal", "torch.cat([grouped, ref], dim=3)",
                  "torch.cat([grouped, grouped], dim=3)")),
+    mutant("fz-auto-never-swaps", "--p2p auto refines even when the prompts have equal token counts",
+           (f"{CALLS}[replace-2]", f"{CALLS}[replace-3]", MODES + "test_word_swap_is_chosen_for_equal_token_counts_and_refused_otherwise"),
+           Patch("diffstream.pipelines.fatezero:build_token_fusion",
+                 'if config.p2p == "replace" or (config.p2p == "auto" and same):', 'if config.p2p == "replace":')),
+    mutant("fz-store-fp16-default", "the store rounds to fp16 whatever the model's dtype",
+           MODES + "test_the_store_keeps_the_layer_inputs_in_its_dtype_and_recompute_agrees[model-expected0]",
+           Patch("diffstream.pipelines.fatezero:resolve_store_dtype",
+                 "dtype = model_dtype if model_dtype in (torch.float16, torch.float32) else torch.float32",
+                 "dtype = torch.float16")),
+    mutant("fz-fingerprint-without-lora-scales", "the saved inversion's fingerprint names the LoRAs but not their scales",
+           MODES + "test_a_saved_inversion_refuses_another_model_fingerprint",
+           Patch("diffstream.pipelines.fatezero:model_fingerprint",
+                 "[[str(path), float(scale)] for path, scale in resolved.loras]",
+                 "[[str(path)] for path, _ in resolved.loras]")),
 ]

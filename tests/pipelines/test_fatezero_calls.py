@@ -32,9 +32,12 @@ SWAN = "a black swan swimming in a river"
 #   swan:  BOS a black swan swimming in a river EOS
 #   style: BOS watercolor painting of a black swan swimming in a river EOS (3 inserted)
 #   duck:  BOS a white duck swimming in a river EOS (2 replaced, same positions)
+# and the Prompt-to-Prompt mode: "auto" picks word swap for equal token counts, where
+# every target token (the swapped ones too) reads the source map at its own position.
 CASES = {
-    "style": ("watercolor painting of a black swan swimming in a river", [0, -1, -1, -1], 3, None),
-    "swap": ("a white duck swimming in a river", [0, 1, -1, -1], 0, ("swan", "duck")),
+    "style": ("watercolor painting of a black swan swimming in a river", [0, -1, -1, -1], 3, None, "auto"),
+    "swap": ("a white duck swimming in a river", [0, 1, -1, -1], 0, ("swan", "duck"), "refine"),
+    "replace": ("a white duck swimming in a river", [0, 1, 2, 3], 0, None, "auto"),
 }
 
 
@@ -108,9 +111,9 @@ def hand_mask(src_calls, columns, grid, tau, rows):
 
 
 def run_edit(tiny, case, frames, tau=TAU):
-    prompt, head, shift, blend = CASES[case]
+    prompt, head, shift, blend, p2p = CASES[case]
     config = FateZeroEditConfig(
-        source_prompt=SWAN, prompt=prompt, guidance=GUIDANCE, negative_prompt="blurry", blend_words=blend,
+        source_prompt=SWAN, prompt=prompt, guidance=GUIDANCE, negative_prompt="blurry", blend_words=blend, p2p=p2p,
         store_dtype="fp32", fatezero=FateZeroConfig(steps=STEPS, cross_replace=CROSS, self_replace=SELF,
                                                    blend_threshold=tau),
     )
@@ -130,7 +133,7 @@ def run_edit(tiny, case, frames, tau=TAU):
 
 
 @pytest.mark.parametrize("frames", [2, 3])
-@pytest.mark.parametrize("case", ["style", "swap"])
+@pytest.mark.parametrize("case", ["style", "swap", "replace"])
 def test_every_unet_call_of_an_edit_is_the_papers(tiny, case, frames):
     rec, first, out, z0, ref, mapper, blend, prompt = run_edit(tiny, case, frames)
     src, tgt, neg = tiny.encode_prompt([SWAN, prompt, "blurry"])

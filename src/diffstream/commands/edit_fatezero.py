@@ -13,7 +13,13 @@ from diffstream.attention.store import parse_size
 from diffstream.commands import common
 from diffstream.errors import ConfigError, OutputError
 from diffstream.pipelines import fatezero
-from diffstream.pipelines.fatezero import FUSION_SOURCES, FateZeroEditConfig, read_inversion_meta
+from diffstream.pipelines.fatezero import (
+    FUSION_SOURCES,
+    P2P_MODES,
+    STORE_DTYPES,
+    FateZeroEditConfig,
+    read_inversion_meta,
+)
 
 DEFAULT_STEPS = 50  # the paper's DDIM steps for inversion and editing
 DEFAULT_GUIDANCE = 7.5  # the paper's CFG scale of the editing pass
@@ -47,6 +53,14 @@ def add_arguments(group) -> None:
                             "(default: 0.8)")
     group.add_argument("--fz-reweight", action="append", type=_reweight, default=[], metavar="WORD=FACTOR",
                        help="scale a target word's cross-attention during fusion, e.g. watercolor=5; repeatable")
+    group.add_argument("--p2p", default="auto", choices=P2P_MODES,
+                       help="cross-attention fusion: replace (word swap: target token j takes source token j's map; "
+                            "prompts of equal token count), refine (shared words aligned, new words keep their own "
+                            "maps) or auto (replace when the token counts are equal, else refine; default)")
+    group.add_argument("--store-dtype", default="model", choices=tuple(STORE_DTYPES),
+                       help="dtype of the stored attention inputs: model (default: the model's, so maps are "
+                            "recomputed exactly), fp16 (half the store of an fp32 model; maps from rounded "
+                            "inputs) or fp32")
     group.add_argument("--reference-frame", default="middle", choices=REFERENCE_FRAMES,
                        help="frame every frame also attends to (Eq. 8; default: middle)")
     # Earlier names of the shared options, kept so old command lines still work.
@@ -101,6 +115,7 @@ def edit_config(args) -> FateZeroEditConfig:
         negative_prompt=args.negative_prompt or "", blend_words=tuple(args.blend_words) if args.blend_words else None,
         reweight=tuple(args.fz_reweight), window=args.fz_window, store_budget=parse_size(args.store_budget),
         fusion_source=args.fusion_source, spill_dir=args.store_dir, fatezero=fz,
+        store_dtype=getattr(args, "store_dtype", "model"), p2p=getattr(args, "p2p", "auto"),
     )
 
 
@@ -172,7 +187,7 @@ def edit_command(args) -> int:
         # validates a saved inversion completely before the output is touched
         edits = fatezero.edit_frames(components, frames, config, save_inversion=args.save_inversion,
                                      load_inversion=args.load_inversion, progress=progress if progress_on else None,
-                                     log=log)
+                                     log=log, model_config=model)
         sink = open_sink(args.output, fps=source.fps, size=size, audio_path=source.audio_path)
         start = time.perf_counter()
         for _, frame in edits:

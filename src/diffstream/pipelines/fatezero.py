@@ -65,7 +65,8 @@ from diffstream.schedule.guidance import cfg
 from diffstream.schedule.timesteps import model_output_to_eps
 
 FUSION_SOURCES = ("store", "recompute")
-STORE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+STORE_DTYPES = {"model": None, "fp16": torch.float16, "fp32": torch.float32}  # None: the model's own dtype
+P2P_MODES = ("auto", "replace", "refine")
 INVERSION_FORMAT = "diffstream-fatezero-inversion"
 INVERSION_VERSION = 1
 DEFAULT_STORE_BUDGET = 4 * 2**30
@@ -89,7 +90,15 @@ class FateZeroEditConfig:
         window: frames per window (the paper edits 8-frame clips).
         store_budget: bytes of attention store kept in RAM (None: no limit); the rest
             is memory-mapped on disk.
-        store_dtype: "fp16" (default) or "fp32" storage of attention inputs.
+        store_dtype: storage of attention inputs: "model" (default: the model's dtype, so
+            fused maps are recomputed from exactly the inputs the inversion saw), "fp16"
+            (half the bytes of an fp32 model, maps from rounded inputs) or "fp32".
+        p2p: cross-attention fusion of Prompt-to-Prompt: "replace" (word swap,
+            `AttentionReplace`: target token j takes source token j's map, prompts of
+            equal token count), "refine" (`AttentionRefine`: tokens aligned by the
+            longest common subsequence take their source map, new tokens keep their
+            own) or "auto" (replace when both prompts have the same token count, as
+            Prompt-to-Prompt's word swap; refine otherwise).
         fusion_source: "store" (keep the inversion's attention) or "recompute"
             (keep the inversion latents, recompute its attention at each fused step).
         spill_dir: folder for the store's spill file (None: the system temp folder).
@@ -104,7 +113,8 @@ class FateZeroEditConfig:
     reweight: tuple[tuple[str, float], ...] = ()
     window: int = 8
     store_budget: int | None = DEFAULT_STORE_BUDGET
-    store_dtype: str = "fp16"
+    store_dtype: str = "model"
+    p2p: str = "auto"
     fusion_source: str = "store"
     spill_dir: str | None = None
     fatezero: FateZeroConfig = field(default_factory=FateZeroConfig)
@@ -120,7 +130,9 @@ class FateZeroEditConfig:
         if int(self.window) < 1:
             raise ConfigError(f"--fz-window must be at least 1 frame, got {self.window}")
         if self.store_dtype not in STORE_DTYPES:
-            raise ConfigError(f"store dtype must be fp16 or fp32, got {self.store_dtype!r}")
+            raise ConfigError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}, got {self.store_dtype!r}")
+        if self.p2p not in P2P_MODES:
+            raise ConfigError(f"--p2p must be one of {', '.join(P2P_MODES)}, got {self.p2p!r}")
         if self.fusion_source not in FUSION_SOURCES:
             raise ConfigError(f"--fusion-source must be one of {', '.join(FUSION_SOURCES)}, got {self.fusion_source!r}")
         if self.blend_words is not None:
@@ -152,15 +164,34 @@ def _check_words(prompt: str, words: str, option: str, prompt_option: str) -> No
 
 def build_token_fusion(tokenizer, config: FateZeroEditConfig) -> TokenFusion:
     """Token alignment, re-weighting and blend columns of the two prompts."""
-    from diffstream.pipelines.prompt_align import align_prompts, reweighting, word_positions
+    from diffstream.pipelines.prompt_align import align_prompts, prompt_length, reweighting, word_positions
 
-    mapper = align_prompts(tokenizer, config.source_prompt, config.prompt)
+    same = prompt_length(tokenizer, config.source_prompt) == prompt_length(tokenizer, config.prompt)
+    if config.p2p == "replace" and not same:
+        raise ConfigError(f"--p2p replace swaps words token for token: the prompts have "
+                          f"{prompt_length(tokenizer, config.source_prompt)} and {prompt_length(tokenizer, config.prompt)}"
+                          f" tokens; use --p2p refine")
+    if config.p2p == "replace" or (config.p2p == "auto" and same):
+        # Word swap (Hertz et al. Sec. 3.2; the reference's AttentionReplace): every target
+        # position, the swapped word included, takes the source map at the same position.
+        mapper = list(range(tokenizer.model_max_length))
+    else:
+        mapper = align_prompts(tokenizer, config.source_prompt, config.prompt)
     weights = tuple(reweighting(tokenizer, config.prompt, config.reweight)) if config.reweight else ()
     blend = ()
     if config.blend_words is not None:
         blend = tuple(word_positions(tokenizer, config.source_prompt, config.blend_words[0]))
         word_positions(tokenizer, config.prompt, config.blend_words[1])  # must exist too
     return TokenFusion(mapper=tuple(mapper), weights=weights, blend_columns=blend)
+
+
+def resolve_store_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The store's dtype for `--store-dtype name` on a model of `model_dtype` ("model":
+    the model's own when the store can keep it (fp16/fp32), else fp32)."""
+    dtype = STORE_DTYPES[name]
+    if dtype is None:
+        dtype = model_dtype if model_dtype in (torch.float16, torch.float32) else torch.float32
+    return dtype
 
 
 # --- windows -----------------------------------------------------------------------------
@@ -241,7 +272,7 @@ class FateZeroEditor:
         self.fusion = build_token_fusion(tokenizer, config)
         self.mechanism = FateZero(fz, self.layers, self.fusion, self.source_text)
         self.plan: FusionPlan = self.mechanism.plan
-        self.store_dtype = STORE_DTYPES[config.store_dtype]
+        self.store_dtype = resolve_store_dtype(config.store_dtype, components.dtype)
         self._layouts: dict = {}  # (phase, step, branches, ref_rows) -> BatchLayout
 
     def _layout(self, phase: str, step: int, ref_rows, branches: tuple[str, ...] = ("source",)) -> BatchLayout:
@@ -426,13 +457,35 @@ def _frames_digest(frames) -> str:
     return h.hexdigest()
 
 
-def inversion_meta(model: str, config: FateZeroEditConfig, size: tuple[int, int], num_frames: int) -> dict:
-    """What a saved inversion must agree on with the edit that loads it."""
+def model_fingerprint(model_config=None, dtype: torch.dtype | None = None) -> dict:
+    """What of the loaded model changes the attention maps recomputed from a saved
+    inversion's layer inputs: the checkpoint, its LoRAs with their scales, the LCM-LoRA
+    and the dtype. `model_config`: the `config.ModelConfig` the model was loaded from
+    (None: unknown, only the dtype is recorded)."""
+    fingerprint = dict(dtype=str(dtype).replace("torch.", "") if dtype is not None else None)
+    if model_config is not None:
+        resolved = model_config.resolved()
+        lcm = resolved.lcm_lora if resolved.lcm_lora and str(resolved.lcm_lora).lower() != "none" else None
+        fingerprint.update(checkpoint=resolved.model, lcm_lora=lcm,
+                           loras=[[str(path), float(scale)] for path, scale in resolved.loras])
+    return fingerprint
+
+
+# key of the fingerprint -> the option that sets it (for the one-line refusal)
+_FINGERPRINT_OPTIONS = {"checkpoint": "--model", "lcm_lora": "--lcm-lora", "loras": "--lora", "dtype": "--dtype"}
+
+
+def inversion_meta(model: str, config: FateZeroEditConfig, size: tuple[int, int], num_frames: int,
+                   fingerprint: dict | None = None, store_dtype: torch.dtype | None = None) -> dict:
+    """What a saved inversion must agree on with the edit that loads it. `fingerprint`:
+    `model_fingerprint` of the loaded model; `store_dtype`: the resolved store dtype."""
     fz = config.fatezero
+    stored_as = str(store_dtype).replace("torch.", "") if store_dtype is not None else config.store_dtype
     return dict(
         format=INVERSION_FORMAT, version=INVERSION_VERSION, model=model, source_prompt=config.source_prompt,
+        fingerprint=fingerprint or {},
         steps=fz.steps, size=list(size), num_frames=num_frames, window=config.window,
-        reference_frame=fz.reference_frame, fusion_source=config.fusion_source, store_dtype=config.store_dtype,
+        reference_frame=fz.reference_frame, fusion_source=config.fusion_source, store_dtype=stored_as,
         cross_replace=fz.cross_replace, self_replace=fz.self_replace, fuse_min_downsample=fz.fuse_min_downsample,
         blend=config.blend_words[0] if config.blend_words else None, windows_done=0,
     )
@@ -458,6 +511,13 @@ def read_inversion_meta(directory) -> dict:
 
 def check_inversion_meta(meta: dict, expected: dict, directory) -> None:
     """Refuse a saved inversion that the requested edit cannot use (one-line ConfigError)."""
+    saved_print, wanted_print = meta.get("fingerprint", {}), expected.get("fingerprint", {})
+    for key in sorted(set(saved_print) | set(wanted_print)):
+        if saved_print.get(key) != wanted_print.get(key):
+            option = _FINGERPRINT_OPTIONS.get(key, key)
+            raise ConfigError(f"--load-inversion {directory} was made with {key}={saved_print.get(key)!r}, this "
+                              f"model has {wanted_print.get(key)!r} ({option}): the maps would change; use the "
+                              f"same model or re-invert")
     for key, option in (("model", "--model"), ("source_prompt", "--source-prompt"), ("steps", "--steps"),
                         ("size", "--size"), ("num_frames", "--max-frames / input length"),
                         ("window", "--fz-window"), ("reference_frame", "--reference-frame"),
@@ -487,6 +547,7 @@ def edit_frames(
     load_inversion=None,
     progress: Callable | None = None,
     log: Callable[[str], None] | None = None,
+    model_config=None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Edit a clip window by window; the returned iterator yields (frame index, edited
     frame) in clip order.
@@ -504,6 +565,8 @@ def edit_frames(
         load_inversion: folder of a saved inversion of the same frames to edit from.
         progress: called once per UNet step (inversion and editing).
         log: receives one-line notes (the memory plan).
+        model_config: the `config.ModelConfig` the components were loaded from (its
+            checkpoint, LoRAs and LCM-LoRA go into a saved inversion's fingerprint).
     Raises:
         ConfigError / InputError: a saved inversion this edit cannot use.
     """
@@ -512,7 +575,9 @@ def edit_frames(
     vf = components.vae_scale_factor
     editor = FateZeroEditor(components, config, (height // vf, width // vf))
     windows = plan_windows(n, config.window, config.fatezero.reference_frame)
-    expected = inversion_meta(components.name, config, (width, height), n)
+    expected = inversion_meta(components.name, config, (width, height), n,
+                              fingerprint=model_fingerprint(model_config, components.dtype),
+                              store_dtype=editor.store_dtype)
     if load_inversion:
         _check_saved_windows(load_inversion, editor, windows, frames, expected)
     save_dir = Path(save_inversion) if save_inversion else None

@@ -28,6 +28,12 @@ def token_ids(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids)
 
 
+def prompt_length(tokenizer, prompt: str) -> int:
+    """Tokens of `prompt` with BOS and EOS, after truncation to the model length."""
+    ids = token_ids(tokenizer, prompt)
+    return ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
+
+
 def align_tokens(source: list[int], target: list[int]) -> list[int]:
     """Longest-common-subsequence alignment of two token sequences.
 
