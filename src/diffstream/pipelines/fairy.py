@@ -22,8 +22,8 @@ Two editing modes:
   branches run in one UNet batch: (instruction, image), (empty text, image), (empty text,
   no image), combined as in InstructPix2Pix (Brooks et al. 2023, eq. 3) with a text scale
   `guidance` and an image scale `image_guidance`. Sampler: Euler ancestral, 10 steps, as
-  Fairy samples (field notes, /work/shared/notes/field-offline-editing.md; it is also the
-  scheduler the timbrooks/instruct-pix2pix checkpoint ships), written as pure functions
+  Fairy samples (field notes, /work/shared/notes/field-offline-editing.md; the
+  InstructPix2Pix model card samples with it too), written as pure functions
   in `diffstream.schedule.euler_ancestral`. `--sampler ddim` (eta 0) is the alternative:
   an ancestral step injects fresh noise into every frame at every step (each frame its
   own), while with DDIM a frame's only randomness is its initial noise.
@@ -380,8 +380,8 @@ class FairyPipeline:
 
             # The checkpoint's noise schedule and timestep spacing, read as diffusers'
             # EulerAncestralDiscreteScheduler.from_config reads it: a config that does not
-            # set a spacing itself (timbrooks/instruct-pix2pix's; diffusers lists defaults
-            # it filled in under "_use_default_values") gets Euler-a's default "linspace"
+            # set a spacing itself (diffusers lists the defaults it filled in under
+            # "_use_default_values") gets Euler-a's default "linspace"
             # (999 .. 0); steps offset 1 as for DDIM above (used by "leading" only).
             config = comp.scheduler.config
             spacing = config.get("timestep_spacing")
