@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
     model = ModelConfig(model="tiny", device="cpu", instruct=True)
     config = FairyConfig(instruction="Turn into a marble Roman sculpture", anchors=3, chunk_size=4,
-                         steps=args.steps, size=args.size, seed=1)
+                         steps=args.steps, size=args.size, seed=1, sampler="ddim")  # the README numbers are DDIM
     result = {"frames": [short, long_], "steps": args.steps, "size": args.size, "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         clips = {n: os.path.join(tmp, f"in{n}.mp4") for n in (short, long_)}
