@@ -119,3 +119,14 @@ def test_an_unusable_saved_inversion_leaves_an_existing_output_untouched(clip, t
     with pytest.raises(ConfigError, match="num_frames"):
         edit_command(cli_args(clip, keep, "--max-frames", "4", "--load-inversion", str(tmp_path / "inv")))
     assert keep.read_bytes() == b"precious"
+
+
+def test_p2p_and_store_dtype_options_reach_the_typed_config(clip, tmp_path):
+    from diffstream.commands.edit_fatezero import edit_config
+
+    default = edit_config(cli_args(clip, tmp_path / "o.mp4"))
+    assert (default.p2p, default.store_dtype) == ("auto", "model")
+    chosen = edit_config(cli_args(clip, tmp_path / "o.mp4", "--p2p", "refine", "--store-dtype", "fp16"))
+    assert (chosen.p2p, chosen.store_dtype) == ("refine", "fp16")
+    with pytest.raises(SystemExit):  # argparse refuses other values
+        cli_args(clip, tmp_path / "o.mp4", "--p2p", "swap")
