@@ -65,10 +65,11 @@ class Patch:
             mutated = type(original)(mutated)
         if isinstance(original, property) and not isinstance(mutated, property):
             mutated = property(mutated)
-        if hasattr(original, "attrname") and not hasattr(mutated, "attrname"):  # cached_property
+        if hasattr(original, "attrname"):  # cached_property (its decorator may be in the source)
             import functools
 
-            mutated = functools.cached_property(mutated)
+            if not hasattr(mutated, "attrname"):
+                mutated = functools.cached_property(mutated)
             mutated.__set_name__(owner, name)
         bindings = [(owner, name, original)]
         if owner is module:  # functions imported by name elsewhere: patch those bindings too
