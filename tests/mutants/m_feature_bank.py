@@ -83,6 +83,10 @@ MUTANTS = [
     mutant("queue-drops-newest", "the FIFO queue keeps its oldest frame and drops the newest banked one", QUEUE,
            Patch(f"{PROC}._update", "store[slot] = torch.cat([store[slot, length:], new[r]], dim=0)",
                  "store[slot] = torch.cat([store[slot, :length], new[r]], dim=0)")),
+    mutant("dyme-split-layer-order", "an update's DyMe permutations drawn with the layers in reverse call order",
+           "tests/attention/test_feature_bank.py::test_dyme_splits_are_drawn_once_per_update_per_row_seeded_by_slot_and_frame",
+           Patch(f"{STATE}._draw_orders", "for name, bank in self.layers.items():",
+                 "for name, bank in reversed(self.layers.items()):")),
     # --- slots: one bank per (step, branch) ----------------------------------------------------
     mutant("bank-write-row-index", "the update writes row r into slot r instead of its (step, branch) slot",
            [SLOTS, STREAM_SLOTS], Patch(f"{PROC}._update", "for r, slot in enumerate(self.state.rows):",
