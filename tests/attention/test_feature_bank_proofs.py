@@ -365,3 +365,15 @@ def test_stream_banks_every_row_into_its_step_and_branch(tiny, cfg_type):
             assert checked >= 8
     finally:
         handle.remove()
+
+
+def test_a_new_step_count_starts_with_empty_banks(attn):
+    """Banks of another schedule's steps mean nothing: after the step count changes, the
+    first call attends to its own tokens only (plain attention), even at slot 0."""
+    state = FeatureBankState(FeatureBankConfig(fusion=False, interval=1))
+    proc = FeatureBankAttnProcessor(state, "layer", fuse=False)
+    call(proc, state, attn, frame(16, 2), lay=layout((0, 1), ("cond", "cond"), 2))
+    x = frame(17)
+    got = call(proc, state, attn, x, lay=layout((0,), ("cond",), 3), update=False)
+    assert (got - eq1(attn, x, frame(16)))  # slot 0 banked frame(16, 2)[0].abs().max() > 1e-3  # the old bank would change it
+    assert torch.allclose(got, plain(attn, x), atol=1e-6)
