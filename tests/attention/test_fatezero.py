@@ -46,7 +46,9 @@ def hidden(seed, rows=3, tokens=6, channels=64):
 
 
 def make(tiny, layers, text, fusion=None, **config):
-    config = FateZeroConfig(**{"steps": 4, "cross_replace": 1.0, "self_replace": 1.0, **config})
+    # Eq. 8 at every layer: what these proofs write by hand
+    config = FateZeroConfig(**{"steps": 4, "cross_replace": 1.0, "self_replace": 1.0, "frame_attention": "own+reference",
+                               "cross_frame_min_downsample": 1, **config})
     return FateZero(config, layers, fusion, text)
 
 

@@ -7,6 +7,7 @@ PROC = "diffstream.attention.fatezero:FateZeroAttnProcessor"
 CALLS = "tests/pipelines/test_fatezero_calls.py::test_every_unet_call_of_an_edit_is_the_papers"
 STYLE2, STYLE3, SWAP2, SWAP3 = (f"{CALLS}[{c}-{f}]" for c in ("style", "swap") for f in (2, 3))
 ALL = (STYLE2, STYLE3, SWAP2, SWAP3)
+LAYOUTS = "tests/attention/test_fatezero_layouts.py::"
 MODES = "tests/pipelines/test_fatezero_modes.py::"
 RECOMPUTE = "tests/pipelines/test_fatezero.py::test_recompute_gives_the_same_edit_as_the_store"
 
@@ -68,15 +69,15 @@ MUTANTS = [
                  "int(self.steps * float(fraction) + 1e-9) + 1")),
     mutant("fz-source-maps-first-reference", "source self-attention maps rebuilt with frame 0 as Eq. 8's reference",
            (STYLE3, SWAP3),
-           Patch(f"{PROC}._fused", 'single = CallLayout("plain", call.step, r, 1, call.ref_rows)',
-                 'single = CallLayout("plain", call.step, r, 1, call.ref_rows * 0)')),
+           Patch(f"{PROC}._fused", 'sources=call.sources)', 'sources=call.sources * 0)')),
     mutant("fz-middle-rounds-up", "the middle reference frame n // 2 instead of the reference's (n - 1) // 2",
            ["tests/pipelines/test_fatezero_calls.py::test_middle_reference_of_even_and_odd_clips"],
            Patch("diffstream.pipelines.fatezero:reference_index", "return (num_frames - 1) // 2",
                  "return num_frames // 2")),
     mutant("fz-eq8-no-reference", "Eq. 8 dropped: self-attention of the edit sees only its own frame", ALL,
-           Patch("diffstream.attention.fatezero:spatial_temporal", "torch.cat([grouped, ref], dim=3)",
-                 "torch.cat([grouped, grouped], dim=3)")),
+           Patch("diffstream.attention.fatezero:spatial_temporal",
+                 "[grouped.index_select(1, rows) for rows in call.sources.to(tensor.device)]",
+                 "[grouped for rows in call.sources]")),
     mutant("fz-auto-never-swaps", "--p2p auto refines even when the prompts have equal token counts",
            (f"{CALLS}[replace-2]", f"{CALLS}[replace-3]", MODES + "test_word_swap_is_chosen_for_equal_token_counts_and_refused_otherwise"),
            Patch("diffstream.pipelines.fatezero:build_token_fusion",
@@ -91,4 +92,19 @@ MUTANTS = [
            Patch("diffstream.pipelines.fatezero:model_fingerprint",
                  "[[str(path), float(scale)] for path, scale in resolved.loras]",
                  "[[str(path)] for path, _ in resolved.loras]")),
+    mutant("fz-reference-layout-keeps-own", "--frame-attention reference still attends to the frame's own tokens",
+           LAYOUTS + "test_each_layout_attends_to_the_frames_it_names[reference-refs1-sources1]",
+           Patch("diffstream.attention.fatezero:CallLayout.of", "sources = ref_rows[None]  # (1, rows)",
+                 "sources = None  # (1, rows)")),
+    mutant("fz-previous-first-uses-own", "previous+first attends to the previous and its own frame, not the first",
+           LAYOUTS + "test_each_layout_attends_to_the_frames_it_names[previous+first-refs2-sources2]",
+           Patch("diffstream.attention.fatezero:CallLayout.of", "torch.stack([ref_rows, torch.zeros_like(ref_rows)])",
+                 "torch.stack([ref_rows, torch.arange(len(ref_rows), device=device)])")),
+    mutant("fz-cross-frame-bound-flipped", "the finer layers attend across frames and the coarser within their frame",
+           LAYOUTS + "test_layers_finer_than_the_cross_frame_bound_attend_within_their_frame",
+           Patch(f"{PROC}.__init__", "layer.downsample >= state.config.cross_frame_min_downsample",
+                 "layer.downsample <= state.config.cross_frame_min_downsample")),
+    mutant("fz-windows-without-first-frame", "previous+first windows after the first do not carry clip frame 0",
+           LAYOUTS + "test_previous_and_first_windows_carry_frame_zero_in_row_zero",
+           Patch("diffstream.pipelines.fatezero:plan_windows", "if first and start > 0:", "if False:")),
 ]

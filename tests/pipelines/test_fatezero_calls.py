@@ -115,7 +115,7 @@ def run_edit(tiny, case, frames, tau=TAU):
     config = FateZeroEditConfig(
         source_prompt=SWAN, prompt=prompt, guidance=GUIDANCE, negative_prompt="blurry", blend_words=blend, p2p=p2p,
         store_dtype="fp32", fatezero=FateZeroConfig(steps=STEPS, cross_replace=CROSS, self_replace=SELF,
-                                                   blend_threshold=tau),
+                                                   blend_threshold=tau, frame_attention="own+reference"),
     )
     ed = FateZeroEditor(tiny, config, LATENT)
     ref = (frames - 1) // 2  # the middle frame, round(n/2) of 1..n

@@ -55,6 +55,13 @@ from diffstream.attention.fatezero_plan import BLEND_KEY, AttnLayer, FusionPlan,
 from diffstream.errors import ConfigError
 
 REFERENCE_FRAMES = ("middle", "first", "previous")
+# Which frames' tokens a self-attention row attends to (keys and values):
+# "own+reference": the paper's Eq. 8, [z^i; z^w];
+# "reference": z^w only, no own tokens: the reference code's configs
+#     (SparseCausalAttention_index ['mid'] with the middle frame);
+# "previous+first": [z^{i-1}; z^0] (frame 0: itself twice): the reference code's default
+#     SparseCausalAttention_index [-1, 'first'], with --reference-frame previous.
+FRAME_ATTENTION = ("own+reference", "reference", "previous+first")
 # Store key (kind, name) of the per-step blend map (the reduced blend-word columns).
 # Kinds of store entries that hold attention data (the rest are latents).
 ATTENTION_KINDS = ("self", "cross", "blend")
@@ -77,6 +84,13 @@ class FateZeroConfig:
             of the blend words.
         reference_frame: Eq. 8's z^w: "middle" (round(n/2), the paper), "first" or
             "previous" (frame i-1; frame 0 uses itself).
+        frame_attention: the frames each self-attention row attends to (`FRAME_ATTENTION`).
+        cross_frame_min_downsample: self-attention layers whose token grid is at least
+            this many times coarser than the latent attend across frames; finer ones
+            attend within their own frame. 1: every layer (the paper); 2: plain per-frame
+            attention at SD 1.5's 64x64 layers at 512 px, which is the reference's
+            least_sc_channel 640 (its style configs: only layers of >= 640 channels are
+            sparse-causal); 4 is its least_sc_channel 1280 (the Swarovski swan config).
         fuse_min_downsample: store and fuse only the attention layers whose token grid
             is at least this many times smaller per side than the latent. 2 is the
             reference implementation's rule (maps with <= 32x32 queries at 512 px: the
@@ -89,6 +103,10 @@ class FateZeroConfig:
     blend_threshold: float = 0.3
     reference_frame: str = "middle"
     fuse_min_downsample: int = 2
+    # Defaults: the reference's style configs (config/style/*.yaml: SparseCausalAttention_index
+    # ['mid'], least_sc_channel 640), which it also uses for attribute edits.
+    frame_attention: str = "reference"
+    cross_frame_min_downsample: int = 2
 
     def __post_init__(self):
         if not 1 <= int(self.steps) <= 1000:
@@ -102,6 +120,14 @@ class FateZeroConfig:
             raise ConfigError(
                 f"--reference-frame must be one of {', '.join(REFERENCE_FRAMES)}, got {self.reference_frame!r}"
             )
+        if self.frame_attention not in FRAME_ATTENTION:
+            raise ConfigError(f"--frame-attention must be one of {', '.join(FRAME_ATTENTION)}, "
+                              f"got {self.frame_attention!r}")
+        if self.frame_attention == "previous+first" and self.reference_frame != "previous":
+            raise ConfigError("--frame-attention previous+first attends to the previous frame: "
+                              "use it with --reference-frame previous")
+        if int(self.cross_frame_min_downsample) < 1:
+            raise ConfigError(f"--cross-frame-min-downsample must be >= 1, got {self.cross_frame_min_downsample}")
         if int(self.fuse_min_downsample) < 1:
             raise ConfigError(f"--fz-fuse-min-downsample must be >= 1, got {self.fuse_min_downsample}")
 
@@ -210,6 +236,8 @@ class CallLayout:
         ref_rows: (rows,) long, Eq. 8 reference row of each row within its group, on the
             UNet's device (copied there once per layout, not per attention call).
         fused_group: the group whose maps are fused (the conditional one), or None.
+        sources: (S, rows) long: the rows whose keys/values row i attends to, in order
+            (`FRAME_ATTENTION`; None: [own; ref_rows], Eq. 8).
     """
 
     phase: str
@@ -218,9 +246,15 @@ class CallLayout:
     groups: int
     ref_rows: torch.Tensor
     fused_group: int | None = None
+    sources: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.sources is None:
+            own = torch.arange(self.rows, device=self.ref_rows.device)
+            self.sources = torch.stack([own, self.ref_rows])  # (2, rows): Eq. 8
 
     @staticmethod
-    def of(layout: BatchLayout, device=None) -> "CallLayout":
+    def of(layout: BatchLayout, device=None, frame_attention: str = "own+reference") -> "CallLayout":
         """The processors' view of a FateZero phase of `BatchLayout` ("plain", "store",
         "fuse"); a "fuse" call without `fused_group` fuses the last group. `device`: where
         the UNet runs (None: the CPU)."""
@@ -231,7 +265,14 @@ class CallLayout:
         if layout.phase == "fuse":
             fused_group = groups - 1 if layout.fused_group is None else layout.fused_group
         ref_rows = torch.as_tensor(layout.refs, dtype=torch.long, device=device)  # (rows,)
-        return CallLayout(layout.phase, layout.step, len(layout.refs), groups, ref_rows, fused_group)
+        if frame_attention == "reference":
+            sources = ref_rows[None]  # (1, rows)
+        elif frame_attention == "previous+first":
+            # ref_rows are the previous frames; row 0 of every window is clip frame 0
+            sources = torch.stack([ref_rows, torch.zeros_like(ref_rows)])  # (2, rows)
+        else:
+            sources = None  # Eq. 8
+        return CallLayout(layout.phase, layout.step, len(layout.refs), groups, ref_rows, fused_group, sources)
 
 
 @dataclass
@@ -298,17 +339,19 @@ class FateZeroState:
 
 
 def spatial_temporal(tensor: torch.Tensor, call: CallLayout) -> torch.Tensor:
-    """Eq. 8: append each row's reference-frame tokens to its own.
+    """Eq. 8 (or another `FRAME_ATTENTION` layout): each row's keys/values are the tokens
+    of the rows `call.sources` names, concatenated ([own; reference] for Eq. 8).
 
     Args:
         tensor: (groups*R, heads, L, d) keys or values.
     Returns:
-        (groups*R, heads, 2L, d): [own; reference] per row.
+        (groups*R, heads, S*L, d).
     """
     b, heads, length, d = tensor.shape
     grouped = tensor.view(call.groups, call.rows, heads, length, d)  # (G, R, heads, L, d)
-    ref = grouped.index_select(1, call.ref_rows.to(tensor.device))  # no copy: ref_rows lives on the UNet's device
-    return torch.cat([grouped, ref], dim=3).view(b, heads, 2 * length, d)
+    # no copy: sources live on the UNet's device
+    parts = [grouped.index_select(1, rows) for rows in call.sources.to(tensor.device)]
+    return torch.cat(parts, dim=3).view(b, heads, len(parts) * length, d)
 
 
 class FateZeroAttnProcessor(SDPAAttnProcessor):
@@ -321,6 +364,8 @@ class FateZeroAttnProcessor(SDPAAttnProcessor):
         fused = state.plan.self_layers if self.is_self else state.plan.cross_layers
         self.fused_layer = layer.name in fused
         self.is_mask_layer = layer.name in state.plan.mask_layers
+        # finer layers attend within their frame (the reference's least_sc_channel)
+        self.cross_frame = self.is_self and layer.downsample >= state.config.cross_frame_min_downsample
 
     def _collect_blend_map(self, inputs) -> None:
         """Source cross-attention of the blend words at this mask layer (Eq. 6's input);
@@ -349,8 +394,8 @@ class FateZeroAttnProcessor(SDPAAttnProcessor):
             if self.is_mask_layer and BLEND_KEY in wanted:
                 self._collect_blend_map(inputs)
         key, value = inputs.key, inputs.value
-        if self.is_self:
-            key, value = spatial_temporal(key, call), spatial_temporal(value, call)  # (B, heads, 2L, d)
+        if self.cross_frame:
+            key, value = spatial_temporal(key, call), spatial_temporal(value, call)  # (B, heads, S*L, d)
         steps = state.plan.self_steps if self.is_self else state.plan.cross_steps
         if call.phase == "fuse" and call.fused_group is not None and self.fused_layer and call.step in steps:
             out = self._fused(attn, inputs, key, value, key_id)
@@ -371,8 +416,8 @@ class FateZeroAttnProcessor(SDPAAttnProcessor):
         if self.is_self:
             src = attention_inputs(attn, src_hidden)
             src_q = src.query
-            single = CallLayout("plain", call.step, r, 1, call.ref_rows)
-            src_k = spatial_temporal(src.key, single)  # (R, heads, 2L, d)
+            single = CallLayout("plain", call.step, r, 1, call.ref_rows, sources=call.sources)
+            src_k = spatial_temporal(src.key, single) if self.cross_frame else src.key  # (R, heads, S*L, d)
             mask = state.mask(self.layer.grid)  # (R, L) or None
         else:
             text = state.source_text.to(device=device, dtype=dtype).expand(r, -1, -1)
@@ -474,7 +519,8 @@ class FateZero(Mechanism):
         "fuse" (an editing step: fuse `fused_group`, default the last, conditional one)."""
         call = self._calls.get((layout, self._device))
         if call is None:
-            call = self._calls[(layout, self._device)] = CallLayout.of(layout, self._device)
+            call = self._calls[(layout, self._device)] = CallLayout.of(layout, self._device,
+                                                                       self.state.config.frame_attention)
         state = self.state
         if call.phase == "store":
             if state.sink is None:

@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from diffstream.attention.fatezero import REFERENCE_FRAMES, FateZeroConfig
+from diffstream.attention.fatezero import FRAME_ATTENTION, REFERENCE_FRAMES, FateZeroConfig
 from diffstream.attention.store import parse_size
 from diffstream.commands import common
 from diffstream.errors import ConfigError, OutputError
@@ -61,6 +61,15 @@ def add_arguments(group) -> None:
                        help="dtype of the stored attention inputs: model (default: the model's, so maps are "
                             "recomputed exactly), fp16 (half the store of an fp32 model; maps from rounded "
                             "inputs) or fp32")
+    group.add_argument("--frame-attention", default="reference", choices=FRAME_ATTENTION,
+                       help="what each frame's self-attention sees: own+reference (the paper's Eq. 8), "
+                            "reference (the reference frame only: the reference code's style/attribute configs, "
+                            "with --reference-frame middle; default), previous+first (the reference code's default; needs "
+                            "--reference-frame previous)")
+    group.add_argument("--cross-frame-min-downsample", type=int, default=2,
+                       help="only self-attention layers at least this many times coarser than the latent attend "
+                            "across frames (default 2: the reference's style configs, plain per-frame "
+                            "attention at SD 1.5's 64x64 layers; 1: every layer, the paper)")
     group.add_argument("--reference-frame", default="middle", choices=REFERENCE_FRAMES,
                        help="frame every frame also attends to (Eq. 8; default: middle)")
     # Earlier names of the shared options, kept so old command lines still work.
@@ -108,6 +117,8 @@ def edit_config(args) -> FateZeroEditConfig:
         steps=steps, cross_replace=args.cross_replace, self_replace=args.self_replace,
         blend_threshold=args.blend_threshold, reference_frame=args.reference_frame,
         fuse_min_downsample=args.fz_fuse_min_downsample,
+        frame_attention=getattr(args, "frame_attention", "reference"),
+        cross_frame_min_downsample=getattr(args, "cross_frame_min_downsample", 2),
     )
     return FateZeroEditConfig(
         source_prompt=source_prompt or "", prompt=getattr(args, "prompt", "") or "",
@@ -171,7 +182,8 @@ def edit_command(args) -> int:
         for frame in source:
             buffer.append(resize(frame, size))
         frames = buffer.array()
-        windows = fatezero.plan_windows(len(frames), config.window, config.fatezero.reference_frame)
+        windows = fatezero.plan_windows(len(frames), config.window, config.fatezero.reference_frame,
+                                        first=config.fatezero.frame_attention == "previous+first")
         per_window = config.fatezero.steps * (1 if args.load_inversion else 2)
         bars = []
 

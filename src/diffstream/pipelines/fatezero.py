@@ -227,8 +227,10 @@ def reference_index(num_frames: int, reference: str) -> int | None:
     return None
 
 
-def plan_windows(num_frames: int, window: int, reference: str) -> list[Window]:
-    """Split a clip into windows that share the reference frame (see the module doc)."""
+def plan_windows(num_frames: int, window: int, reference: str, first: bool = False) -> list[Window]:
+    """Split a clip into windows that share the reference frame (see the module doc).
+    `first` (frame attention "previous+first", reference "previous"): every window's row
+    0 is clip frame 0, the second frame each row attends to."""
     if num_frames < 1:
         raise ValueError("a clip needs at least one frame")
     ref = reference_index(num_frames, reference)
@@ -241,7 +243,10 @@ def plan_windows(num_frames: int, window: int, reference: str) -> list[Window]:
             out = list(range(len(own)))
         else:  # previous frame; a window after the first starts with one context frame
             rows = ([start - 1] if start > 0 else []) + own
-            refs = [max(i - 1, 0) for i in range(len(rows))]
+            if first and start > 0:
+                rows = [0] + [r for r in rows if r != 0]
+            # the previous frame's row; frame 0 and the context frame attend to themselves
+            refs = [rows.index(f - 1) if i > 0 and f - 1 in rows else i for i, f in enumerate(rows)]
             out = list(range(len(rows) - len(own), len(rows)))
         windows.append(Window(index, tuple(rows), tuple(refs), tuple(out)))
     return windows
@@ -485,7 +490,8 @@ def inversion_meta(model: str, config: FateZeroEditConfig, size: tuple[int, int]
         format=INVERSION_FORMAT, version=INVERSION_VERSION, model=model, source_prompt=config.source_prompt,
         fingerprint=fingerprint or {},
         steps=fz.steps, size=list(size), num_frames=num_frames, window=config.window,
-        reference_frame=fz.reference_frame, fusion_source=config.fusion_source, store_dtype=stored_as,
+        reference_frame=fz.reference_frame, frame_attention=fz.frame_attention,
+        cross_frame_min_downsample=fz.cross_frame_min_downsample, fusion_source=config.fusion_source, store_dtype=stored_as,
         cross_replace=fz.cross_replace, self_replace=fz.self_replace, fuse_min_downsample=fz.fuse_min_downsample,
         blend=config.blend_words[0] if config.blend_words else None, windows_done=0,
     )
@@ -521,6 +527,8 @@ def check_inversion_meta(meta: dict, expected: dict, directory) -> None:
     for key, option in (("model", "--model"), ("source_prompt", "--source-prompt"), ("steps", "--steps"),
                         ("size", "--size"), ("num_frames", "--max-frames / input length"),
                         ("window", "--fz-window"), ("reference_frame", "--reference-frame"),
+                        ("frame_attention", "--frame-attention"),
+                        ("cross_frame_min_downsample", "--cross-frame-min-downsample"),
                         ("fusion_source", "--fusion-source"), ("store_dtype", "store dtype")):
         if meta.get(key) != expected[key]:
             raise ConfigError(f"--load-inversion {directory} was made with {key}={meta.get(key)!r}, "
@@ -574,7 +582,8 @@ def edit_frames(
     height, width = frames[0].shape[:2]
     vf = components.vae_scale_factor
     editor = FateZeroEditor(components, config, (height // vf, width // vf))
-    windows = plan_windows(n, config.window, config.fatezero.reference_frame)
+    windows = plan_windows(n, config.window, config.fatezero.reference_frame,
+                           first=config.fatezero.frame_attention == "previous+first")
     expected = inversion_meta(components.name, config, (width, height), n,
                               fingerprint=model_fingerprint(model_config, components.dtype),
                               store_dtype=editor.store_dtype)
