@@ -375,5 +375,5 @@ def test_a_new_step_count_starts_with_empty_banks(attn):
     call(proc, state, attn, frame(16, 2), lay=layout((0, 1), ("cond", "cond"), 2))
     x = frame(17)
     got = call(proc, state, attn, x, lay=layout((0,), ("cond",), 3), update=False)
-    assert (got - eq1(attn, x, frame(16)))  # slot 0 banked frame(16, 2)[0].abs().max() > 1e-3  # the old bank would change it
+    assert (got - eq1(attn, x, frame(16))).abs().max() > 1e-3  # slot 0's old bank (frame(16, 2)[0]) would change it
     assert torch.allclose(got, plain(attn, x), atol=1e-6)
