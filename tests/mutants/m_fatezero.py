@@ -107,4 +107,9 @@ MUTANTS = [
     mutant("fz-windows-without-first-frame", "previous+first windows after the first do not carry clip frame 0",
            LAYOUTS + "test_previous_and_first_windows_carry_frame_zero_in_row_zero",
            Patch("diffstream.pipelines.fatezero:plan_windows", "if first and start > 0:", "if False:")),
+    mutant("fz-word-schedule-ignored", "a word with its own shorter schedule is still fused for the whole window",
+           "tests/attention/test_fatezero_words.py::test_a_word_past_its_schedule_keeps_its_own_map",
+           Patch("diffstream.attention.fatezero:FateZeroState.tokens",
+                 "(torch.tensor(self.fusion.word_steps, device=device) > step)",
+                 "(torch.tensor(self.fusion.word_steps, device=device) > 0)")),
 ]

@@ -156,11 +156,15 @@ class TokenFusion:
         weights: per target position, the re-weighting factor (empty: all ones).
         blend_columns: source token positions of the blend words (empty: no blending,
             self-attention maps are replaced outright).
+        word_steps: per target position, how many editing steps (from the noisiest) its
+            cross-attention map is fused: Prompt-to-Prompt's per-word
+            `cross_replace_steps` (empty: every token for `FateZeroConfig.cross_steps`).
     """
 
     mapper: tuple[int, ...]
     weights: tuple[float, ...] = ()
     blend_columns: tuple[int, ...] = ()
+    word_steps: tuple[int, ...] = ()
 
     @staticmethod
     def identity(length: int = 77) -> "TokenFusion":
@@ -318,14 +322,18 @@ class FateZeroState:
         self._blend_maps = []
         self._token_tensors = {}
 
-    def tokens(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(mapper clamped >= 0, alphas, weights or None) as tensors on `device`. Each (T,)."""
-        cached = self._token_tensors.get(device)
+    def tokens(self, device, step: int = 0):
+        """(mapper clamped >= 0, alphas, weights or None, per-word step alphas or None) as
+        tensors on `device`, each (T,), at editing step `step` (cached per step)."""
+        cached = self._token_tensors.get((device, step))
         if cached is None:
             mapper = torch.tensor(self.fusion.mapper, device=device)
             alphas = (mapper >= 0).float()
             weights = torch.tensor(self.fusion.weights, device=device) if self.fusion.weights else None
-            cached = self._token_tensors[device] = (mapper.clamp_min(0), alphas, weights)
+            words = None
+            if self.fusion.word_steps:  # 1 while the word's own schedule still fuses it
+                words = (torch.tensor(self.fusion.word_steps, device=device) > step).float()
+            cached = self._token_tensors[(device, step)] = (mapper.clamp_min(0), alphas, weights, words)
         return cached
 
     def mask(self, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -423,7 +431,7 @@ class FateZeroAttnProcessor(SDPAAttnProcessor):
             text = state.source_text.to(device=device, dtype=dtype).expand(r, -1, -1)
             src = attention_inputs(attn, src_hidden, text)
             src_q, src_k = src.query, src.key  # (R, heads, L, d), (R, heads, T, d)
-            mapper, alphas, weights = state.tokens(device)
+            mapper, alphas, weights, words = state.tokens(device, call.step)
 
         q_e, k_e, v_e = query[rows], key[rows], value[rows]
         heads, length, kv = q_e.shape[1], q_e.shape[2], k_e.shape[2]
@@ -443,6 +451,8 @@ class FateZeroAttnProcessor(SDPAAttnProcessor):
                 fused = source.index_select(-1, mapper) * alphas + edit * (1 - alphas)
                 if weights is not None:
                     fused = fused * weights
+                if words is not None:  # P2P's alpha_words: past its schedule a word keeps its own map
+                    fused = fused * words + edit * (1 - words)
             out = fused @ v_e[c].float()  # (c, heads, L, d)
             pieces.append(out.transpose(1, 2).reshape(out.shape[0], length, -1).to(dtype))
         fused_out = torch.cat(pieces, dim=0)  # (R, L, heads*d)
@@ -483,7 +493,8 @@ class FateZero(Mechanism):
     def __init__(self, config: FateZeroConfig, layers, fusion: TokenFusion | None = None, source_text=None):
         fusion = fusion or TokenFusion.identity(next(l.kv_tokens for l in layers if l.kind == "cross"))
         self.layers = {l.name: l for l in layers}
-        self.plan = FusionPlan.build(layers, config, blend=bool(fusion.blend_columns))
+        cross_steps = range(max(fusion.word_steps)) if fusion.word_steps else None
+        self.plan = FusionPlan.build(layers, config, blend=bool(fusion.blend_columns), cross_steps=cross_steps)
         self.state = FateZeroState(config=config, plan=self.plan, fusion=fusion, source_text=source_text)
         self._device = None  # the attached UNet's device (where blend maps are loaded)
         self._calls: dict = {}  # (BatchLayout, device) -> CallLayout, built once per layout

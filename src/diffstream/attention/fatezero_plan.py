@@ -118,9 +118,11 @@ class FusionPlan:
     num_steps: int
 
     @staticmethod
-    def build(layers, config, blend: bool) -> "FusionPlan":
+    def build(layers, config, blend: bool, cross_steps=None) -> "FusionPlan":
         """The plan of `config` (an `attention.fatezero.FateZeroConfig`, not imported here
-        because that module imports this one) on `layers` (from `probe_layers`)."""
+        because that module imports this one) on `layers` (from `probe_layers`).
+        `cross_steps`: steps with any cross-attention fusion when per-word schedules
+        differ from the config's (None: `config.cross_steps`)."""
         layers = tuple(layers)
         fused = [l for l in layers if l.downsample >= config.fuse_min_downsample]
         outer = [l for l in layers if l.kind == "cross" and l.block != "mid_block"]
@@ -133,7 +135,7 @@ class FusionPlan:
             cross_layers=tuple(l.name for l in fused if l.kind == "cross"),
             mask_layers=tuple(l.name for l in outer if l.downsample == coarsest),
             self_steps=tuple(config.self_steps),
-            cross_steps=tuple(config.cross_steps),
+            cross_steps=tuple(config.cross_steps if cross_steps is None else cross_steps),
             blend=bool(blend),
             num_steps=int(config.steps),
         )

@@ -53,6 +53,10 @@ def add_arguments(group) -> None:
                             "(default: 0.8)")
     group.add_argument("--fz-reweight", action="append", type=_reweight, default=[], metavar="WORD=FACTOR",
                        help="scale a target word's cross-attention during fusion, e.g. watercolor=5; repeatable")
+    group.add_argument("--cross-replace-word", action="append", type=_reweight, default=[],
+                       metavar="WORD=FRACTION",
+                       help="Prompt-to-Prompt per-word schedule: fuse this target word's cross-attention for this "
+                            "fraction of the steps instead of --cross-replace's, e.g. duck=0.4; repeatable")
     group.add_argument("--p2p", default="auto", choices=P2P_MODES,
                        help="cross-attention fusion: replace (word swap: target token j takes source token j's map; "
                             "prompts of equal token count), refine (shared words aligned, new words keep their own "
@@ -124,7 +128,7 @@ def edit_config(args) -> FateZeroEditConfig:
         source_prompt=source_prompt or "", prompt=getattr(args, "prompt", "") or "",
         guidance=args.guidance if args.guidance is not None else DEFAULT_GUIDANCE,
         negative_prompt=args.negative_prompt or "", blend_words=tuple(args.blend_words) if args.blend_words else None,
-        reweight=tuple(args.fz_reweight), window=args.fz_window, store_budget=parse_size(args.store_budget),
+        reweight=tuple(args.fz_reweight), word_replace=tuple(getattr(args, "cross_replace_word", [])), window=args.fz_window, store_budget=parse_size(args.store_budget),
         fusion_source=args.fusion_source, spill_dir=args.store_dir, fatezero=fz,
         store_dtype=getattr(args, "store_dtype", "model"), p2p=getattr(args, "p2p", "auto"),
     )

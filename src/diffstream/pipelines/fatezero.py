@@ -87,6 +87,9 @@ class FateZeroEditConfig:
             maps are replaced outright (style / attribute edits).
         reweight: (target word, factor) pairs: Prompt-to-Prompt re-weighting of those
             words' cross-attention during fusion.
+        word_replace: (target word, fraction) pairs: Prompt-to-Prompt's per-word
+            cross-attention replacement schedule: that word's maps are fused for the
+            first int(steps * fraction) editing steps instead of `cross_replace`'s.
         window: frames per window (the paper edits 8-frame clips).
         store_budget: bytes of attention store kept in RAM (None: no limit); the rest
             is memory-mapped on disk.
@@ -111,6 +114,7 @@ class FateZeroEditConfig:
     negative_prompt: str = ""
     blend_words: tuple[str, str] | None = None
     reweight: tuple[tuple[str, float], ...] = ()
+    word_replace: tuple[tuple[str, float], ...] = ()
     window: int = 8
     store_budget: int | None = DEFAULT_STORE_BUDGET
     store_dtype: str = "model"
@@ -144,6 +148,10 @@ class FateZeroEditConfig:
             _check_words(self.prompt, word, "--fz-reweight", "--prompt")
             if not float(value) > 0:
                 raise ConfigError(f"--fz-reweight factors must be positive, got {word}={value}")
+        for word, value in self.word_replace:
+            _check_words(self.prompt, word, "--cross-replace-word", "--prompt")
+            if not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(f"--cross-replace-word fractions must be in [0, 1], got {word}={value}")
 
     def replace(self, **changes) -> "FateZeroEditConfig":
         return replace(self, **changes)
@@ -182,7 +190,15 @@ def build_token_fusion(tokenizer, config: FateZeroEditConfig) -> TokenFusion:
     if config.blend_words is not None:
         blend = tuple(word_positions(tokenizer, config.source_prompt, config.blend_words[0]))
         word_positions(tokenizer, config.prompt, config.blend_words[1])  # must exist too
-    return TokenFusion(mapper=tuple(mapper), weights=weights, blend_columns=blend)
+    word_steps = ()
+    if config.word_replace:
+        fz = config.fatezero
+        steps = [len(fz.cross_steps)] * tokenizer.model_max_length
+        for words, fraction in config.word_replace:
+            for pos in word_positions(tokenizer, config.prompt, words):
+                steps[pos] = len(replace(fz, cross_replace=float(fraction)).cross_steps)
+        word_steps = tuple(steps)
+    return TokenFusion(mapper=tuple(mapper), weights=weights, blend_columns=blend, word_steps=word_steps)
 
 
 def resolve_store_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
