@@ -99,8 +99,7 @@ def test_extended_attention_is_eq1_by_hand(attn):
     call(proc, state, attn, a)  # banks A
     got = call(proc, state, attn, b, update=False)
     assert torch.allclose(got, eq1(attn, b, a), atol=1e-5)
-    with torch.no_grad():
-        bank_only = eq1(attn, b, a)  # recomputed below without the frame's own tokens
+    with torch.no_grad():  # attention over the bank alone (no own tokens), to show the difference
         q, k, v = heads(attn.to_q(b)), heads(attn.to_k(a)), heads(attn.to_v(a))
         w = torch.softmax(q @ k.transpose(-1, -2) / (C // HEADS) ** 0.5, dim=-1)
         bank_only = attn.to_out[0]((w @ v).transpose(1, 2).reshape(1, L, C))
