@@ -107,6 +107,9 @@ MUTANTS = [
            Patch(f"{BANK_STATE}.begin_call",
                  "self.update_now = (self.frames - 1 + min(layout.steps)) % self.config.interval == 0",
                  "self.update_now = self.calls % self.config.interval == 0")),
+    mutant("bank-kept-across-step-counts", "a new step count keeps the banks of the old steps (features of "
+           "other noise levels)", "tests/attention/test_feature_bank_proofs.py::test_a_new_step_count_starts_with_empty_banks",
+           Patch(f"{BANK_STATE}.begin_call", "self.layers.clear()", "pass")),
     mutant("dyme-split-one-stream", "DyMe splits drawn from one generator per update, whatever the row's slot and frame",
            "tests/attention/test_feature_bank.py::test_dyme_splits_are_drawn_once_per_update_per_row_seeded_by_slot_and_frame",
            Patch(f"{BANK_STATE}.split_generator", "% (2**63)", "* 0 % (2**63)")),
