@@ -6,7 +6,9 @@ Qi et al., "FateZero: Fusing Attentions for Zero-shot Text-based Video Editing"
 - Spatial-temporal self-attention (Eq. 8): frame i attends to its own tokens and to a
   reference frame's, K = W^K [z^i; z^w], V = W^V [z^i; z^w], with the pretrained
   weights unchanged. z^w is the middle frame (the paper), the first, or the previous.
-  This is the model's attention in every call (inversion, editing, recomputation).
+  The reference code's layouts are options too (`FRAME_ATTENTION`, default: its style
+  configs' middle frame only, per-frame at the finest layers); the chosen layout is the
+  model's attention in every call (inversion, editing, recomputation).
 - Inversion attention fusion (Eqs. 4-5): DDIM inversion under the source prompt keeps,
   per step, what its attention saw; the editing pass under the target prompt then
   replaces its own maps by the inversion's during the fusion interval (Sec. 4.1:
@@ -27,7 +29,7 @@ Storing h instead of the (HW x 2HW) map per head is 2 HW heads / C times smaller
 fusion reads it. The blend mask needs only the blend words' columns of the source
 cross-attention, reduced over heads and layers: that one (frames x h x w) map per step
 is what is stored for it. Only layers and steps that the fusion schedule reads are
-stored (`FusionPlan`), in the store's dtype (fp16), in a store that spills to disk
+stored (`FusionPlan`), in the store's dtype (the model's by default), in a store that spills to disk
 (`diffstream.attention.store`). Every layer and step that is not fused runs the fast
 SDPA path; explicit maps exist only for the fused rows, a few frames at a time.
 """

@@ -24,8 +24,8 @@ starts with the previous window's last frame as context, whose own reference is
 itself, so consistency across a window boundary is carried by one overlapping frame
 and is approximate.
 
-Memory. Only what the fusion schedule reads is stored (see `FusionPlan`): fp16
-attention inputs (not maps) of the fused layers at the fused steps, and one reduced
+Memory. Only what the fusion schedule reads is stored (see `FusionPlan`): attention
+inputs (in the model's dtype by default) (not maps) of the fused layers at the fused steps, and one reduced
 blend map per step when blending, in an `AttentionStore` that keeps `store_budget`
 bytes in RAM and spills the rest to a memory-mapped file. `fusion_source="recompute"` stores
 no attention at all: at each fused step it re-runs the UNet on the stored inversion
