@@ -86,6 +86,13 @@ def slot_features(cfg: str, seed: int = 1) -> dict:
     return feats
 
 
+def warmup_layouts(cfg: str):
+    """The warmup calls: every step of the W frames, one clip per branch (uncond first)."""
+    for k in range(STEPS):
+        u = W if k in uncond_steps(cfg) else 0
+        yield BatchLayout((k,) * (u + W), ("uncond",) * u + ("cond",) * W, STEPS, "warmup")
+
+
 def stream_calls(cfg: str):
     """The stream engine's UNet calls after the warmup, as (rows, layout): rows are
     (step, branch, frame), unconditional rows first, each branch newest frame first
@@ -111,10 +118,8 @@ def drive(attn, feats: dict, cfg: str, state: CausalTemporalState | None = None)
     proc = CausalTemporalAttnProcessor(state, "layer", PE)
     out = {}
     with torch.no_grad():
-        for k in range(STEPS):  # warmup: every step of the W frames, one clip per branch
-            branches = [b for b in ("uncond", "cond") if (k, b) in feats]
-            layout = BatchLayout((k,) * (W * len(branches)), tuple(b for b in branches for _ in range(W)), STEPS,
-                                 "warmup")
+        for k, layout in enumerate(warmup_layouts(cfg)):
+            branches = list(dict.fromkeys(layout.branches))  # ["uncond", "cond"] or ["cond"]
             state.begin_call(layout)
             hidden = torch.cat([feats[(k, b)][:W].transpose(0, 1) for b in branches]) + PE[:W]  # (videos*N, W, C)
             result = proc(attn, hidden).view(len(branches), TOKENS, W, CHANNELS)
@@ -420,3 +425,24 @@ def test_engine_gives_every_row_its_own_frames_depth(video, cfg):
             assert torch.equal(cond[r], latents[frame][0]), (layout, r, b, frame)
             checked += 1
     assert admitted == len(frames) and checked >= DEPTH_STEPS * (len(frames) - DEPTH_W)  # every streamed frame, every step
+
+
+@pytest.mark.parametrize("cfg", ["full", "initialize"])
+def test_driver_replays_the_engines_calls(video, cfg):
+    """The processor-level proofs drive the attention with exactly the UNet calls the
+    stream engine makes for this stream (same layouts, same order), so what they prove
+    holds for the engine."""
+    from diffstream.config import StreamConfig
+    from diffstream.pipelines.stream import StreamPipeline
+    from diffstream.testing import make_frames
+
+    mech = _Recording(CausalTemporalConfig(warmup_frames=W, window=WINDOW))
+    config = StreamConfig(prompt="a fox", negative_prompt="blur", size=64, steps=STEPS, strength=0.9,
+                          guidance=1.5, cfg_type=cfg, method="live2diff", causal=mech.config)
+    with StreamPipeline(video, config, mech) as pipe:
+        for f in make_frames(TOTAL):
+            pipe.push(f)
+        pipe.flush()
+    engine = [layout for layout, _ in mech.calls]
+    replay = list(warmup_layouts(cfg)) + [layout for _, layout in stream_calls(cfg)]
+    assert engine == replay
