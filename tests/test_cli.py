@@ -148,16 +148,16 @@ def _run_and_signal(tmp_path, sig):
     done = threading.Event()
 
     def read():
-        buf = b""
+        chunks = []
         while True:
-            ch = proc.stderr.read(1)
-            if not ch:
+            chunk = proc.stderr.read1(4096)  # whatever is there: no byte-at-a-time lag behind the child
+            if not chunk:
                 break
-            buf += ch
-            m = re.findall(rb"(\d+)/400", buf[-40:])
+            chunks.append(chunk)
+            m = re.findall(rb"(\d+)/400", b"".join(chunks[-2:])[-200:])
             if m and int(m[-1]) >= 5:
                 done.set()
-        seen.append(buf.decode(errors="replace"))
+        seen.append(b"".join(chunks).decode(errors="replace"))
         done.set()
 
     t = threading.Thread(target=read, daemon=True)

@@ -87,6 +87,15 @@ class Patch:
         finally:
             for where, attr, value in bindings:
                 setattr(where, attr, value)
+            # Modules first imported while the mutant was active bound the mutated
+            # function (`from m import f`): put the original back there too, or the
+            # bug would leak into every later test of the session.
+            for other in list(sys.modules.values()):
+                namespace_of = getattr(other, "__dict__", None)
+                if isinstance(namespace_of, dict):
+                    for attr, value in list(namespace_of.items()):
+                        if value is mutated:
+                            setattr(other, attr, original)
 
 
 @dataclass(frozen=True)
