@@ -143,6 +143,9 @@ def _run_and_signal(tmp_path, sig):
         [sys.executable, "-m", "diffstream", "run", src, "-o", str(out), "--model", "tiny", "--size", "64",
          "--prompt", "x"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+        # A parent that ignores SIGINT (Ray, started by earlier tests, does) would pass the
+        # ignore on, and Python then installs no KeyboardInterrupt handler in the child.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     done = threading.Event()

@@ -33,10 +33,12 @@ MUTANTS = [
     mutant("l2d-window-one-too-long", "one recent frame too many kept (recent = window - W instead of window - W - 1)",
            FIG1D_FULL,
            Patch(f"{STATE}.__init__", "self.config = config",
-                 "self.config = type(config)(config.warmup_frames, config.window + 1, config.depth, config.depth_model)")),
+                 "self.config = type(config)(config.warmup_frames, config.window + 1, config.depth, "
+                 "config.depth_model)")),
     mutant("l2d-window-one-too-short", "one recent frame too few kept (recent = window - W - 2)", FIG1D_FULL,
            Patch(f"{STATE}.__init__", "self.config = config",
-                 "self.config = type(config)(config.warmup_frames, config.window - 1, config.depth, config.depth_model)")),
+                 "self.config = type(config)(config.warmup_frames, config.window - 1, config.depth, "
+                 "config.depth_model)")),
     mutant("l2d-unfilled-entries-attended", "while the rings fill, rows attend over the whole ring, "
            "empty (zero) entries included", FIG1D_FULL,
            Patch(f"{STATE}.begin_call", "lengths.append(warm + min(filled + 1, size))",
@@ -118,7 +120,8 @@ MUTANTS = [
     mutant("l2d-depth-frame-major-warmup", "the depth residual of a warmup call laid out frame-major while the "
            "UNet folds rows (video, frame): rows get other frames' or the other branch's depth", DEPTH_ROWS,
            Patch(f"{MECH}.call_unet", "self.depth_prior(cond) if",
-                 "self.depth_prior(cond.view(frames, videos, *cond.shape[1:]).transpose(0, 1).reshape(cond.shape)) if")),
+                 "self.depth_prior(cond.view(frames, videos, *cond.shape[1:]).transpose(0, 1)"
+                 ".reshape(cond.shape)) if")),
     mutant("l2d-depth-uncond-rows-oldest", "the unconditional rows take the oldest in-flight frames' depth "
            "instead of their conditional twins'", f"{ENGINE_DEPTH}[initialize]",
            Patch("diffstream.pipelines.stream:StreamPipeline._guided_eps", "cond = torch.cat([cond[:u], cond])",

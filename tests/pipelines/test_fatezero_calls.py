@@ -22,6 +22,17 @@ from diffusers import DDIMScheduler
 from diffstream.attention.fatezero import FateZeroConfig
 from diffstream.pipelines.fatezero import FateZeroEditConfig, FateZeroEditor
 
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A fresh tiny model for this module (not the session's shared one): these proofs
+    compare exact timesteps and latents, and in the full suite some earlier test leaves
+    the shared model's scheduler state changed (a DDIM timestep off by one)."""
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    return load_components(ModelConfig(model="tiny", device="cpu"))
+
 LATENT = (4, 6)  # tiny UNet: attention at 2x3 tokens
 STEPS, GUIDANCE = 4, 3.0
 CROSS, SELF = 0.5, 0.75  # cross steps {0, 1}, self steps {0, 1, 2}, step 3 unfused
