@@ -58,3 +58,12 @@ def test_psnr():
     b[0, 0, 0] = 255
     assert psnr(a, b) == pytest.approx(10 * np.log10(48))
     assert psnr(a, a) == float("inf")
+
+
+def test_eval_reports_style_accuracy_for_toy_prompts_only(clip):
+    from diffstream.metrics.evaluate import evaluate_frames
+
+    sepia = [TOY_STYLES["a sepia photo"](f) for f in clip]
+    report = evaluate_frames(clip, sepia, prompt="a sepia photo", flow_preset="ultrafast")
+    assert report.to_dict()["style_accuracy"] == 1.0 and "toy style accuracy" in report.table()
+    assert evaluate_frames(clip, sepia, prompt="a cat", flow_preset="ultrafast").style_accuracy is None

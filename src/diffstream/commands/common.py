@@ -59,8 +59,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """Model options shared by every subcommand that runs a model."""
     g = p.add_argument_group("model")
     presets = ", ".join(f"{k} ({v['model']})" for k, v in MODEL_PRESETS.items())
+    from diffstream.models.toy import TOY_STYLES
+
+    TOY_PROMPTS = ", ".join(f"'{p}'" for p in TOY_STYLES)
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"preset [{presets}], 'tiny' (random offline test model: produces noise), "
+                   help=f"preset [{presets}], 'toy' (trained offline toy model; its styles: {TOY_PROMPTS}), "
+                        f"'tiny' (random offline test model: produces noise), "
                         f"a hub id, a local diffusers folder, or a .safetensors file (default: {DEFAULT_MODEL})")
     g.add_argument("--lcm-lora", default=None,
                    help="LCM-LoRA to fuse (hub id, folder, file) or 'none' (default: the preset's)")
@@ -83,6 +87,11 @@ def model_config(args) -> ModelConfig:
     """The ModelConfig of parsed model options (`add_model_options`)."""
     motion = getattr(args, "motion_adapter", None)
     if motion is None and getattr(args, "method", None) == "live2diff":
+        if args.model == "toy":
+            from diffstream.errors import ConfigError
+
+            raise ConfigError("--model toy has no trained motion modules for --method live2diff: pass "
+                              "--motion-adapter tiny (random modules: plumbing only) or a real checkpoint")
         motion = "tiny" if args.model == "tiny" else DEFAULT_MOTION_ADAPTER
     return ModelConfig(model=args.model, lcm_lora=args.lcm_lora, loras=tuple(args.lora), tiny_vae=args.tiny_vae,
                        device=args.device, dtype=args.dtype, turbo=args.turbo, compile=args.compile,
@@ -236,7 +245,7 @@ def loading_message(config: ModelConfig) -> str:
     name = str(resolved.model)
     where = "" if config.device == "auto" else f" on {config.device}"
     local = (os.path.exists(os.path.expanduser(name)) or name.startswith(("/", ".", "~"))
-             or name.endswith((".safetensors", ".ckpt")) or name.startswith("tiny"))
+             or name.endswith((".safetensors", ".ckpt")) or name in ("tiny", "toy"))
     return f"loading model {name}{where}" + ("" if local else " (downloaded on first use, with progress)")
 
 

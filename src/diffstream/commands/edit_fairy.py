@@ -83,7 +83,7 @@ def edit_model_config(args, config: FairyConfig):
     if config.instructing:
         if model.model == DEFAULT_MODEL:
             model = dataclasses.replace(model, model=INSTRUCT_DEFAULT_MODEL)
-        if model.model == "tiny":
+        if model.model in ("tiny", "toy"):  # toy refuses it in one line when it loads
             model = dataclasses.replace(model, instruct=True)
     return model
 

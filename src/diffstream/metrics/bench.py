@@ -58,6 +58,7 @@ from diffstream.metrics.report import (
     save_figure,
     wide_range,
 )
+from diffstream.metrics.style import StyleAccuracyMeter
 from diffstream.metrics.timing import FrameTimer, PeakMemory
 from diffstream.metrics.warp import WarpErrorMeter, WarpErrorResult
 
@@ -232,6 +233,7 @@ class MethodResult:
     unet_calls: Optional[int] = None
     warp: Optional[WarpErrorResult] = None
     clip: Optional[ClipResult] = None
+    style_accuracy: Optional[float] = None
     error: Optional[str] = None
     outputs: Optional[list] = field(default=None, repr=False)
 
@@ -252,6 +254,7 @@ class MethodResult:
             "clip_temporal_consistency_x100": clip.get("clip_temporal_consistency_x100"),
             "clip_text_score": clip.get("clip_text_score"),
             "clip_text_score_x100": clip.get("clip_text_score_x100"),
+            "style_accuracy": finite_or_none(self.style_accuracy),
             "fps": finite_or_none(t.get("fps")),
             "seconds_per_frame": finite_or_none(t.get("seconds_per_frame")),
             "wall_seconds": finite_or_none(t.get("wall_seconds")),
@@ -300,7 +303,7 @@ class BenchReport:
     def table(self) -> str:
         """One markdown row per method (and the input as reference)."""
         header = ["method", "warp err (0-255)", "warp err (0-1)", "CLIP cons. x100", "CLIP text x100",
-                  "fps", "latency p50 s", "latency p95 s", "first output s", "peak mem MiB"]
+                  "style acc.", "fps", "latency p50 s", "latency p95 s", "first output s", "peak mem MiB"]
         rows = []
         for r in [*self.results, self.reference]:
             d = r.to_dict()
@@ -311,7 +314,7 @@ class BenchReport:
             rows.append([
                 r.name, fmt(d["warp_error_255"]), fmt(d["warp_error_01"]),
                 fmt(d["clip_temporal_consistency_x100"]), fmt(d["clip_text_score_x100"]),
-                fmt(d["fps"], 4), fmt(d["latency_p50"], 4), fmt(d["latency_p95"], 4),
+                fmt(d["style_accuracy"]), fmt(d["fps"], 4), fmt(d["latency_p50"], 4), fmt(d["latency_p95"], 4),
                 fmt(d["first_output_latency"], 4), "n/a" if mib is None else f"{mib:.0f}",
             ])
         return markdown_table(header, rows)
@@ -462,9 +465,11 @@ def _with_motion_modules(components, model_config):
     from diffstream.config import DEFAULT_MOTION_ADAPTER
     from diffstream.models.motion import load_motion_adapter, motion_unet
 
-    spec = getattr(model_config, "motion_adapter", None) or (
-        "tiny" if components.name == "tiny" else DEFAULT_MOTION_ADAPTER
-    )
+    spec = getattr(model_config, "motion_adapter", None)
+    if spec is None and components.name == "toy":
+        raise ConfigError("the toy model has no trained motion modules: pass --motion-adapter tiny (random "
+                          "modules: plumbing only) or a real checkpoint, or leave live2diff out of --methods")
+    spec = spec or ("tiny" if components.name == "tiny" else DEFAULT_MOTION_ADAPTER)
     adapter, depth_state, _ = load_motion_adapter(spec, components.unet.config.block_out_channels)
     return dataclasses.replace(components, unet=motion_unet(components.unet, adapter), depth_prior_state=depth_state)
 
@@ -536,9 +541,12 @@ def _score(result: MethodResult, inputs: list, clip, prompt: Optional[str], flow
     """Quality metrics of `result.outputs` against `inputs`; then the outputs are dropped."""
     outputs = result.outputs or []
     meter = WarpErrorMeter(flow_preset)
+    style = StyleAccuracyMeter(prompt)  # the toy model's styles only; None otherwise
     for a, b in zip(inputs, outputs):
         meter.update(a, b)
+        style.update(a, b)
     result.warp = meter.result()
+    result.style_accuracy = style.result()
     if clip is not None and outputs:
         result.clip = clip.evaluate(outputs, prompt or None)
     result.outputs = None

@@ -35,6 +35,7 @@ from diffstream.metrics.report import (
     new_figure,
     save_figure,
 )
+from diffstream.metrics.style import StyleAccuracyMeter
 from diffstream.metrics.warp import WarpErrorMeter, WarpErrorResult
 
 __all__ = [
@@ -109,6 +110,8 @@ class EvalReport:
         warp: warp error per consecutive pair and its means (both scales).
         clip: CLIP metrics, or None when no CLIP model was available.
         depth_mse: depth MSE in [0, 1], or None without a depth model.
+        style_accuracy: the toy model's style accuracy (`metrics.style`): the fraction of
+            frames nearest to the prompted style's target; None for a non-toy prompt.
         source, output, prompt, source_prompt, clip_model, depth_model: what was compared
             and with which models (None when unused).
         warnings: one-line notes (a model that did not load, unequal frame counts).
@@ -120,6 +123,7 @@ class EvalReport:
     warp: WarpErrorResult
     clip: Optional[ClipResult] = None
     depth_mse: Optional[float] = None
+    style_accuracy: Optional[float] = None
     source: Optional[str] = None
     output: Optional[str] = None
     prompt: Optional[str] = None
@@ -157,6 +161,7 @@ class EvalReport:
             "clip_frame_accuracy": clip.get("clip_frame_accuracy"),
             "depth_model": self.depth_model if self.depth_mse is not None else None,
             "depth_mse": finite_or_none(self.depth_mse),
+            "style_accuracy": finite_or_none(self.style_accuracy),
             "warnings": list(self.warnings),
         }
 
@@ -171,6 +176,7 @@ class EvalReport:
             ["CLIP text score (x100)", fmt(d["clip_text_score_x100"]), "higher"],
             ["CLIP frame accuracy (0-1)", fmt(d["clip_frame_accuracy"]), "higher"],
             ["depth MSE (0-1)", fmt(d["depth_mse"]), "lower"],
+            ["toy style accuracy (0-1)", fmt(d["style_accuracy"]), "higher"],
         ]
         return markdown_table(["metric", "value", "better"], rows)
 
@@ -210,6 +216,7 @@ def evaluate_frames(
     warp = WarpErrorMeter(flow_preset)
     clip_meter = clip.meter(prompt, source_prompt, batch_size=clip_batch) if clip is not None else None
     depth_acc = _DepthAccumulator(depth, depth_batch) if depth is not None else None
+    style = StyleAccuracyMeter(prompt)  # inert unless the prompt is one of the toy styles
     warnings: list[str] = []
     it_in, it_out = iter(inputs), iter(outputs)
     n = 0
@@ -240,6 +247,7 @@ def evaluate_frames(
             clip_meter.update(b)
         if depth_acc is not None:
             depth_acc.update(a, b)
+        style.update(a, b)
         n += 1
     if n == 0:
         raise InputError("no frames to compare")
@@ -250,6 +258,7 @@ def evaluate_frames(
         warp=warp.result(),
         clip=clip_meter.result() if clip_meter is not None else None,
         depth_mse=depth_acc.result() if depth_acc is not None else None,
+        style_accuracy=style.result(),
         prompt=prompt,
         source_prompt=source_prompt,
         clip_model=getattr(clip, "name", None),

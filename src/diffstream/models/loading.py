@@ -142,6 +142,20 @@ def _load_single_file(spec: str, dtype: torch.dtype) -> dict:
     )
 
 
+def _load_toy(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """The shipped trained toy model (`models.toy`): a diffusers folder, loaded as one."""
+    from diffstream.models.toy import TOY_DIR, toy_available
+
+    if config.instruct:
+        raise ModelLoadError("--model toy is a text-to-image model (it restyles by prompt); instruction edits need "
+                             "an InstructPix2Pix checkpoint (--model timbrooks/instruct-pix2pix), or --model tiny "
+                             "to try the machinery")
+    if not toy_available():
+        raise ModelLoadError(f"the toy model's weights are missing from {TOY_DIR}: reinstall diffstream, or "
+                             f"rebuild them with scripts/train_toy.py")
+    return _from_pretrained(str(TOY_DIR), dtype, local_files_only=True)
+
+
 def load_tiny_vae(spec: str, dtype: torch.dtype):
     """An AutoencoderTiny (TAESD) from a hub id, a folder, `taesd`, or `tiny` (random)."""
     from diffusers import AutoencoderTiny
@@ -226,6 +240,8 @@ def load_components(config: ModelConfig) -> Components:
         from diffstream.models.tiny import tiny_components
 
         modules = tiny_components(in_channels=8 if config.instruct else 4)
+    elif config.model == "toy":
+        modules = _load_toy(config, dtype)
     elif _is_single_file(config.model):
         modules = _load_single_file(config.model, dtype)
     else:
