@@ -8,7 +8,8 @@ used frames 0-39) and the held-out procedural clip (`models.toy.held_out_clip`, 
 Every method runs on both clips for every style prompt at its default settings
 (streamdiffusion: RCFG self 1.2, fixed noise; streamv2v: the feature bank, no guidance;
 fairy: SDEdit mode, its default sampler; fatezero: DDIM inversion under "a photo" and the
-fused edit to the style prompt). live2diff is left out: the toy model has no trained
+fused edit to the style prompt). Rows named "method/key=value" change one setting, to
+isolate a mechanism (see METHODS). live2diff is left out: the toy model has no trained
 motion modules. Per method the table gives the mean warp error over clips and prompts,
 style accuracy per style, "a photo" PSNR, and fps (frames / wall seconds of the whole
 run, model calls included). The input clips' own warp error is the flow's noise floor.
@@ -27,7 +28,27 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("streamdiffusion", "streamv2v", "fairy", "fatezero")
+# "method/key=value" rows are the method with one setting changed: they isolate a
+# mechanism (streamdiffusion at streamv2v's guidance 1.0 is streamv2v without its feature
+# bank; fairy without anchors; fairy with per-frame noise).
+METHODS = ("streamdiffusion", "streamdiffusion/guidance=1.0", "streamv2v", "fairy", "fairy/anchors=0",
+           "fairy/noise=per-frame", "fatezero")
+
+
+def parse_method(name: str) -> tuple[str, dict]:
+    """("fairy", {"anchors": 0}) for "fairy/anchors=0"."""
+    method, *settings = name.split("/")
+    overrides = {}
+    for item in settings:
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = int(value)
+        except ValueError:
+            try:
+                overrides[key] = float(value)
+            except ValueError:
+                overrides[key] = value
+    return method, overrides
 
 
 def bunny_held_out(size: tuple[int, int]) -> list:
@@ -40,15 +61,18 @@ def bunny_held_out(size: tuple[int, int]) -> list:
     return [resize(f, size) for f in frames[40:]]
 
 
-def run_method(components, method: str, frames: list, prompt: str, seed: int = 2) -> list:
-    """Outputs of `method` on `frames` (already at the processing size), in order."""
+def run_method(components, name: str, frames: list, prompt: str, seed: int = 2) -> list:
+    """Outputs of method row `name` (see `parse_method`) on `frames` (already at the
+    processing size), in order."""
     from diffstream.config import StreamConfig
 
+    method, overrides = parse_method(name)
     h, w = frames[0].shape[:2]
     if method in ("streamdiffusion", "streamv2v"):
         from diffstream.pipelines.factory import make_pipeline
 
-        pipe = make_pipeline(components, StreamConfig(prompt=prompt, size=max(h, w), method=method, seed=seed))
+        pipe = make_pipeline(components, StreamConfig(prompt=prompt, size=max(h, w), method=method, seed=seed,
+                                                         **overrides))
         outs = []
         for f in frames:
             outs += pipe.process(f)
@@ -56,7 +80,7 @@ def run_method(components, method: str, frames: list, prompt: str, seed: int = 2
     if method == "fairy":
         from diffstream.pipelines.fairy import FairyConfig, FairyPipeline
 
-        pipe = FairyPipeline(components, FairyConfig(prompt=prompt, seed=seed, size=max(h, w)))
+        pipe = FairyPipeline(components, FairyConfig(prompt=prompt, seed=seed, size=max(h, w), **overrides))
         try:
             return list(pipe.edit(list(frames)))
         finally:
@@ -64,7 +88,7 @@ def run_method(components, method: str, frames: list, prompt: str, seed: int = 2
     if method == "fatezero":
         from diffstream.pipelines.fatezero import FateZeroEditConfig, edit_frames
 
-        config = FateZeroEditConfig(source_prompt="a photo", prompt=prompt)
+        config = FateZeroEditConfig(source_prompt="a photo", prompt=prompt, **overrides)
         return [frame for _, frame in edit_frames(components, list(frames), config)]
     raise ValueError(method)
 
@@ -104,7 +128,7 @@ def main(argv=None) -> int:
                 if prompt == "a photo":
                     entry["psnr"] = float(np.mean([psnr(a, b) for a, b in zip(frames, outs)]))
                 rows[f"{clip_name}: {prompt}"] = entry
-                print(f"{method:16s} {clip_name:12s} {prompt:22s} {entry}", file=sys.stderr, flush=True)
+                print(f"{method:28s} {clip_name:12s} {prompt:22s} {entry}", file=sys.stderr, flush=True)
         results[method] = dict(
             fps=frames_done / seconds,
             warp_error_255=float(np.mean([r["warp_error_255"] for r in rows.values()])),

@@ -87,8 +87,17 @@ MUTANTS = [
                  "for frame in results.pop(written):", "for frame in reversed(results.pop(written)):")),
     # --- noise and the Euler ancestral sampler --------------------------------------------------
     mutant("fairy-noise-by-batch-position", "noise seeded by the frame's position in its batch, not its index",
-           WHOLE, Patch(f"{PIPE}._denoise", "frame_noise(c.seed, i, self.noise_count, shape) for i in indices",
-                        "frame_noise(c.seed, j, self.noise_count, shape) for j, i in enumerate(indices)")),
+           WHOLE, Patch(f"{PIPE}._denoise", "frame_noise(c.seed, i if per_frame else 0, self.noise_count, shape) for i in indices",
+                        "frame_noise(c.seed, j if per_frame else 0, self.noise_count, shape) for j, i in enumerate(indices)")),
+    mutant("fairy-no-lease-without-anchors", "with 0 anchors the edit skips the UNet lease (nothing to install), so "
+           "an open stream's feature bank stays on the shared model",
+           "tests/pipelines/test_shared_model.py::test_fairy_after_an_open_stream_equals_fairy_alone",
+           Patch(f"{PIPE}._own_unet", "    ProcessorLease.acquire(",
+                 "    if self.config.anchors:\n        ProcessorLease.acquire("),
+           raises=True),  # the leaked feature bank may crash on the edit's batch layout
+    mutant("fairy-fixed-noise-ignored", "noise=\"fixed\" still draws each frame's own noise",
+           f"{FAIRY}::test_mechanism_off_equals_diffusers_img2img[ddim-fixed]",
+           Patch(f"{PIPE}._denoise", "i if per_frame else 0", "i")),
     mutant("fairy-ancestral-noise-reused", "every ancestral step re-injects the initial noise",
            WHOLE + [OFF_EA], Patch(f"{PIPE}._denoise", "noise[step + 1], comp.prediction_type",
                                    "noise[0], comp.prediction_type")),

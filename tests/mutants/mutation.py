@@ -80,13 +80,15 @@ class Patch:
                 for attr, value in list(namespace_of.items()):
                     if value is original:
                         bindings.append((other, attr, original))
+                    elif type(value) is dict:  # registries: {"a sepia photo": sepia, ...}
+                        bindings += [(value, key, original) for key, v in list(value.items()) if v is original]
         for where, attr, _ in bindings:
-            setattr(where, attr, mutated)
+            _bind(where, attr, mutated)
         try:
             yield
         finally:
             for where, attr, value in bindings:
-                setattr(where, attr, value)
+                _bind(where, attr, value)
             # Modules first imported while the mutant was active bound the mutated
             # function (`from m import f`): put the original back there too, or the
             # bug would leak into every later test of the session.
@@ -96,6 +98,18 @@ class Patch:
                     for attr, value in list(namespace_of.items()):
                         if value is mutated:
                             setattr(other, attr, original)
+                        elif type(value) is dict:
+                            for key, v in list(value.items()):
+                                if v is mutated:
+                                    value[key] = original
+
+
+def _bind(where, name, value) -> None:
+    """Set attribute `name` of a module/class, or key `name` of a registry dict."""
+    if type(where) is dict:
+        where[name] = value
+    else:
+        setattr(where, name, value)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,9 @@ def edit(comp, frames, **kw):
     kw.setdefault("instruction", INSTR)
     kw.setdefault("steps", 3)
     kw.setdefault("size", 64)
+    # Per-frame noise: frames' keys then differ, so cross-frame attention changes outputs
+    # visibly (with fixed noise and near-identical frames it can hide in rounding).
+    kw.setdefault("noise", "per-frame")
     with FairyPipeline(comp, FairyConfig(**kw)) as pipe:
         return list(pipe.edit(frames))
 
@@ -78,7 +81,7 @@ def test_mechanism_off_equals_diffusers_instruct_pix2pix(instruct, sampler):
     )
     stock.set_progress_bar_config(disable=True)
     config = FairyConfig(instruction=INSTR, anchors=0, chunk_size=1, steps=steps, seed=seed, size=64,
-                         sampler=sampler)
+                         sampler=sampler, noise="per-frame")
     with FairyPipeline(comp, config) as pipe:
         assert pipe.num_branches == 3 and pipe.config.sampler == sampler
         ours = list(pipe.edit(frames))
@@ -94,8 +97,11 @@ def test_mechanism_off_equals_diffusers_instruct_pix2pix(instruct, sampler):
             assert np.array_equal(ours[i], F.tensor_to_frames(comp.decode_latents(expected))[0])
 
 
+@pytest.mark.parametrize("noise", ["per-frame", "fixed"])
 @pytest.mark.parametrize("sampler", ["ddim", "euler-a"])
-def test_mechanism_off_equals_diffusers_img2img(tiny, sampler):
+def test_mechanism_off_equals_diffusers_img2img(tiny, sampler, noise):
+    """Frame i equals diffusers' img2img drawing from frame i's generator (per-frame noise)
+    or from frame 0's for every frame (fixed noise, the default)."""
     from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
     from diffstream.pipelines.fairy import frame_generator
@@ -112,7 +118,8 @@ def test_mechanism_off_equals_diffusers_img2img(tiny, sampler):
     )
     stock.set_progress_bar_config(disable=True)
     config = FairyConfig(prompt="a bronze statue", anchors=0, chunk_size=1, steps=5, strength=0.6,
-                         guidance=3.0, seed=seed, size=64, sampler="auto" if sampler == "ddim" else sampler)
+                         guidance=3.0, seed=seed, size=64, sampler="auto" if sampler == "ddim" else sampler,
+                         noise=noise)
     with FairyPipeline(comp, config) as pipe:
         assert pipe.config.sampler == sampler and pipe.num_branches == 2 and pipe.num_steps == 3
         for i, frame in enumerate(frames):
@@ -120,7 +127,7 @@ def test_mechanism_off_equals_diffusers_img2img(tiny, sampler):
             z0 = comp.encode_image(pixels)  # img2img takes 4-channel input as latents
             with install_processors(comp.unet, lambda n, p: AttnProcessor2_0()):
                 expected = stock("a bronze statue", image=z0, strength=0.6, num_inference_steps=5,
-                                 guidance_scale=3.0, generator=frame_generator(seed, i),
+                                 guidance_scale=3.0, generator=frame_generator(seed, i if noise == "per-frame" else 0),
                                  output_type="latent").images
             assert torch.equal(pipe.denoise(pixels, [i], "off"), expected)
 
@@ -155,7 +162,8 @@ def test_every_frame_an_anchor_equals_full_cross_frame_attention(instruct):
 
 def test_anchors_change_ordinary_frames_and_anchor_frames_come_from_the_anchor_pass(instruct):
     frames = make_frames(7)
-    with FairyPipeline(instruct, FairyConfig(instruction=INSTR, anchors=2, steps=2, size=64)) as pipe:
+    with FairyPipeline(instruct, FairyConfig(instruction=INSTR, anchors=2, steps=2, size=64,
+                                                       noise="per-frame")) as pipe:
         out = list(pipe.edit(frames))
         plan = pipe.plan
         assert plan.anchors == (1, 5)
@@ -186,7 +194,8 @@ def test_chunk_sizes_give_identical_frames(instruct, instruct64, sampler):
 @pytest.mark.parametrize("sampler", ["euler-a", "ddim"])
 def test_segments_in_any_order_and_shipped_anchors_reproduce_one_run(instruct, sampler):
     frames = make_frames(13)
-    config = FairyConfig(instruction=INSTR, anchors=3, chunk_size=2, steps=2, size=64, sampler=sampler)
+    config = FairyConfig(instruction=INSTR, anchors=3, chunk_size=2, steps=2, size=64, sampler=sampler,
+                         noise="per-frame")
     with FairyPipeline(instruct, config) as pipe:
         whole = list(pipe.edit(frames))
         plan = pipe.plan
@@ -235,7 +244,8 @@ def test_sdedit_with_the_lcm_sampler(tiny):
     frames = make_frames(6)
     out = {}
     for c in (1, 4):
-        config = FairyConfig(prompt="in Van Gogh style", sampler="lcm", chunk_size=c, strength=0.5, size=64)
+        config = FairyConfig(prompt="in Van Gogh style", sampler="lcm", chunk_size=c, strength=0.5, size=64,
+                             noise="per-frame")
         with FairyPipeline(tiny, config) as pipe:
             assert pipe.num_steps == 4 and pipe.num_branches == 1 and pipe.noise_count == 4
             out[c] = stack(list(pipe.edit(frames)))
@@ -326,3 +336,19 @@ def test_model_must_fit_the_mode(tiny, instruct):
         FairyPipeline(tiny, FairyConfig(instruction=INSTR))
     with pytest.raises(ModelLoadError, match="use --instruction"):
         FairyPipeline(instruct, FairyConfig(prompt="x"))
+
+
+def test_fixed_noise_gives_a_static_clip_one_output(tiny):
+    """With the default fixed noise, identical input frames give identical outputs (every
+    frame starts from the same noise); per-frame noise makes them differ."""
+    frames = [make_frames(1)[0]] * 3
+    outs = {}
+    for noise in ("fixed", "per-frame"):
+        config = FairyConfig(prompt="a bronze statue", anchors=0, steps=4, strength=0.8, seed=1, size=64,
+                             sampler="ddim", noise=noise)
+        with FairyPipeline(tiny, config) as pipe:
+            outs[noise] = list(pipe.edit(frames))
+    assert all(np.array_equal(outs["fixed"][0], f) for f in outs["fixed"][1:])
+    assert not np.array_equal(outs["per-frame"][0], outs["per-frame"][1])
+    with pytest.raises(ConfigError, match="--noise"):
+        FairyConfig(prompt="x", noise="shared")

@@ -138,7 +138,8 @@ def reference_edit(comp, frames, num_frames, sampler):
 def traced_edit(comp, frames, sampler):
     """Our edit with every UNet call and every anchor-attention call logged."""
     config = FairyConfig(instruction=INSTR, negative_prompt=NEG, anchors=K, chunk_size=CHUNK, steps=STEPS,
-                         guidance=G_TEXT, image_guidance=G_IMAGE, seed=SEED, size=64, sampler=sampler)
+                         guidance=G_TEXT, image_guidance=G_IMAGE, seed=SEED, size=64, sampler=sampler,
+                         noise="per-frame")
     calls, attn = [], []
     with FairyPipeline(comp, config) as pipe:
         assert pipe.config.sampler == sampler and pipe.num_branches == 3
@@ -222,7 +223,8 @@ def test_a_whole_edit_step_by_step(sharp, num_frames, sampler):
     assert diff.max() <= 1, diff.max()
     # the property is visible: without anchors (or with DDIM) the frames are far from these
     with FairyPipeline(comp, FairyConfig(instruction=INSTR, negative_prompt=NEG, anchors=0, steps=STEPS, sampler=sampler,
-                                         guidance=G_TEXT, image_guidance=G_IMAGE, seed=SEED, size=64)) as pipe:
+                                         guidance=G_TEXT, image_guidance=G_IMAGE, seed=SEED, size=64,
+                                         noise="per-frame")) as pipe:
         independent = list(pipe.edit(frames))
     ordinary = [i for c in exp["chunks"] for i in c]
     assert min(np.abs(ours[i].astype(int) - independent[i].astype(int)).max() for i in ordinary) > 4

@@ -29,7 +29,7 @@ from diffstream.testing import make_frames  # noqa: E402
 
 MODEL = ModelConfig(model="tiny", device="cpu", instruct=True)
 CONFIG = FairyConfig(instruction="Turn into a bronze statue", anchors=3, chunk_size=2, steps=2, size=64, seed=9,
-                     sampler="euler-a")  # Fairy's ancestral sampler: fresh per-frame noise at every step
+                     sampler="euler-a", noise="per-frame")  # Fairy's ancestral sampler: fresh per-frame noise at every step
 FRAMES = make_frames(14)
 
 
@@ -150,7 +150,7 @@ def test_edit_command_on_a_running_cluster(pool, tmp_path):
     out = tmp_path / "png/"
     args = edit_parser().parse_args([
         video, "-o", str(out) + "/", "--model", "tiny", "--device", "cpu", "--instruction", CONFIG.instruction,
-        "--anchors", "3", "--chunk-size", "2", "--steps", "2", "--size", "64", "--seed", "9",
+        "--anchors", "3", "--chunk-size", "2", "--steps", "2", "--size", "64", "--seed", "9", "--noise", "per-frame",
         "--ray-address", "auto", "--workers", "1", "--anchor-transfer", "object-store", "--no-progress",
     ])
     assert edit_command(args) == 0

@@ -7,7 +7,7 @@ import dataclasses
 import time
 
 from diffstream.commands import common
-from diffstream.config import DEFAULT_MODEL, uses_lcm, uses_turbo
+from diffstream.config import DEFAULT_MODEL, NOISE_MODES, uses_lcm, uses_turbo
 from diffstream.errors import ConfigError
 from diffstream.pipelines.fairy import (
     DEFAULT_ANCHORS,
@@ -47,6 +47,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="euler-a (Euler ancestral, Fairy's sampler) | ddim (eta 0) | lcm (SDEdit with "
                             "LCM-LoRA/turbo models) | auto: euler-a for --instruction, lcm for LCM/turbo models, "
                             "else ddim (default: auto)")
+    group.add_argument("--noise", default="fixed", choices=NOISE_MODES,
+                       help="fixed (default: every frame starts from the same noise, temporally stable) | "
+                            "per-frame (frame i's own noise from (seed, i))")
     group.add_argument("--workers", type=int, default=None,
                        help="split the frames across N local Ray worker processes (needs diffstream[ray]) "
                             "(default: one process, no Ray)")
@@ -71,6 +74,7 @@ def fairy_config(args) -> FairyConfig:
         image_guidance=args.image_guidance,
         strength=getattr(args, "strength", None),
         sampler=getattr(args, "sampler", "auto"),
+        noise=getattr(args, "noise", "fixed") or "fixed",
         seed=common.resolve_seed(getattr(args, "seed", 0)),
         size=getattr(args, "size", 512),
     )

@@ -176,8 +176,9 @@ class EvalReport:
             ["CLIP text score (x100)", fmt(d["clip_text_score_x100"]), "higher"],
             ["CLIP frame accuracy (0-1)", fmt(d["clip_frame_accuracy"]), "higher"],
             ["depth MSE (0-1)", fmt(d["depth_mse"]), "lower"],
-            ["toy style accuracy (0-1)", fmt(d["style_accuracy"]), "higher"],
         ]
+        if d["style_accuracy"] is not None:  # only for the toy model's style prompts
+            rows.append(["toy style accuracy (0-1)", fmt(d["style_accuracy"]), "higher"])
         return markdown_table(["metric", "value", "better"], rows)
 
 

@@ -33,8 +33,15 @@ Two editing modes:
   run); for LCM-LoRA / turbo checkpoints (the library default `sd15-lcm`) the
   consistency sampler of `diffstream.schedule.timesteps` with 4 steps (1 for turbo).
 
+Noise: by default every frame starts from the same noise (`noise="fixed"`, the generator
+of (seed, 0)), as StreamDiffusion's fixed noise keeps a stream stable (its Sec. 3.2): on
+the trained toy model, per-frame noise raises the warp error of a 10-frame SDEdit clip
+from 20 to 700 (0-255 scale, `benchmarks/quality_toy.py`), and anchor attention does not
+win it back. `noise="per-frame"` draws frame i's noise from (seed, i) (a one-frame run then
+equals diffusers' with `frame_generator(seed, i)` for every i).
+
 Determinism: every random number of frame i comes from a generator seeded with
-(seed, i), so chunk size, worker count and processing order do not change what a frame
+(seed, i) or (seed, 0), so chunk size, worker count and processing order do not change what a frame
 is computed from. On CPU fp32 the result is bit-identical for the same chunk layout;
 different chunk sizes change the UNet batch shape, and oneDNN/MKL pick kernels by shape,
 so frames can then differ in the last float bits (documented and tested tolerance).
@@ -43,7 +50,6 @@ so frames can then differ in the last float bits (documented and tested toleranc
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence, get_args
@@ -51,6 +57,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence, get_arg
 import numpy as np
 
 from diffstream import frames as F
+from diffstream.config import NOISE_MODES
 from diffstream.errors import ConfigError, InputError, ModelLoadError
 from diffstream.io.clip import as_clip
 
@@ -104,7 +111,10 @@ class FairyConfig:
             (consistency sampler, for LCM-LoRA/turbo checkpoints in SDEdit mode) or "auto":
             Euler ancestral for instruction edits (Fairy's setting), LCM for LCM/turbo
             checkpoints in SDEdit mode, else DDIM.
-        seed: frame i's noise comes from (seed, i).
+        noise: "fixed" (default): every frame's noise comes from (seed, 0), the same
+            tensor for all frames (StreamDiffusion's fixed noise, temporally stable);
+            "per-frame": frame i's noise comes from (seed, i).
+        seed: seeds the noise generators.
         size: longer side of the processing size in pixels (rounded to the model's multiple).
     """
 
@@ -118,6 +128,7 @@ class FairyConfig:
     image_guidance: float = DEFAULT_IMAGE_GUIDANCE
     strength: float | None = None
     sampler: Sampler = "auto"
+    noise: str = "fixed"
     seed: int = 0
     size: int = 512
 
@@ -145,6 +156,8 @@ class FairyConfig:
                 raise ConfigError(f"--strength must be in (0, 1], got {self.strength}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.noise not in NOISE_MODES:
+            raise ConfigError(f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
         if self.sampler == "lcm" and self.instructing:
             raise ConfigError("--sampler lcm is for SDEdit with LCM/turbo checkpoints; instruction edits use euler-a or ddim")
         if self.size < MIN_SIZE:
@@ -331,8 +344,7 @@ class FairyPipeline:
         else:  # diffusers' text-to-image order: (uncond, cond)
             self._branches = ("uncond",) * (self.num_branches - 1) + ("cond",)
         self._layouts: dict = {}  # (mode, step, frames) -> BatchLayout
-        self._attached = contextlib.ExitStack()
-        self._attached.enter_context(self.mechanism.attach(components.unet))  # nothing with 0 anchors
+        self._own_unet()  # installs nothing with 0 anchors, but removes another owner's processors
         text = config.instruction if config.instructing else config.prompt
         emb = components.encode_prompt([text, config.negative_prompt])  # (2, 77, D)
         self._text, self._negative = emb[0:1], emb[1:2]
@@ -345,8 +357,18 @@ class FairyPipeline:
 
     # --- lifecycle ------------------------------------------------------------------
     def close(self) -> None:
-        """Restore the UNet's original attention processors."""
-        self._attached.close()
+        """Restore the UNet's original attention processors (if this edit's are on it)."""
+        from diffstream.attention.base import ProcessorLease
+
+        ProcessorLease.release(self.components.unet, self)
+
+    def _own_unet(self) -> None:
+        """Make this edit's processors the ones on the (possibly shared) UNet: a stream that
+        ran on the same loaded model before has its processors restored first, so an edit
+        never runs another owner's attention (e.g. a feature bank left by an open stream)."""
+        from diffstream.attention.base import ProcessorLease
+
+        ProcessorLease.acquire(self.components.unet, self, self.mechanism.attach)
 
     def __enter__(self):
         return self
@@ -570,7 +592,9 @@ class FairyPipeline:
         # source frame (its training recipe); SDEdit starts from the scaled latent.
         z0 = _unscaled_latents(comp, pixels) if c.instructing else comp.encode_image(pixels)
         shape = tuple(z0.shape[1:])
-        noise = torch.stack([frame_noise(c.seed, i, self.noise_count, shape) for i in indices], dim=1)
+        per_frame = c.noise == "per-frame"
+        noise = torch.stack([frame_noise(c.seed, i if per_frame else 0, self.noise_count, shape) for i in indices],
+                            dim=1)
         noise = noise.to(device=comp.device, dtype=comp.dtype)  # (count, n, C, h, w)
         emb = self._embeddings(n)
         image_rows = None
@@ -598,6 +622,7 @@ class FairyPipeline:
             if image_rows is not None:
                 x_in = torch.cat([x_in, image_rows], dim=1)  # (branches*n, 2C, h, w)
             layout = self._layout(mode, step, n)
+            self._own_unet()  # an attribute lookup unless another owner took the UNet
             self.mechanism.before_unet(layout)
             try:
                 out = comp.unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]

@@ -45,7 +45,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from diffstream.attention.base import BatchLayout
+from diffstream.attention.base import BatchLayout, ProcessorLease
 from diffstream.attention.fatezero import (
     FateZero,
     FateZeroConfig,
@@ -371,6 +371,7 @@ class FateZeroEditor:
             store.put(("latent", "z", 0), x, dtype=torch.float32)
         self.mechanism.reset()
         self.mechanism.use_stores(sink=store)
+        ProcessorLease.release(self.components.unet)  # an open stream's processors, if any
         with self.mechanism.attach(self.components.unet):
             for i, k in enumerate(reversed(range(n))):
                 phase = "store" if store_attention and self.plan.keys_at(k) else "plain"
@@ -407,6 +408,7 @@ class FateZeroEditor:
         recompute = self.config.fusion_source == "recompute"
         self.mechanism.reset()
         self.mechanism.use_stores(source=store)
+        ProcessorLease.release(c.unet)  # an open stream's processors, if any
         with self.mechanism.attach(c.unet):
             for k in range(n):
                 fused = bool(self.plan.keys_at(k))
@@ -441,6 +443,7 @@ class FateZeroEditor:
         text = self.source_text.expand(z_T.shape[0], -1, -1)
         x = z_T
         self.mechanism.reset()
+        ProcessorLease.release(self.components.unet)  # an open stream's processors, if any
         with self.mechanism.attach(self.components.unet):
             for k in range(self.num_steps):
                 self.mechanism.before_unet(self._layout("plain", k, ref_rows))
