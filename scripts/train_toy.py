@@ -240,7 +240,7 @@ def save(out: Path, unet, vae, text_encoder, tokenizer) -> None:
 def held_out_eval(out: Path, size: int = toy.TOY_SIZE) -> dict:
     """Load the folder like any checkpoint and run the stream engine on held-out frames."""
     from diffstream import ModelConfig, StreamConfig, load_components
-    from diffstream.frames import resize
+    from diffstream.frames import frames_to_tensor, resize, tensor_to_frames
     from diffstream.metrics.style import psnr, style_accuracy
     from diffstream.pipelines.factory import make_pipeline
 
@@ -261,6 +261,13 @@ def held_out_eval(out: Path, size: int = toy.TOY_SIZE) -> dict:
                 entry["psnr"] = float(np.mean([psnr(a, b) for a, b in zip(inputs, outs)]))
             report[f"{clip_name}: {prompt}"] = entry
             log(f"eval {clip_name}: {prompt}: {entry}")
+        # the VAE alone (encode, decode), at the same size: the ceiling of "a photo" PSNR
+        with torch.no_grad():
+            pixels = frames_to_tensor(inputs, device=components.device, dtype=components.dtype)  # (F, 3, h, w)
+            round_trip = tensor_to_frames(components.decode_latents(components.encode_image(pixels)))
+        report[f"{clip_name}: vae round trip"] = dict(psnr=float(np.mean([psnr(a, b) for a, b in
+                                                                        zip(inputs, round_trip)])))
+        log(f"eval {clip_name}: vae round trip: {report[f'{clip_name}: vae round trip']}")
     return report
 
 
@@ -273,7 +280,18 @@ def main(argv=None) -> int:
     parser.add_argument("--unet-steps", type=int, default=2400)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="only re-run the held-out evaluation of the folder --out (updates its training.json)")
     args = parser.parse_args(argv)
+    if args.eval_only:
+        torch.set_num_threads(args.threads)
+        path = Path(args.out) / "training.json"
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        t0 = time.time()
+        summary["held_out"] = held_out_eval(Path(args.out))
+        summary.setdefault("times", {})["eval_s"] = time.time() - t0
+        path.write_text(json.dumps(summary, indent=1))
+        return 0
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
