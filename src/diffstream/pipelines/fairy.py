@@ -35,14 +35,14 @@ Two editing modes:
 
 Noise: by default every frame starts from the same noise (`noise="fixed"`, the generator
 of (seed, 0)), as StreamDiffusion's fixed noise keeps a stream stable (its Sec. 3.2): on
-the trained toy model, per-frame noise raises the warp error of a 10-frame SDEdit clip
-from 20 to 700 (0-255 scale, `benchmarks/quality_toy.py`), and anchor attention does not
-win it back. `noise="per-frame"` draws frame i's noise from (seed, i) (a one-frame run then
+the trained toy model, per-frame noise raises the warp error of its held-out SDEdit
+clips from 28.7 to 501 (0-255 scale, `benchmarks/quality_toy.py`), and anchor attention
+does not win it back (28.9 without anchors). `noise="per-frame"` draws frame i's noise from (seed, i) (a one-frame run then
 equals diffusers' with `frame_generator(seed, i)` for every i).
 
 Determinism: every random number of frame i comes from a generator seeded with
-(seed, i) or (seed, 0), so chunk size, worker count and processing order do not change what a frame
-is computed from. On CPU fp32 the result is bit-identical for the same chunk layout;
+(seed, i) or (seed, 0), so chunk size, worker count and processing order do not change
+what a frame is computed from. On CPU fp32 the result is bit-identical for the same chunk layout;
 different chunk sizes change the UNet batch shape, and oneDNN/MKL pick kernels by shape,
 so frames can then differ in the last float bits (documented and tested tolerance).
 """
