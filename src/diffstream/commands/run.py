@@ -5,11 +5,16 @@ parsed into typed configs (one line, exit 2), both ends are checked (input reada
 output of a supported kind, writable and not the input), the input is opened, then the
 model loads. Exit codes: 0 done, 2 bad option/input/output/model, 130 interrupted
 (Ctrl-C or SIGTERM; the output is finalised and holds every frame produced).
+
+With `--osc PORT`, OSC messages change the settings while the run goes
+(`diffstream.server.osc`): the port is bound before the model loads, changes are taken
+between two frames and apply from the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from diffstream.attention.causal_temporal import CausalTemporalConfig
@@ -30,6 +35,14 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--keep-size", action="store_true", help="scale outputs back to the input size")
     run.add_argument("--queue-size", type=int, default=8, help="capacity of the input/output queues (default: 8)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o = run.add_argument_group("live control")
+    o.add_argument("--osc", type=int, default=None, metavar="PORT",
+                   help="take OSC messages on this UDP port while the run goes: /prompt s, /negative_prompt s, "
+                        "/strength f, /steps i, /seed i, /guidance f, /delta f, /similarity_threshold f, /reset; "
+                        "0 picks a free port (needs python-osc: pip install 'diffstream[osc]')")
+    o.add_argument("--osc-host", default=None, metavar="HOST",
+                   help="address the OSC port listens on (default: 127.0.0.1, this machine only; any other "
+                        "address lets whoever reaches it change the run, without authentication)")
     common.add_model_options(run)
     add_stream_options(run)
 
@@ -129,13 +142,29 @@ def run_config(args) -> RunConfig:
     return RunConfig(model=common.model_config(args), stream=stream_config(args), io=io)
 
 
+def osc_address(args) -> tuple[str, int] | None:
+    """(host, port) of `--osc-host` / `--osc`, or None without `--osc` (raises ConfigError)."""
+    from diffstream.errors import ConfigError
+
+    if args.osc is None:
+        if args.osc_host is not None:
+            raise ConfigError("--osc-host needs --osc PORT (the UDP port to listen on)")
+        return None
+    return (args.osc_host if args.osc_host is not None else "127.0.0.1"), args.osc
+
+
 def command(args) -> int:
     """Entry point of `diffstream run` (parsed args)."""
-    return cmd_run(run_config(args))
+    return cmd_run(run_config(args), osc=osc_address(args))
 
 
-def cmd_run(config: RunConfig) -> int:
-    """`diffstream run`: stream frames through the engine into the sink."""
+def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None) -> int:
+    """`diffstream run`: stream frames through the engine into the sink.
+
+    Args:
+        config: the run's typed settings.
+        osc: (host, port) to take OSC control messages on, or None.
+    """
     from diffstream.io.queues import ThreadedReader, ThreadedWriter
     from diffstream.io.sinks import check_output, open_sink
     from diffstream.io.sources import open_source
@@ -144,12 +173,15 @@ def cmd_run(config: RunConfig) -> int:
     check_output(io.output, inputs=(io.input,))
     common.check_device(config.model)
     source = open_source(io.input, max_frames=io.max_frames, fps=io.fps)
-    sink = reader = writer = pipe = None
+    sink = reader = writer = pipe = control = None
     bar = common.progress_bar(None, False)
     written = [0]
+    skipped_before = 0  # similarity-filter skips of streams an OSC /reset ended
     status = 0
     start = time.perf_counter()
     try:
+        if osc is not None:
+            control = _open_osc(*osc, progress=io.progress)
         common.quiet_libraries()
         from diffstream.models.loading import load_components
         from diffstream.pipelines.factory import make_pipeline
@@ -169,12 +201,28 @@ def cmd_run(config: RunConfig) -> int:
         reader = ThreadedReader(source, maxsize=io.queue_size, drop_oldest=source.is_live)
         writer = ThreadedWriter(sink, maxsize=io.queue_size)
         start = time.perf_counter()
-        for frame in reader:
-            common.write_frames(pipe.process(frame), writer.write, bar, written)
+        if control is None:
+            for frame in reader:
+                common.write_frames(pipe.process(frame), writer.write, bar, written)
+        else:
+            from diffstream.models.tokenizer import TruncationWarner
+
+            def write(outputs):
+                common.write_frames(outputs, writer.write, bar, written)
+
+            warn_prompt = TruncationWarner(components.tokenizer, common.warn)
+            control.start(pipe.config, turbo=components.turbo)
+            for frame in reader:
+                controls = control.poll()
+                if controls:
+                    skipped_before += apply_controls(pipe, controls, write, warn_prompt)
+                write(pipe.process(frame))
         common.write_frames(pipe.flush(), writer.write, bar, written)
     except KeyboardInterrupt:
         status = 130
     finally:
+        if control is not None:
+            control.close()
         bar.close()
         if reader is not None:
             reader.close()
@@ -190,11 +238,65 @@ def cmd_run(config: RunConfig) -> int:
     elapsed = time.perf_counter() - start
     common.print_warnings(source, sink)
     extras = []
-    if pipe is not None and pipe.skipped:
-        extras.append(f"{pipe.skipped} skipped by the similarity filter")
+    skipped = skipped_before + (pipe.skipped if pipe is not None else 0)
+    if skipped:
+        extras.append(f"{skipped} skipped by the similarity filter")
     if reader is not None and reader.dropped:
         extras.append(f"{reader.dropped} live frames dropped to keep latency bounded")
     written_frames = sink.frames_written if sink is not None else 0
     common.say(common.closing_line(status, written_frames if status else written[0], io.output, elapsed,
                                    extras=extras))
     return status
+
+
+def _open_osc(host: str, port: int, progress: bool):
+    """Bind the OSC port (before the model loads: a taken port costs no load) and say
+    where it listens, warning when that is not this machine only."""
+    from diffstream.server.osc import ADDRESSES, RESET, OSCControl, host_warning
+
+    say = None
+    if progress:
+        from tqdm import tqdm
+
+        def say(line: str) -> None:
+            # From the OSC thread while the bar draws: tqdm.write keeps the bar intact.
+            tqdm.write(f"diffstream: {line}", file=sys.stderr)
+
+    control = OSCControl(port, host, say=say)
+    warning = host_warning(host)
+    if warning:
+        common.warn(warning)
+    common.say(f"OSC control on udp {host}:{control.port} ({', '.join([*ADDRESSES, RESET])})")
+    return control
+
+
+def apply_controls(pipe, controls, write, warn_prompt) -> int:
+    """Carry out accepted OSC changes between two frames; they apply from the next one.
+
+    Args:
+        pipe: the StreamPipeline.
+        controls: `diffstream.server.osc.Control` items, oldest first.
+        write: called with a list of output frames to write.
+        warn_prompt: called with each new prompt (warns once if CLIP would cut it).
+    Returns:
+        the similarity-filter skips of the streams a reset ended (the pipeline's own
+        count starts over with the new stream).
+    """
+    from diffstream.errors import ConfigError, one_line
+
+    ended = 0
+    for control in controls:
+        if control.reset:
+            # The output holds one frame per input frame: finish the frames in flight
+            # under the stream they started in, then start the new one.
+            write(pipe.flush())
+            ended += pipe.skipped
+            pipe.reset()
+            continue
+        for name in ("prompt", "negative_prompt"):
+            warn_prompt(control.changes.get(name))
+        try:
+            pipe.update(**control.changes)
+        except ConfigError as err:  # checked against the same settings already; never stop the stream for it
+            common.warn(one_line(f"OSC change {control.changes} not applied: {err}"))
+    return ended
