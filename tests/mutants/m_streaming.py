@@ -21,6 +21,10 @@ PER_FRAME = f"{METHODS}::test_per_frame_noise_is_drawn_from_seed_frame_and_step"
 RENOISE = f"{METHODS}::test_per_frame_noise_renoises_each_row_with_its_own_frame_and_step"
 
 MUTANTS = [
+    mutant("skips-forgotten-at-filter-change", "a new similarity threshold or max_skip restarts the skip count "
+           "(the closing line then under-reports)",
+           "tests/pipelines/test_stream.py::test_skipped_counts_since_the_reset_across_filter_changes",
+           Patch(f"{PIPE}._apply_pending", "self._skipped_earlier += self._filter.skipped", "pass")),
     # --- schedule -----------------------------------------------------------------
     mutant("renoise-own-slot", "re-noising after step k with slot k's noise instead of slot k+1's",
            [LCM_ORACLE, RCFG],

@@ -206,6 +206,24 @@ def test_similarity_filter_skips_static_frames_without_unet_calls(tiny):
     assert np.array_equal(outs[1], outs[0]) and np.array_equal(outs[3], outs[0])
 
 
+def test_skipped_counts_since_the_reset_across_filter_changes(tiny):
+    """A new threshold or max_skip replaces the filter; `skipped` still counts every skip
+    since the last reset (the run's closing line reports it), and only reset zeroes it."""
+    frame = make_frames(1)[0]
+    pipe = StreamPipeline(tiny, StreamConfig(prompt="x", size=64, steps=2, strength=0.5,
+                                             similarity_threshold=0.95, max_skip=3))
+    for f in [frame] * 4:
+        pipe.process(f)
+    assert pipe.skipped == 3
+    pipe.update(max_skip=2)
+    for f in [frame] * 3:
+        pipe.process(f)
+    assert pipe.skipped == 3 + 2
+    pipe.flush()
+    pipe.reset()
+    assert pipe.skipped == 0
+
+
 def test_similarity_probability_formula():
     from diffstream.pipelines.similarity import SimilarityFilter
 

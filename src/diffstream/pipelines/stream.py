@@ -101,6 +101,7 @@ class StreamPipeline:
         self.frames_in = 0
         self.frames_out = 0
         self.unet_calls = 0
+        self._skipped_earlier = 0  # skips of filters replaced by an update since the reset
         self._filter = (
             SimilarityFilter(self.config.similarity_threshold, self.config.max_skip, seed=self.config.seed)
             if self.config.similarity_threshold is not None
@@ -111,7 +112,7 @@ class StreamPipeline:
     @property
     def skipped(self) -> int:
         """Frames the similarity filter skipped since the last reset."""
-        return self._filter.skipped if self._filter is not None else 0
+        return self._skipped_earlier + (self._filter.skipped if self._filter is not None else 0)
 
     @property
     def latency_frames(self) -> int:
@@ -206,6 +207,7 @@ class StreamPipeline:
             if self._filter is not None and (
                 old.similarity_threshold != self.config.similarity_threshold or old.max_skip != self.config.max_skip
             ):
+                self._skipped_earlier += self._filter.skipped  # a new filter counts from 0
                 self._filter = None
             if self._filter is None and self.config.similarity_threshold is not None:
                 self._filter = SimilarityFilter(
