@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -235,6 +236,15 @@ def save(out: Path, unet, vae, text_encoder, tokenizer) -> None:
     pipe.to(torch.float16)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    if _is_shipped(out):
+        # The tokenizer is SD's CLIP BPE, which the package already ships (models/assets,
+        # `clip_tokenizer`), and `--model toy` passes it in: its 3.6 MB tokenizer.json is
+        # not kept there. Other folders keep it, so any SD loader opens them as they are.
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+
+
+def _is_shipped(out: Path) -> bool:
+    return out.resolve() == toy.TOY_DIR.resolve()
 
 
 def held_out_eval(out: Path, size: int = toy.TOY_SIZE) -> dict:
@@ -244,7 +254,8 @@ def held_out_eval(out: Path, size: int = toy.TOY_SIZE) -> dict:
     from diffstream.metrics.style import psnr, style_accuracy
     from diffstream.pipelines.factory import make_pipeline
 
-    components = load_components(ModelConfig(model=str(out), device="cpu", lcm_lora="none"))
+    model = "toy" if _is_shipped(out) else str(out)  # the shipped folder has no tokenizer of its own
+    components = load_components(ModelConfig(model=model, device="cpu", lcm_lora="none"))
     clips = {"bunny 40-49": bunny_frames()[TRAIN_FRAMES:], "procedural (seed 7)": toy.held_out_clip(10)}
     report = {}
     for clip_name, frames in clips.items():

@@ -47,11 +47,14 @@ def test_the_toy_folder_is_a_diffusers_pipeline_of_the_sd_family_within_8_mb():
 
     weights = sum(p.stat().st_size for p in TOY_DIR.rglob("*.safetensors"))
     assert weights <= 8_000_000, weights
-    pipe = StableDiffusionPipeline.from_pretrained(str(TOY_DIR), safety_checker=None)  # diffusers' own loader
+    # diffusers' own loader, given the package's CLIP tokenizer (the folder does not store it twice)
+    pipe = StableDiffusionPipeline.from_pretrained(str(TOY_DIR), tokenizer=clip_tokenizer(), safety_checker=None)
     assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 8 and pipe.vae.config.latent_channels == 4
     assert any("CrossAttn" in b for b in pipe.unet.config.down_block_types)
     prompt = "a watercolor painting of a rabbit"
     assert pipe.tokenizer(prompt).input_ids == clip_tokenizer()(prompt).input_ids  # the real CLIP BPE
+    assert pipe.tokenizer("a photo").input_ids == [49406, 320, 1125, 49407]  # CLIP's ids: <start> a photo <end>
+    assert not (TOY_DIR / "tokenizer").exists()
     assert json.loads((TOY_DIR / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
 
 

@@ -92,7 +92,9 @@ def _load_diffusers_folder_or_hub(spec: str, dtype: torch.dtype) -> dict:
         raise _missing("model", spec, exc) from None
 
 
-def _from_pretrained(spec: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+def _from_pretrained(spec: str, dtype: torch.dtype, local_files_only: bool, tokenizer=None) -> dict:
+    """The SD components of a diffusers folder or hub id; `tokenizer`, if given, instead of
+    the folder's (the toy folder stores none: it is the package's CLIP tokenizer)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -100,7 +102,7 @@ def _from_pretrained(spec: str, dtype: torch.dtype, local_files_only: bool) -> d
     try:
         return dict(
             scheduler=_scheduler_from(spec, kwargs),
-            tokenizer=CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer", **kwargs),
+            tokenizer=tokenizer or CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer", **kwargs),
             text_encoder=CLIPTextModel.from_pretrained(spec, subfolder="text_encoder", torch_dtype=dtype, **kwargs),
             unet=UNet2DConditionModel.from_pretrained(spec, subfolder="unet", torch_dtype=dtype, **kwargs),
             vae=AutoencoderKL.from_pretrained(spec, subfolder="vae", torch_dtype=dtype, **kwargs),
@@ -153,7 +155,10 @@ def _load_toy(config: ModelConfig, dtype: torch.dtype) -> dict:
     if not toy_available():
         raise ModelLoadError(f"the toy model's weights are missing from {TOY_DIR}: reinstall diffstream, or "
                              f"rebuild them with scripts/train_toy.py")
-    return _from_pretrained(str(TOY_DIR), dtype, local_files_only=True)
+    from diffstream.models.tokenizer import clip_tokenizer
+
+    # The CLIP tokenizer is rebuilt from the package's BPE file, not stored a second time.
+    return _from_pretrained(str(TOY_DIR), dtype, local_files_only=True, tokenizer=clip_tokenizer())
 
 
 def load_tiny_vae(spec: str, dtype: torch.dtype):
