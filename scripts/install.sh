@@ -31,7 +31,8 @@ Installs diffstream, editable, with what its commands need:
              (eval --plot); and, as root with apt-get, Debian's chromium for the browser
              test (DIFFSTREAM_SKIP_BROWSER=1 skips it; without it that test is skipped).
 Extras for users without --dev: pip install -e '.[ray]' (diffstream edit --workers),
-pip install -e '.[plot]' (diffstream eval --plot).
+pip install -e '.[plot]' (diffstream eval --plot), pip install -e '.[openvino]'
+(--backend openvino).
 
   --dry-run  print the commands instead of running them (nothing is created or installed)
 EOF

@@ -75,6 +75,8 @@ def test_run_folder_to_png_folder_with_max_frames_and_keep_size(tmp_path):
         (["--method", "magic"], "invalid choice"),
         (["--similarity-filter", "1.5"], "--similarity-filter"),
         (["--max-frames", "0"], "--max-frames"),
+        (["--backend", "tensorrt"], "invalid choice"),
+        (["--backend", "openvino", "--method", "streamv2v"], "openvino runs --method streamdiffusion only"),
     ],
 )
 def test_invalid_options_fail_before_loading(clip, tmp_path, capsys, args, needle, monkeypatch):
@@ -86,6 +88,15 @@ def test_invalid_options_fail_before_loading(clip, tmp_path, capsys, args, needl
     code = info.value.code if needle == "invalid choice" else code
     assert code == 2
     assert needle in one_error_line(capsys)
+
+
+def test_compile_is_backend_compile():
+    from diffstream.cli import build_parser
+    from diffstream.commands.common import model_config
+
+    for argv, backend in ((["--compile"], "compile"), (["--backend", "auto"], "auto"), ([], "eager")):
+        args = build_parser().parse_args(["run", "in.mp4", "-o", "out.mp4", *argv])
+        assert model_config(args).backend == backend
 
 
 class _no_raise:

@@ -48,6 +48,9 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "live2diff": dict(guidance=1.0, noise="per-frame"),
 }
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# Execution backends (`models.backends`): eager PyTorch, inductor, OpenVINO, or the best
+# that works on the device.
+BACKENDS = ("eager", "compile", "openvino", "auto")
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,9 @@ class ModelConfig:
         motion_adapter: AnimateDiff-style motion modules to insert (live2diff): a hub id or
             folder (diffusers MotionAdapter), an original AnimateDiff or Live2Diff
             checkpoint file, or "tiny"; None for an image model.
-        compile: wrap the UNet with torch.compile.
+        backend: how the UNet and VAE run (`models.backends`): "eager", "compile"
+            (inductor; CPU with weight freezing, CUDA with max-autotune), "openvino"
+            (CPU, the per-frame baseline only) or "auto" (compile on CPU/CUDA, eager on MPS).
     """
 
     model: str = DEFAULT_MODEL
@@ -82,11 +87,13 @@ class ModelConfig:
     turbo: bool | None = None
     instruct: bool = False
     motion_adapter: str | None = None
-    compile: bool = False
+    backend: str = "eager"
 
     def __post_init__(self):
         if not self.model:
             raise ConfigError("--model must not be empty (pass a hub id, a local path, or 'tiny')")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for _, scale in self.loras:
@@ -285,6 +292,11 @@ class RunConfig:
     def __post_init__(self):
         # Caught here, before anything loads: the image methods cannot run on the video
         # UNet that motion modules make (factory.make_mechanism says the same at run time).
+        if self.model.backend == "openvino" and self.stream.method != "streamdiffusion":
+            # The same refusal `attention.base.check_backend` makes at attach time, made
+            # here before anything loads (see there why).
+            raise ConfigError(f"--backend openvino runs --method streamdiffusion only ({self.stream.method} keeps "
+                              f"state in the attention layers): use --backend compile or eager")
         if self.model.motion_adapter and self.stream.method != "live2diff":
             raise ConfigError(f"--motion-adapter is for --method live2diff (motion modules turn the UNet into a "
                               f"video UNet); --method {self.stream.method} runs without it: leave it out")

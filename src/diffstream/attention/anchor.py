@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from diffstream.attention.base import (
+    compiler_opaque,
     ANCHOR_PHASES,
     AttentionInputs,
     BatchLayout,
@@ -158,6 +159,10 @@ class AnchorAttnProcessor(SDPAAttnProcessor):
     def __init__(self, name: str, state: AnchorState):
         self.name = name
         self.state = state
+
+    @compiler_opaque  # stateful: the compiled graphs stop here (attention.base)
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
     def keys_values(self, attn, inputs: AttentionInputs):
         state = self.state

@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from diffstream.errors import ConfigError
+
 
 # Phases of a UNet call (see BatchLayout): the stream engine's, Fairy's, FateZero's.
 STREAM_PHASES = ("stream", "warmup")
@@ -234,6 +236,36 @@ def block_of(name: str) -> str:
     return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
 
 
+def compiler_opaque(fn):
+    """Mark a stateful processor's `__call__` as opaque to `torch.compile` (issue #16).
+
+    Dynamo breaks the graph at the call and runs it eagerly, so the compiled graphs around
+    it never specialise on a stream's Python state (fill counts, update flags), which
+    would recompile them as a bank fills, or fall back to eager at the recompile limit.
+    Outside a compiled model it is a plain call.
+    """
+    return torch.compiler.disable(fn, recursive=True)
+
+
+# Set on a UNet by `models.backends.apply_backend` (a lower floor cannot import it).
+BACKEND_ATTRIBUTE = "_diffstream_backend"
+
+
+def check_backend(unet, installed: dict) -> None:
+    """Refuse stateful processors on an OpenVINO-compiled UNet (one line, ConfigError).
+
+    OpenVINO's partitioned executor hands back tensors that share its inference requests'
+    output buffers; with the graph broken at every stateful processor, one compiled piece
+    runs several times per UNet call and overwrites outputs still in use (measured: the
+    feature bank came out 19 grey levels off eager). Until its outputs are copied or the
+    state passes through the graph explicitly, such a mechanism runs on `compile`.
+    """
+    if installed and getattr(unet, BACKEND_ATTRIBUTE, "eager") == "openvino":
+        kind = type(next(iter(installed.values()))).__name__
+        raise ConfigError(f"--backend openvino runs the per-frame baseline (streamdiffusion) only; {kind} keeps "
+                          f"state in the attention layers: use --backend compile or eager")
+
+
 @contextlib.contextmanager
 def install_processors(unet, make: Callable[[str, object], object | None]):
     """Swap attention processors in for the duration of the context.
@@ -244,6 +276,8 @@ def install_processors(unet, make: Callable[[str, object], object | None]):
             install there, or None to keep the current one.
     Yields:
         dict name -> installed processor (only the replaced ones).
+    Raises:
+        ConfigError: stateful processors on a backend that cannot run them (`check_backend`).
     """
     original = dict(unet.attn_processors)
     installed = {}
@@ -253,6 +287,7 @@ def install_processors(unet, make: Callable[[str, object], object | None]):
         new[name] = proc if replacement is None else replacement
         if replacement is not None:
             installed[name] = replacement
+    check_backend(unet, installed)
     unet.set_attn_processor(new)
     try:
         yield installed

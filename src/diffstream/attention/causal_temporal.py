@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from diffstream.attention.base import (
+    compiler_opaque,
     AttentionInputs,
     BatchLayout,
     Mechanism,
@@ -333,6 +334,7 @@ class CausalTemporalAttnProcessor:
             self._proj = tuple(F.linear(pe, lin.weight) for lin in (attn.to_q, attn.to_k, attn.to_v))
         return self._proj
 
+    @compiler_opaque  # stateful: the compiled graphs stop here (attention.base)
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         layout = self.state.layout
         if layout is None:

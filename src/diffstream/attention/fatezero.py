@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from diffstream.attention.base import (
+    compiler_opaque,
     FATEZERO_PHASES,
     BatchLayout,
     Mechanism,
@@ -389,6 +390,7 @@ class FateZeroAttnProcessor(SDPAAttnProcessor):
             pooled = F.max_pool2d(mean, kernel_size=3, stride=1, padding=1)
             state.sink.put((*BLEND_KEY, call.step), pooled, dtype=torch.float32)
 
+    @compiler_opaque  # stateful: the compiled graphs stop here (attention.base)
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         state, call = self.state, self.state.call
         if call is None or (not self.is_self and call.phase == "plain"):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffstream.attention.base import SDPAAttnProcessor, block_of, install_processors, is_self_attention
+from diffstream.attention.base import SDPAAttnProcessor, block_of, compiler_opaque, install_processors, is_self_attention
 from diffstream.errors import ConfigError
 
 
@@ -54,6 +54,7 @@ class _ProbeProcessor(SDPAAttnProcessor):
         self.name = name
         self.found = found
 
+    @compiler_opaque  # stateful: the compiled graphs stop here (attention.base)
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
         channels = hidden_states.shape[-1] if hidden_states.ndim == 3 else hidden_states.shape[1]

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from diffstream.attention.base import (
+    compiler_opaque,
     BatchLayout,
     Mechanism,
     SDPAAttnProcessor,
@@ -291,6 +292,7 @@ class FeatureBankAttnProcessor(SDPAAttnProcessor):
             bank = state.layers[self.name] = LayerBank(state.num_slots, capacity, heads * d, out_channels, key)
         return bank
 
+    @compiler_opaque  # stateful: the compiled graphs stop here (attention.base)
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         state = self.state
         inputs = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)

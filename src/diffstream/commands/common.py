@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Iterable, Iterator
 
-from diffstream.config import DEFAULT_MODEL, DEFAULT_MOTION_ADAPTER, DTYPES, MODEL_PRESETS, ModelConfig
+from diffstream.config import BACKENDS, DEFAULT_MODEL, DEFAULT_MOTION_ADAPTER, DTYPES, MODEL_PRESETS, ModelConfig
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,7 +76,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: fp16 on GPU, fp32 on CPU (default: auto)")
     g.add_argument("--turbo", default=None, action=argparse.BooleanOptionalAction,
                    help="turbo model handling (1 step, no CFG) (default: detected from the model name)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    g.add_argument("--backend", default="eager", choices=BACKENDS,
+                   help="how the UNet and VAE run: eager; compile (PyTorch inductor: on CPU with weight freezing, "
+                        "on CUDA max-autotune; the first start builds for minutes, later starts read the on-disk "
+                        "cache); openvino (CPU, streamdiffusion only; pip install 'diffstream[openvino]'); auto "
+                        "(compile on CPU/CUDA, eager on MPS) (default: eager)")
+    g.add_argument("--compile", dest="backend", action="store_const", const="compile",
+                   help="the same as --backend compile")
     g.add_argument("--motion-adapter", default=None,
                    help="motion modules for --method live2diff: hub id or folder (diffusers MotionAdapter), an "
                         "AnimateDiff or Live2Diff checkpoint file (default: "
@@ -94,7 +100,7 @@ def model_config(args) -> ModelConfig:
                               "--motion-adapter tiny (random modules: plumbing only) or a real checkpoint")
         motion = "tiny" if args.model == "tiny" else DEFAULT_MOTION_ADAPTER
     return ModelConfig(model=args.model, lcm_lora=args.lcm_lora, loras=tuple(args.lora), tiny_vae=args.tiny_vae,
-                       device=args.device, dtype=args.dtype, turbo=args.turbo, compile=args.compile,
+                       device=args.device, dtype=args.dtype, turbo=args.turbo, backend=args.backend,
                        motion_adapter=motion)
 
 

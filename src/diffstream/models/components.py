@@ -21,6 +21,7 @@ class Components:
         name: what the user asked for (for messages and reports).
         turbo: 1-step x0 sampler, no CFG.
         device, dtype: where the modules live.
+        backend: "eager", "compile" or "openvino" (`models.backends`).
     """
 
     unet: torch.nn.Module
@@ -33,6 +34,7 @@ class Components:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     depth_prior_state: dict | None = None  # Live2Diff's depth module weights, if the checkpoint had them
+    backend: str = "eager"  # how unet/vae run (`models.backends.apply_backend` sets it)
 
     # --- facts derived from the modules ---------------------------------------------
     @property

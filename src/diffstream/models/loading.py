@@ -283,6 +283,7 @@ def load_components(config: ModelConfig) -> Components:
         modules[key] = module.to(device=device).eval().requires_grad_(False)
     components = Components(name=config.model, turbo=turbo, device=device, dtype=dtype,
                             depth_prior_state=depth_state, **modules)
-    if config.compile:
-        components.unet = torch.compile(components.unet)
+    from diffstream.models.backends import apply_backend
+
+    apply_backend(components, config.backend)  # in place: the modules stay the same objects
     return components

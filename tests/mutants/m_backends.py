@@ -1,0 +1,40 @@
+"""Mutants of the execution backends (issue #16): what keeps a compiled model correct and
+fast with stateful mechanisms, and what refuses the combinations that cannot work."""
+
+from pathlib import Path
+
+from mutation import Patch, mutant
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (where OpenVINO's CPU plugin defaults to it)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+TESTS = "tests/models/test_backends.py"
+REUSE = f"{TESTS}::test_graphs_are_reused_while_state_fills"
+OPAQUE = "@compiler_opaque  # stateful: the compiled graphs stop here (attention.base)"
+
+MUTANTS = [
+    mutant("bank-traced-into-graphs", "the feature bank's processor is traced by dynamo: graphs guard on the "
+           "bank's fill counts and are rebuilt as it fills (or fall back to eager at the recompile limit)",
+           f"{REUSE}[streamv2v]",
+           Patch("diffstream.attention.feature_bank:FeatureBankAttnProcessor.__call__", OPAQUE, "")),
+    mutant("kv-cache-traced-into-graphs", "Live2Diff's causal temporal processor is traced by dynamo: graphs "
+           "guard on the KV cache's fill and are rebuilt frame after frame while the window rolls",
+           f"{REUSE}[live2diff]",
+           Patch("diffstream.attention.causal_temporal:CausalTemporalAttnProcessor.__call__", OPAQUE, "")),
+    mutant("openvino-runs-stateful-processors", "a stateful mechanism attaches to an OpenVINO-compiled UNet, whose "
+           "executor reuses output buffers across graph pieces",
+           f"{TESTS}::test_openvino_refuses_a_stateful_mechanism_at_attach",
+           Patch("diffstream.attention.base:check_backend",
+                 'if installed and getattr(unet, BACKEND_ATTRIBUTE, "eager") == "openvino":', "if False:")),
+    mutant("openvino-runs-fp32-as-bf16", "OpenVINO keeps its CPU default, bf16 arithmetic on CPUs with bf16 "
+           "units, for an fp32 model (6 grey levels off eager here)",
+           f"{TESTS}::test_openvino_equals_eager_for_the_baseline",
+           Patch("diffstream.models.backends:apply_backend", '"config": {"INFERENCE_PRECISION_HINT": precision}', ""),
+           harmless=None if _cpu_has_bf16() else "this CPU has no bf16 units: OpenVINO computes in fp32 anyway"),
+]
