@@ -70,11 +70,13 @@ def check_local(url: str) -> str:
     return url.rstrip("/")
 
 
-def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """Launch the server on a free loopback port; returns (process, base URL)."""
+def start_server(args, log_path: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Launch the server on a free loopback port, with `extra` options (webrtc_load.py
+    adds --webrtc); returns (process, base URL)."""
     cmd = [
-        sys.executable, "-m", "diffstream.commands.serve", "--model", args.model, "--host", "127.0.0.1",
-        "--port", "0", "--size", str(args.size), "--max-clients", str(args.max_clients or args.clients),
+        sys.executable, "-m", "diffstream.commands.serve", *extra, "--model", args.model, "--host", "127.0.0.1",
+        "--port", "0", "--size", str(args.size),
+        "--max-clients", str(getattr(args, "max_clients", None) or args.clients),
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -91,7 +93,7 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
             url = line.split("serving the live demo at ", 1)[1].split()[0]
             return proc, url
     stop_server(proc)
-    raise SystemExit(f"serve_load: the server did not start; its log:\n{log_path.read_text()}")
+    raise SystemExit(f"{Path(sys.argv[0]).stem}: the server did not start; its log:\n{log_path.read_text()}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:

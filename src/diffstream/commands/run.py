@@ -24,9 +24,12 @@ from diffstream.config import CFG_TYPES, METHODS, NOISE_MODES, VAE_ENCODINGS, IO
 
 def add_arguments(run: argparse.ArgumentParser) -> None:
     """`diffstream run`'s own options, the model options and the engine's options."""
-    run.add_argument("input", help="video file, image folder, webcam:N, or rtsp/rtmp/http(s) URL")
+    run.add_argument("input", help="video file, image folder, webcam:N, rtsp/rtmp/http(s) URL, or ndi:SOURCE_NAME "
+                                   "(needs pip install 'diffstream[ndi]')")
     run.add_argument("-o", "--output", required=True,
-                     help="output .mp4/.mkv/.mov file, PNG folder, or 'window'. An existing file is replaced only "
+                     help="output .mp4/.mkv/.mov file, PNG folder, 'window', ndi:NAME (an NDI sender; "
+                          "pip install 'diffstream[ndi]') or virtualcam[:DEVICE] (a virtual webcam; pip install "
+                          "'diffstream[virtualcam]'). An existing file is replaced only "
                           "when the run has written its first frame (it is written under a temporary name and "
                           "renamed into place); an output that is the input is refused")
     run.add_argument("--max-frames", type=int, default=None, help="process only the first N frames (default: all)")

@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--idle-timeout", type=float, default=60.0,
                    help="free a client's session after this many seconds without a message from it, telling "
                         "the client why; 0 never (default: 60)")
+    g.add_argument("--webrtc", action="store_true",
+                   help="also take WebRTC streams: WHIP ingest at /whip (OBS can publish to it) and WHEP "
+                        "playback of each stream at /whep/<id>; ICE uses the --host address only "
+                        "(needs aiortc: pip install 'diffstream[webrtc]')")
     g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept WebSocket connections from pages of this origin "
                         "(e.g. https://demo.example.org behind a reverse proxy); repeatable")
@@ -139,6 +143,10 @@ def command(args) -> int:
     """
     _check_args(args)
     check_server_libraries()
+    if args.webrtc:
+        from diffstream.server.webrtc import check_available
+
+        check_available()  # before the port is bound and the model loads
     from diffstream.server.protocol import Limits
 
     limits = Limits(max_frame_bytes=args.max_frame_bytes, max_frame_side=args.max_frame_side)
@@ -165,7 +173,8 @@ def command(args) -> int:
         app = create_app(components, size=args.size, max_clients=args.max_clients, limits=limits,
                          idle_timeout=args.idle_timeout or None,
                          jpeg_quality=args.jpeg_quality, allowed_origins=tuple(args.allow_origin),
-                         base_config=StreamConfig(stream_batch=not args.no_stream_batch))
+                         base_config=StreamConfig(stream_batch=not args.no_stream_batch),
+                         webrtc=args.webrtc, host=args.host)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -184,6 +193,9 @@ def command(args) -> int:
             f"(model {config.model}, size {args.size}, at most {args.max_clients} clients); Ctrl-C stops",
             flush=True,
         )
+        if args.webrtc:
+            print(f"diffstream: WebRTC: WHIP ingest at {_url(args.host, port)}/whip, "
+                  f"WHEP playback at {_url(args.host, port)}/whep/<id>", flush=True)
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn has shut down gracefully; the signal reached us afterwards

@@ -428,10 +428,20 @@ class WindowSink(Sink):
             pass  # already closed by the user
 
 
+# Outputs that show or send a stream instead of recording it.
+LIVE_KINDS = ("window", "ndi", "virtualcam")
+
+
 def _output_kind(spec: str) -> str:
-    """"window", "video" or "folder": what `open_sink` makes of `spec` (OutputError if none)."""
-    if spec.strip().lower() == "window":
+    """"window", "ndi", "virtualcam", "video" or "folder": what `open_sink` makes of
+    `spec` (OutputError if none)."""
+    text = spec.strip().lower()
+    if text == "window":
         return "window"
+    if text.startswith("ndi:"):
+        return "ndi"
+    if text == "virtualcam" or text.startswith("virtualcam:"):
+        return "virtualcam"
     path = Path(spec).expanduser()
     if path.is_dir() or spec.endswith(("/", os.sep)):
         return "folder"
@@ -467,9 +477,10 @@ def check_output(spec: str, inputs=(), live_ok: bool = True) -> None:
     """
     spec = str(spec)
     kind = _output_kind(spec)
-    if kind == "window":
+    if kind in LIVE_KINDS:
         if not live_ok:
             raise OutputError("this command writes a file: -o must be a .mp4, .mkv or .mov file or a folder")
+        _check_live_output(kind, spec, inputs)
         return
     out = Path(os.path.abspath(Path(spec).expanduser()))
     resolved = out.resolve()
@@ -501,6 +512,24 @@ def check_output(spec: str, inputs=(), live_ok: bool = True) -> None:
         raise OutputError(f"cannot write output {spec}: folder {folder} is not writable")
 
 
+def _check_live_output(kind: str, spec: str, inputs) -> None:
+    """The checks of an NDI or virtual-camera output that need no model: the package is
+    installed, the name is there, the camera device exists."""
+    if kind == "ndi":
+        from diffstream.io import ndi
+
+        name = ndi.parse_spec(spec, OutputError)
+        ndi.check_available(OutputError)
+        for item in inputs:
+            if ndi.parse_spec(str(item)) == name:
+                raise OutputError(f"output {spec} is the input {item}: the run would receive its own output; "
+                                  f"choose another NDI name")
+    elif kind == "virtualcam":
+        from diffstream.io import virtualcam
+
+        virtualcam.check_available(virtualcam.parse_spec(spec)[1])
+
+
 def open_sink(
     spec: str,
     fps: Fraction | float | None,
@@ -512,8 +541,11 @@ def open_sink(
     Args:
         spec: ``*.mp4`` / ``*.mkv`` / ``*.mov`` (``*.m4v``) for an H.264 video; an
             existing folder, a path ending with ``/`` or a path without a suffix for a
-            PNG folder; ``window`` for a preview window.
-        fps: frame rate of a video output (None: 30); ignored by other outputs.
+            PNG folder; ``window`` for a preview window; ``ndi:NAME`` for an NDI sender
+            (`diffstream.io.ndi`); ``virtualcam`` or ``virtualcam:DEVICE`` for a virtual
+            camera (`diffstream.io.virtualcam`).
+        fps: frame rate of a video output, announced by NDI and virtual-camera outputs
+            (None: 30); ignored by other outputs.
         size: (width, height) of the output; frames of another size are resized.
             Video outputs round it down to even numbers.
         audio_path: for video outputs, copy this file's audio track (if any), cut to
@@ -527,6 +559,14 @@ def open_sink(
     kind = _output_kind(spec)
     if kind == "window":
         return WindowSink(size)
+    if kind == "ndi":
+        from diffstream.io.ndi import NDISink, parse_spec
+
+        return NDISink(parse_spec(spec, OutputError), fps, size)
+    if kind == "virtualcam":
+        from diffstream.io.virtualcam import VirtualCamSink, parse_spec
+
+        return VirtualCamSink(fps, size, parse_spec(spec)[1])
     path = Path(spec).expanduser()
     if kind == "video":
         return VideoSink(str(path), fps, size, audio_path)

@@ -458,7 +458,8 @@ def open_source(spec: str, max_frames: int | None = None, fps: float | Fraction 
 
     Args:
         spec: a video file path; a folder of images; ``webcam:N`` (``webcam`` means 0);
-            or a URL (rtsp://, rtmp://, udp://, tcp://, srt://, http(s)://).
+            a URL (rtsp://, rtmp://, udp://, tcp://, srt://, http(s)://); or ``ndi:NAME``,
+            an NDI source (`diffstream.io.ndi`, needs cyndilib).
         max_frames: stop iteration after this many frames (None: no limit).
         fps: frame rate of an image-folder input (a number or Fraction > 0), which has
             none of its own: reported as `Source.fps`, so a video sink writes it. None
@@ -473,6 +474,10 @@ def open_source(spec: str, max_frames: int | None = None, fps: float | Fraction 
     if max_frames is not None and max_frames < 1:
         raise InputError(f"max_frames must be at least 1, got {max_frames}")
     folder_fps = _as_fps(fps)  # checked for every input, so a bad value fails before any I/O
+    if spec.strip().lower().startswith("ndi:"):
+        from diffstream.io.ndi import NDISource, parse_spec
+
+        return NDISource(parse_spec(spec), max_frames)
     webcam = re.fullmatch(r"webcam(?::(\d+))?", spec.strip(), re.IGNORECASE)
     if webcam:
         return WebcamSource(int(webcam.group(1) or 0), max_frames)

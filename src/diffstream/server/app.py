@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Callable
 
-from fastapi import FastAPI, WebSocket
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from diffstream.config import StreamConfig
 from diffstream.errors import ConfigError
@@ -74,6 +74,8 @@ def create_app(
     pipeline_factory: Callable | None = None,
     allowed_origins: tuple[str, ...] = (),
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    webrtc: bool = False,
+    host: str = "127.0.0.1",
 ):
     """Build the live demo app.
 
@@ -90,6 +92,9 @@ def create_app(
         allowed_origins: extra browser origins allowed to connect (e.g. behind a proxy).
         idle_timeout: seconds a client may send nothing before its session is closed
             (it gets an "idle" event first) and given to the next client; None: never.
+        webrtc: also serve WHIP ingest and WHEP playback (`diffstream.server.webrtc`;
+            needs aiortc).
+        host: the address the server listens on; WebRTC's ICE candidates use it.
     Returns:
         a FastAPI app; its engine is `app.state.engine`.
     Raises:
@@ -110,6 +115,12 @@ def create_app(
         raise ConfigError(f"--method {base.method} cannot run on this model: {engine.unavailable.get(base.method)}")
     static = _read_static()
     allowed = tuple(allowed_origins)
+    gateway = None
+    if webrtc:
+        from diffstream.server.webrtc import WebRTCGateway
+
+        gateway = WebRTCGateway(engine, limits, ice_host=host, stats_interval=stats_interval,
+                                idle_timeout=idle_timeout)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -117,11 +128,14 @@ def create_app(
         try:
             yield
         finally:
+            if gateway is not None:
+                await gateway.close()
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="diffstream live", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.limits = limits
+    app.state.webrtc = gateway
 
     def static_response(name: str) -> Response:
         headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
@@ -163,8 +177,12 @@ def create_app(
                 "limits": limits.as_dict(),
                 "idle_timeout": idle_timeout,
                 "rss_bytes": current_rss_bytes(),
+                "webrtc": gateway.info() if gateway is not None else None,
             }
         )
+
+    if gateway is not None:
+        _add_webrtc_routes(app, gateway, allowed)
 
     @app.websocket("/ws")
     async def stream(websocket: WebSocket):
@@ -218,6 +236,69 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
 
     return app
+
+
+def _add_webrtc_routes(app: FastAPI, gateway, allowed: tuple[str, ...]) -> None:
+    """WHIP (POST /whip, DELETE /whip/<id>) and WHEP (POST /whep/<id>, DELETE
+    /whep/<id>/<viewer>) on `gateway` (`diffstream.server.webrtc.WebRTCGateway`)."""
+    from diffstream.server.webrtc import MAX_SDP_BYTES, SDP_TYPE, WebRTCError, check_offer
+
+    def refused(err: WebRTCError) -> Response:
+        return PlainTextResponse(err.message + "\n", status_code=err.status, headers=err.headers)
+
+    def check_origin(request: Request) -> None:
+        # Pages of other sites may not start or end streams here (as for the WebSocket).
+        if not origin_allowed(request.headers, allowed):
+            raise WebRTCError(403, "cross-origin page: WHIP/WHEP requests must come from this server's pages")
+
+    async def offer_of(request: Request) -> str:
+        check_origin(request)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_SDP_BYTES:
+                break  # check_offer says 413 without reading the rest
+        return check_offer(request.headers.get("content-type"), bytes(body))
+
+    @app.post("/whip")
+    async def whip(request: Request):
+        """WHIP ingest: an SDP offer that sends video starts a publication (a session)."""
+        try:
+            token, answer = await gateway.publish(await offer_of(request))
+        except WebRTCError as err:
+            return refused(err)
+        return Response(answer, status_code=201, media_type=SDP_TYPE,
+                        headers={"Location": f"/whip/{token}", "Link": f'</whep/{token}>; rel="alternate"'})
+
+    @app.delete("/whip/{token}")
+    async def whip_delete(token: str, request: Request):
+        """End a publication."""
+        try:
+            check_origin(request)
+            await gateway.unpublish(token)
+        except WebRTCError as err:
+            return refused(err)
+        return Response(status_code=200)
+
+    @app.post("/whep/{token}")
+    async def whep(token: str, request: Request):
+        """WHEP playback: an SDP offer that receives video gets the restyled stream."""
+        try:
+            viewer, answer = await gateway.view(token, await offer_of(request))
+        except WebRTCError as err:
+            return refused(err)
+        return Response(answer, status_code=201, media_type=SDP_TYPE,
+                        headers={"Location": f"/whep/{token}/{viewer}"})
+
+    @app.delete("/whep/{token}/{viewer}")
+    async def whep_delete(token: str, viewer: str, request: Request):
+        """End a viewer."""
+        try:
+            check_origin(request)
+            await gateway.unview(token, viewer)
+        except WebRTCError as err:
+            return refused(err)
+        return Response(status_code=200)
 
 
 async def _receive_loop(websocket, engine: Engine, session: Session, limits: Limits) -> None:
