@@ -12,17 +12,31 @@ Prints human-readable lines, then as its last line one JSON object (with --json)
 - vs_diffusers_img2img: our best CPU throughput (the fastest of the settings tried,
   named in best_settings) over a plain loop of StableDiffusionImg2ImgPipeline at its
   defaults (CFG 7.5, strength 0.8, full VAE) with the same UNet, 2 denoising steps;
-- vs_diffusers_img2img_same_settings: both sides fp32 eager.
+- vs_diffusers_img2img_same_settings: both sides fp32 eager;
+- backends: for each method (streamdiffusion, streamv2v, live2diff: the same UNet with
+  AnimateDiff-v1.5-shaped motion modules, warmup 8, window 16), s/frame of fp32 eager,
+  bf16 eager and the compiled backends (inductor in bf16; OpenVINO in fp32 for
+  streamdiffusion, the one method it runs), each frame of each timed in turn
+  (interleaved) and summarised by medians, `speedup_vs_fp32_eager`, and the compiled
+  backends' first-start and second-start seconds (from compiling until the stream's
+  first steady-state output: every shape of the stream built), the second start in a new
+  process reading the on-disk cache the first one wrote; `best_speedup_vs_fp32_eager`
+  per method. Each method runs in a child process of its own, one after the other.
 
-    python benchmarks/stream_overhead.py --json [--frames 4] [--no-bf16] [--compile]
+    python benchmarks/stream_overhead.py --json [--frames 4] [--no-bf16] [--methods ...]
+        [--backends-only] [--no-backends]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -107,6 +121,148 @@ def time_diffusers_img2img(unet, text_encoder, tokenizer, frames):
     return elapsed / (len(images) - 1), per_frame_calls, sorted(set(calls))
 
 
+def sd15_method_components(method: str):
+    """fp32 SD 1.5-size components for `method` (live2diff: with AnimateDiff-v1.5-shaped
+    motion modules, as benchmarks/kv_cache.py builds them)."""
+    base = sd15_random_components()
+    if method != "live2diff":
+        return base
+    import dataclasses
+
+    from diffusers import MotionAdapter
+
+    from diffstream.models.motion import motion_unet
+
+    torch.manual_seed(5)
+    adapter = MotionAdapter(block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2,
+                            motion_num_attention_heads=8, motion_max_seq_length=32, use_motion_mid_block=False)
+    return dataclasses.replace(base, unet=motion_unet(base.unet, adapter).eval().requires_grad_(False))
+
+
+def variant(base, dtype: torch.dtype, backend: str, device: torch.device):
+    """A copy of `base` in `dtype` on `device`, compiled in place for `backend`."""
+    import dataclasses
+
+    from diffstream.models.backends import apply_backend
+
+    def moved(module):
+        return copy.deepcopy(module).to(device=device, dtype=dtype)
+
+    comp = dataclasses.replace(base, unet=moved(base.unet), vae=moved(base.vae), text_encoder=moved(base.text_encoder),
+                               dtype=dtype, device=device)
+    apply_backend(comp, backend)
+    return comp
+
+
+def method_config(method: str, size: int, steps: int):
+    from diffstream.config import StreamConfig
+
+    # RCFG self at 1.2 for the image methods (StreamDiffusion's setting), none for
+    # live2diff (its reference); the same settings on every backend.
+    guidance = 1.0 if method == "live2diff" else 1.2
+    return StreamConfig(prompt="a watercolor painting", size=size, steps=steps, strength=0.5, guidance=guidance,
+                        cfg_type="self", method=method)
+
+
+def start_stream(components, config, frames) -> tuple[object, int, float]:
+    """Open a stream and push frames until its first steady-state output (the stream batch
+    full, Live2Diff's warmup done: every shape the stream uses has run once).
+
+    Returns:
+        (pipeline, frames pushed, seconds)
+    """
+    from diffstream.pipelines.factory import make_pipeline
+
+    pipe = make_pipeline(components, config)
+    fill = pipe.mechanism.warmup_frames + config.steps
+    start = time.perf_counter()
+    for f in frames[:fill]:
+        pipe.process(f)
+    return pipe, fill, time.perf_counter() - start
+
+
+def backend_child(method: str, args) -> dict:
+    """In a child process: time one method on fp32 eager, bf16 eager and the compiled
+    backends, interleaved; or, with --second-start, only the compiled starts."""
+    import dataclasses
+
+    frames, _ = benchmark_clip(args.frames + 12, args.size)
+    config = method_config(method, args.size, args.steps)
+    base = sd15_method_components(method)
+    # On CUDA (absolute fps there) the half type is fp16; on a CPU bf16, which CPUs with
+    # bf16 units (AVX-512 BF16, AMX) run natively. OpenVINO is a CPU backend.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    compiled = [("compile", half)]
+    if method == "streamdiffusion" and not args.no_openvino and device.type == "cpu":
+        compiled.append(("openvino", torch.float32))
+    if args.second_start:
+        out = {}
+        for backend, dtype in compiled:
+            pipe, _, seconds = start_stream(variant(base, dtype, backend, device), config, frames)
+            pipe.close()
+            out[f"{backend} {str(dtype)[6:]}"] = seconds
+        return {"second_start_seconds": out}
+    rows = [("eager", torch.float32), ("eager", half)] + compiled
+    # Every copy is made before any stream starts: a started stream's processors (with
+    # their state) sit on the model it runs on.
+    models = {}
+    for backend, dtype in rows:
+        name = f"{backend} {str(dtype)[6:]}"
+        if (backend, dtype) == ("eager", torch.float32):  # the reference runs on the original modules
+            models[name] = dataclasses.replace(base, unet=base.unet.to(device), vae=base.vae.to(device),
+                                               text_encoder=base.text_encoder.to(device), device=device)
+        else:
+            models[name] = variant(base, dtype, backend, device)
+    pipes, starts, filled = {}, {}, 0
+    for name, comp in models.items():
+        pipes[name], filled, starts[name] = start_stream(comp, config, frames)
+        print(f"  {method} {name}: started in {starts[name]:.1f} s", file=sys.stderr, flush=True)
+    times = {name: [] for name in pipes}
+    for f in frames[filled : filled + args.frames]:
+        for name, pipe in pipes.items():  # interleaved: one frame on each, in turn
+            start = time.perf_counter()
+            out = pipe.process(f)
+            times[name].append(time.perf_counter() - start)
+            assert len(out) == 1, f"{name}: {len(out)} outputs for one steady-state frame"
+    for pipe in pipes.values():
+        pipe.close()
+    spf = {name: statistics.median(t) for name, t in times.items()}
+    return {"seconds_per_frame": spf, "first_start_seconds": starts, "device": device.type}
+
+
+def time_backends(methods, args) -> dict:
+    """Each method in child processes (first start, then second start on the same cache)."""
+    results = {}
+    for method in methods:
+        with tempfile.TemporaryDirectory(prefix="diffstream-bench-cache-") as cache:
+            env = dict(os.environ, DIFFSTREAM_CACHE=cache, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"))
+            child = [sys.executable, __file__, "--child-method", method, "--frames", str(args.frames),
+                     "--size", str(args.size), "--steps", str(args.steps)] + (["--no-openvino"] if args.no_openvino else [])
+            first = json.loads(subprocess.run(child, env=env, check=True, stdout=subprocess.PIPE,
+                                              text=True).stdout.strip().splitlines()[-1])
+            second = json.loads(subprocess.run(child + ["--second-start"], env=env, check=True,
+                                               stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
+        spf = first["seconds_per_frame"]
+        ref = spf["eager float32"]
+        row = {}
+        for name, seconds in spf.items():
+            row[name] = {"seconds_per_frame": seconds, "fps": 1 / seconds, "speedup_vs_fp32_eager": ref / seconds,
+                         "device": first["device"],
+                         # with the stream batch a frame leaves `steps` frames after it entered
+                         "latency_seconds": seconds * args.steps,
+                         "first_start_seconds": first["first_start_seconds"][name],
+                         "second_start_seconds": second["second_start_seconds"].get(name)}
+            print(f"{method} {name}: {seconds:.3f} s/frame, x{ref / seconds:.2f} vs fp32 eager, start "
+                  f"{row[name]['first_start_seconds']:.1f} s"
+                  + (f" / second start {row[name]['second_start_seconds']:.1f} s" if row[name]["second_start_seconds"]
+                     else ""), file=sys.stderr, flush=True)
+        best = max(row, key=lambda n: row[n]["speedup_vs_fp32_eager"])
+        results[method] = {"backends": row, "best": best,
+                           "best_speedup_vs_fp32_eager": row[best]["speedup_vs_fp32_eager"]}
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print a JSON object as the last line")
@@ -114,9 +270,25 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 configuration")
-    parser.add_argument("--compile", action="store_true", help="also try torch.compile (slow to build on CPU)")
+    parser.add_argument("--methods", default="streamdiffusion,streamv2v,live2diff",
+                        help="methods timed on each backend (comma-separated)")
+    parser.add_argument("--backends-only", action="store_true", help="only the backends table")
+    parser.add_argument("--no-backends", action="store_true", help="skip the backends table")
+    parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out of the backends table")
+    parser.add_argument("--child-method", help=argparse.SUPPRESS)
+    parser.add_argument("--second-start", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.child_method:
+        print(json.dumps(backend_child(args.child_method, args)))
+        return 0
+    if args.backends_only:
+        backends = time_backends(args.methods.split(","), args)
+        results = {"backends": backends, "best_speedup_vs_fp32_eager":
+                   {m: r["best_speedup_vs_fp32_eager"] for m, r in backends.items()}}
+        if args.json:
+            print(json.dumps(results))
+        return 0
 
     import dataclasses
 
@@ -142,10 +314,6 @@ def main() -> int:
         del bf16
         base.vae.float()
         text_encoder.float()
-    if args.compile:
-        compiled = dataclasses.replace(base, unet=torch.compile(unet))
-        settings["fp32 torch.compile, tiny VAE, RCFG self"] = time_stream(compiled, frames, args.steps)
-        print(f"ours fp32 compile: {settings['fp32 torch.compile, tiny VAE, RCFG self']:.3f} s/frame", file=sys.stderr)
 
     ref_spf, calls, batch_sizes = time_diffusers_img2img(unet, text_encoder, tokenizer, frames[: args.frames + 1])
     print(f"diffusers img2img fp32 eager: {ref_spf:.3f} s/frame ({calls:.0f} UNet calls/frame, batch {batch_sizes})",
@@ -159,6 +327,11 @@ def main() -> int:
         vs_diffusers_img2img=ref_spf / settings[best_name],
         vs_diffusers_img2img_same_settings=ref_spf / spf,
     )
+    if not args.no_backends:
+        del base, unet, text_encoder
+        backends = time_backends(args.methods.split(","), args)
+        results.update(backends=backends, best_speedup_vs_fp32_eager={
+            m: r["best_speedup_vs_fp32_eager"] for m, r in backends.items()})
     if args.json:
         print(json.dumps(results))
     return 0

@@ -95,7 +95,7 @@ def test_compile_is_backend_compile():
     from diffstream.commands.common import model_config
 
     for argv, backend in ((["--compile"], "compile"), (["--backend", "auto"], "auto"), ([], "eager")):
-        args = build_parser().parse_args(["run", "in.mp4", "-o", "out.mp4", *argv])
+        args = build_parser().parse_args(["run", "in.mp4", "-o", "out.mp4", "--prompt", "", *argv])
         assert model_config(args).backend == backend
 
 
