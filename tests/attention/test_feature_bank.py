@@ -174,7 +174,12 @@ def test_streamv2v_keeps_counts_alignment_and_is_reproducible(tiny):
     a, b = run(make_pipeline(tiny, config), frames), run(make_pipeline(tiny, config), frames)
     assert len(a) == 11 and all(np.array_equal(x, y) for x, y in zip(a, b))
     plain = run(make_pipeline(tiny, config.replace(method="streamdiffusion")), frames)
-    assert np.array_equal(a[0], plain[0])  # the first frame has an empty bank
+    # The first frame has an empty bank: plain attention. Not bit for bit: its row shares a
+    # batch with frame 1's, whose bank is not empty, so the call attends with a mask, and
+    # masked SDPA sums in another order than unmasked on some CPUs (AVX-512 here: one
+    # grey level in 0.01 % of values; the bank's effect on frame 1 is in 1.4 %).
+    first = np.abs(a[0].astype(int) - plain[0].astype(int))
+    assert first.max() <= 1 and (first > 0).mean() < 1e-3
     assert not np.array_equal(a[-1], plain[-1])
 
 

@@ -174,8 +174,17 @@ def test_a_whole_edit_step_by_step(sharp, num_frames, sampler):
     z0 = unscaled_latents(comp, pixels)  # (N, 4, 6, 8): each frame's image conditioning
 
     def frames_of(image_rows):
-        """Which clip frames these rows' image channels are (exact match)."""
-        return tuple(next(j for j in range(num_frames) if torch.equal(row, z0[j])) for row in image_rows)
+        """Which clip frames these rows' image channels are: each row is one frame's latent up
+        to the last bits (the VAE encoded it in a batch of another size, and CPU kernels
+        may round differently by batch shape) and far from every other frame's."""
+        found = []
+        for row in image_rows:
+            dist = torch.stack([(row - z0[j]).abs().max() for j in range(num_frames)])  # (N,)
+            j = int(dist.argmin())
+            # measured here: at most 1.4e-6 from its frame, at least 0.33 from any other
+            assert dist[j] < 1e-4 and torch.cat([dist[:j], dist[j + 1:]]).min() > 1e-2, dist
+            found.append(j)
+        return tuple(found)
 
     # 1. The calls: the anchors at every step, then each chunk at every step, in order.
     batches = [("record", exp["anchors"])] + [("attend", c) for c in exp["chunks"]]
