@@ -199,3 +199,29 @@ def test_interrupt_finalizes_a_valid_file(tmp_path, sig):
         video_seconds = written / 25
         audio = c.streams.audio[0]
         assert float(audio.duration * audio.time_base) <= video_seconds + 0.1
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("edges", "kind must be one of canny, depth"),
+    ("canny:tiny:9", "in [0, 5]"),
+    ("canny:/no/such/cn.safetensors", "does not exist"),
+])
+def test_bad_controlnets_are_one_line_exit_2_before_any_model_loads(clip, tmp_path, capsys, monkeypatch, spec, needle):
+    import diffstream.models.tiny as tiny
+
+    monkeypatch.setattr(tiny, "tiny_components", lambda *a, **k: pytest.fail("model loaded"))
+    try:
+        code = main(["run", clip, "-o", str(tmp_path / "o.mp4"), *TINY, "--controlnet", spec])
+    except SystemExit as exit:  # argparse's own one-line errors
+        code = exit.code
+    assert code == 2
+    assert needle in one_error_line(capsys)
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_run_with_two_controlnets_writes_every_frame(clip, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert main(["run", clip, "-o", str(out), *TINY, "--steps", "2", "--controlnet", "canny:tiny:0.8",
+                 "--controlnet", "depth"]) == 0
+    assert count_frames(out) == 9
+    assert "wrote 9 frames" in capsys.readouterr().err

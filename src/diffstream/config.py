@@ -7,6 +7,7 @@ option fails with one line before anything heavy is imported or loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from diffstream.attention.causal_temporal import CausalTemporalConfig
@@ -51,6 +52,17 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 # Execution backends (`models.backends`): eager PyTorch, inductor, OpenVINO, or the best
 # that works on the device.
 BACKENDS = ("eager", "compile", "openvino", "auto")
+# The largest ControlNet conditioning scale accepted: UIs offer 0..2; beyond a few the
+# residuals swamp the UNet's own features.
+MAX_CONTROL_SCALE = 5.0
+
+
+def check_control_scale(scale) -> float:
+    """A ControlNet scale as a float, or ConfigError: a finite number in [0, MAX_CONTROL_SCALE]."""
+    ok = not isinstance(scale, bool) and isinstance(scale, (int, float)) and math.isfinite(scale)
+    if not ok or not 0.0 <= scale <= MAX_CONTROL_SCALE:
+        raise ConfigError(f"a ControlNet scale must be a number in [0, {MAX_CONTROL_SCALE:g}], got {scale!r}")
+    return float(scale)
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,12 @@ class ModelConfig:
         backend: how the UNet and VAE run (`models.backends`): "eager", "compile"
             (inductor; CPU with weight freezing, CUDA with max-autotune), "openvino"
             (CPU, the per-frame baseline only) or "auto" (compile on CPU/CUDA, eager on MPS).
+        controlnets: (kind, checkpoint or None) per ControlNet, in order (`models.controlnet`):
+            kind names the preprocessor ("canny", "depth"); None takes the kind's default
+            for the base model; "tiny" is a random test ControlNet. Their scales are
+            stream settings (`StreamConfig.control_scales`), changeable while streaming.
+        control_depth_model: the depth estimator of "depth" ControlNets (None: DPT-Hybrid,
+            or the tiny one for tiny ControlNets).
     """
 
     model: str = DEFAULT_MODEL
@@ -88,6 +106,8 @@ class ModelConfig:
     instruct: bool = False
     motion_adapter: str | None = None
     backend: str = "eager"
+    controlnets: tuple[tuple[str, str | None], ...] = ()
+    control_depth_model: str | None = None
 
     def __post_init__(self):
         if not self.model:
@@ -99,6 +119,9 @@ class ModelConfig:
         for _, scale in self.loras:
             if not isinstance(scale, (int, float)):
                 raise ConfigError(f"LoRA scale must be a number, got {scale!r}")
+        for spec in self.controlnets:
+            if len(spec) != 2 or not spec[0] or spec[1] == "":
+                raise ConfigError(f"a ControlNet is (kind, checkpoint or None), got {spec!r}")
 
     def resolved(self) -> "ModelConfig":
         """This config with a preset name expanded to its checkpoint and LoRA."""
@@ -163,6 +186,8 @@ class StreamConfig:
             or "streamv2v" (feature bank).
         feature_bank: settings of the streamv2v feature bank.
         causal: settings of live2diff's causal temporal attention.
+        control_scales: one conditioning scale per loaded ControlNet (`ModelConfig.controlnets`),
+            0 switches one off; None: 1.0 each.
     """
 
     prompt: str = ""
@@ -183,8 +208,13 @@ class StreamConfig:
     method: str = "streamdiffusion"
     feature_bank: FeatureBankConfig = field(default_factory=FeatureBankConfig)
     causal: CausalTemporalConfig = field(default_factory=CausalTemporalConfig)
+    control_scales: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        if self.control_scales is not None:
+            if not isinstance(self.control_scales, (tuple, list)):
+                raise ConfigError(f"control_scales must be a list of numbers, got {self.control_scales!r}")
+            object.__setattr__(self, "control_scales", tuple(check_control_scale(s) for s in self.control_scales))
         if not (0.0 < float(self.strength) <= 1.0):
             raise ConfigError(f"--strength must be in (0, 1], got {self.strength}")
         if self.steps is not None and not (1 <= int(self.steps) <= TIMESTEP_TABLE_SIZE):

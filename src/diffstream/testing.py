@@ -90,3 +90,28 @@ def benchmark_clip(n: int, size: int, name: str = "bigbuckbunny.mp4"):
         frames, origin = make_frames(n, 180, 320), "generated"
     w, h = F.fit_size(frames[0].shape[1], frames[0].shape[0], size, 64)
     return [F.resize(f, (w, h)) for f in frames], origin
+
+
+def stream_all(pipe, frames) -> tuple[list[np.ndarray], list[bool]]:
+    """Push every frame through a stream pipeline, then flush.
+
+    Returns:
+        (outputs in input order, for each push whether it returned a frame)
+    """
+    outs, returned = [], []
+    for frame in frames:
+        out = pipe.push(frame)
+        returned.append(out is not None)
+        if out is not None:
+            outs.append(out)
+    outs.extend(pipe.flush())
+    return outs, returned
+
+
+def assert_frames_close(a, b, tol: int = 1) -> None:
+    """Two equally long lists of uint8 frames differ by at most `tol` grey levels anywhere."""
+    assert len(a) == len(b), (len(a), len(b))
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.shape == y.shape, (i, x.shape, y.shape)
+        diff = np.abs(x.astype(np.int16) - y.astype(np.int16)).max()
+        assert diff <= tol, f"frame {i} differs by {diff}"

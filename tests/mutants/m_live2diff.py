@@ -124,10 +124,12 @@ MUTANTS = [
                  ".reshape(cond.shape)) if")),
     mutant("l2d-depth-uncond-rows-oldest", "the unconditional rows take the oldest in-flight frames' depth "
            "instead of their conditional twins'", f"{ENGINE_DEPTH}[initialize]",
-           Patch("diffstream.pipelines.stream:StreamPipeline._guided_eps", "cond = torch.cat([cond[:u], cond])",
-                 "cond = torch.cat([cond[-u:], cond])")),
+           Patch("diffstream.pipelines.stream:StreamPipeline._guided_eps",
+                 "cond = map_rows(lambda c: torch.cat([c[:u], c]), cond)",
+                 "cond = map_rows(lambda c: torch.cat([c[-u:], c]), cond)")),
     mutant("l2d-stream-batch-keeps-oldest-depth", "after a step the stream batch keeps the oldest frames' depth "
            "latents (the finished frame's stays) instead of the newest", f"{ENGINE_DEPTH}[full]",
-           Patch("diffstream.schedule.stream_batch:StreamBatch.advance", "self.cond = self.cond[:keep]",
-                 "self.cond = self.cond[-keep:]")),
+           Patch("diffstream.schedule.stream_batch:StreamBatch.advance",
+                 "self.cond = map_rows(lambda c: c[:keep], self.cond)",
+                 "self.cond = map_rows(lambda c: c[-keep:], self.cond)")),
 ]

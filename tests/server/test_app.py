@@ -551,3 +551,22 @@ def test_a_prompt_clip_would_cut_is_warned_about(make_client, caplog):
     client.send(type="params", prompt="a short prompt")
     client.wait_for("params")
     assert not [e for e in client.events if e["type"] == "warning" and "short" in e["message"]]
+
+
+def test_controlnet_scales_are_listed_and_changed_live(make_client):
+    """A server with a ControlNet: "ready" names it, a scale change applies without a
+    restart, and a list of the wrong length is refused in one line (the session lives)."""
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    model = load_components(ModelConfig(model="tiny", device="cpu", controlnets=(("canny", "tiny"),)))
+    client = connect(make_client(model=model))
+    assert client.ready["controlnets"] == ["canny"] and client.ready["params"]["control_scales"] is None
+    client.frames(FILL + 1)
+    client.send(type="params", control_scales=[0.25])
+    applied = client.wait_for("params")
+    assert applied["params"]["control_scales"] == [0.25] and applied["restarted"] is False
+    client.send(type="params", control_scales=[0.25, 1.0])
+    assert "one scale per ControlNet of this server (1), got 2" in client.wait_for("error")["message"]
+    client.frames(1, start=FILL + 1)
+    assert len(client.outputs) == 2

@@ -231,3 +231,16 @@ def test_seed_minus_one_means_a_random_seed():
     picked = {resolve_seed(-1) for _ in range(8)}
     assert all(0 <= seed <= MAX_SEED for seed in picked) and len(picked) > 1
     assert resolve_seed(0) == 0 and resolve_seed(MAX_SEED) == MAX_SEED
+
+
+def test_control_scales_field():
+    text = json.dumps({"type": "params", "control_scales": [0.5, 1]})
+    assert parse_control(text, LIMITS)["changes"] == {"control_scales": (0.5, 1.0)}
+    assert parse_control(json.dumps({"type": "params", "control_scales": None}), LIMITS)["changes"] == {
+        "control_scales": None}
+    for bad in ("high", [0.5, "1"], [True], {"canny": 1}):
+        with pytest.raises(ProtocolError, match="control_scales must be a list of numbers or null"):
+            parse_control(json.dumps({"type": "params", "control_scales": bad}), LIMITS)
+    with pytest.raises(ProtocolError, match=r"scale must be a number in \[0, 5\], got -1.0"):
+        apply_params(StreamConfig(), {"control_scales": (-1.0,)})
+    assert public_params(StreamConfig(control_scales=(0.5,)))["control_scales"] == [0.5]

@@ -184,17 +184,21 @@ class Mechanism:
         """
         return None
 
-    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout, cond=None):
+    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout, cond=None,
+                  **unet_kwargs):
         """Run the UNet on one batch of rows.
 
         Args:
             sample: (B, C, h, w) latents; timesteps: (B,); encoder_hidden_states: (B, 77, D).
             cond: (B, ...) the rows' conditioning from `condition`, or None.
+            unet_kwargs: passed to the UNet as they are, rows in `sample`'s order (e.g.
+                ControlNet residuals, `pipelines.control`).
         Returns:
             (B, C, h, w) model output. Video UNets override this to add the frame axis.
         """
         check_unet_batch(sample, timesteps, encoder_hidden_states, layout, cond)
-        return unet(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        return unet(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                    **unet_kwargs)[0]
 
     def attach(self, unet) -> contextlib.AbstractContextManager:
         """Install this mechanism's processors on `unet` for the life of the context.

@@ -500,11 +500,14 @@ class CausalTemporal(Mechanism):
     def before_unet(self, layout: BatchLayout) -> None:
         self.state.begin_call(layout)
 
-    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout, cond=None):
+    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout, cond=None,
+                  **unet_kwargs):
         """Add the frame axis: one frame per row while streaming, W-frame clips in warmup.
 
         Args:
             sample: (B, C, h, w); timesteps: (B,); encoder_hidden_states: (B, 77, D).
+            unet_kwargs: passed on; per-row tensors (ControlNet residuals) stay in row
+                order, which is the (video, frame) order UNetMotionModel folds frames into.
         """
         check_unet_batch(sample, timesteps, encoder_hidden_states, layout, cond)
         frames = warmup_clip_length(layout) if layout.phase == "warmup" else 1
@@ -518,7 +521,7 @@ class CausalTemporal(Mechanism):
         try:
             # Current diffusers expects the text embeddings once per frame.
             out = unet(video, timesteps[::frames], encoder_hidden_states=encoder_hidden_states,
-                       return_dict=False)[0]
+                       return_dict=False, **unet_kwargs)[0]
         finally:
             self._residual = None
         return out.transpose(1, 2).reshape(b, c, h, w)

@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Iterable, Iterator
 
-from diffstream.config import BACKENDS, DEFAULT_MODEL, DEFAULT_MOTION_ADAPTER, DTYPES, MODEL_PRESETS, ModelConfig
+from diffstream.config import (BACKENDS, DEFAULT_MODEL, DEFAULT_MOTION_ADAPTER, DTYPES, MODEL_PRESETS, ModelConfig,
+                               check_control_scale)
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,6 +56,56 @@ def lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def controlnet_spec(text: str) -> tuple[str, str | None, float | None]:
+    """Parse "KIND[:MODEL][:SCALE]" into (kind, model or None, scale or None) (argparse type).
+
+    "canny", "canny:0.6", "canny:tiny", "depth:lllyasviel/control_v11f1p_sd15_depth:0.8",
+    "canny:/models/cn.safetensors".
+    """
+    kind, _, rest = text.partition(":")
+    kind = kind.strip().lower()
+    from diffstream.errors import ConfigError
+    from diffstream.models.controlnet import check_kind
+
+    try:
+        check_kind(kind)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    model, scale = rest or None, None
+    if rest:
+        head, sep, tail = rest.rpartition(":")
+        try:
+            scale = float(tail)
+            model = head if sep else None
+        except ValueError:
+            pass
+    if scale is not None:
+        try:
+            check_control_scale(scale)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(f"--controlnet {text!r}: {exc}") from None
+    return kind, model, scale
+
+
+def add_control_options(p: argparse.ArgumentParser) -> None:
+    """ControlNet options of the stream commands (run, serve)."""
+    g = p.add_argument_group("control")
+    g.add_argument("--controlnet", action="append", type=controlnet_spec, default=[], metavar="KIND[:MODEL][:SCALE]",
+                   help="a ControlNet with its per-frame preprocessor; repeatable (their residuals add up). KIND: "
+                        "canny or depth; MODEL: hub id, folder or .safetensors (default: SD 1.5's v1.1 ControlNet "
+                        "of that kind; with --model tiny/toy a random test one, also 'tiny'); SCALE: conditioning "
+                        "scale, changeable while streaming, 0 = off (default: 1.0)")
+    g.add_argument("--control-depth-model", default=None, metavar="ID_OR_PATH",
+                   help="depth estimator of depth ControlNets: transformers hub id or folder (default: "
+                        "Intel/dpt-hybrid-midas; 'tiny' = random)")
+
+
+def control_scales(args) -> tuple[float, ...] | None:
+    """The StreamConfig.control_scales of `--controlnet` options (None without any)."""
+    specs = getattr(args, "controlnet", None) or []
+    return tuple(1.0 if scale is None else scale for _, _, scale in specs) or None
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Model options shared by every subcommand that runs a model."""
     g = p.add_argument_group("model")
@@ -99,9 +150,11 @@ def model_config(args) -> ModelConfig:
             raise ConfigError("--model toy has no trained motion modules for --method live2diff: pass "
                               "--motion-adapter tiny (random modules: plumbing only) or a real checkpoint")
         motion = "tiny" if args.model == "tiny" else DEFAULT_MOTION_ADAPTER
+    controlnets = tuple((kind, model) for kind, model, _ in getattr(args, "controlnet", None) or [])
     return ModelConfig(model=args.model, lcm_lora=args.lcm_lora, loras=tuple(args.lora), tiny_vae=args.tiny_vae,
                        device=args.device, dtype=args.dtype, turbo=args.turbo, backend=args.backend,
-                       motion_adapter=motion)
+                       motion_adapter=motion, controlnets=controlnets,
+                       control_depth_model=getattr(args, "control_depth_model", None))
 
 
 def check_device(config: ModelConfig) -> None:

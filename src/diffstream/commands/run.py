@@ -47,6 +47,7 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
                    help="address the OSC port listens on (default: 127.0.0.1, this machine only; any other "
                         "address lets whoever reaches it change the run, without authentication)")
     common.add_model_options(run)
+    common.add_control_options(run)
     add_stream_options(run)
 
 
@@ -135,6 +136,7 @@ def stream_config(args) -> StreamConfig:
         feature_bank=feature_bank_config(args),
         causal=CausalTemporalConfig(warmup_frames=args.warmup_frames, window=args.window, depth=args.depth,
                                     depth_model=args.depth_model),
+        control_scales=common.control_scales(args),
     )
 
 

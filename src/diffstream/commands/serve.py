@@ -173,7 +173,8 @@ def command(args) -> int:
         app = create_app(components, size=args.size, max_clients=args.max_clients, limits=limits,
                          idle_timeout=args.idle_timeout or None,
                          jpeg_quality=args.jpeg_quality, allowed_origins=tuple(args.allow_origin),
-                         base_config=StreamConfig(stream_batch=not args.no_stream_batch),
+                         base_config=StreamConfig(stream_batch=not args.no_stream_batch,
+                                                  control_scales=common.control_scales(args)),
                          webrtc=args.webrtc, host=args.host)
         server = uvicorn.Server(
             uvicorn.Config(
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.Parser(prog="diffstream serve",
                            description="Serve the live web demo (webcam restyled in real time).")
     common.add_model_options(parser)
+    common.add_control_options(parser)
     add_arguments(parser)
     return parser
 

@@ -35,6 +35,7 @@ class Components:
     dtype: torch.dtype = torch.float32
     depth_prior_state: dict | None = None  # Live2Diff's depth module weights, if the checkpoint had them
     backend: str = "eager"  # how unet/vae run (`models.backends.apply_backend` sets it)
+    controlnets: tuple = ()  # `models.controlnet.ControlUnit`s, in --controlnet order
 
     # --- facts derived from the modules ---------------------------------------------
     @property

@@ -241,6 +241,10 @@ def load_components(config: ModelConfig) -> Components:
     config = config.resolved()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    if config.controlnets:  # a missing ControlNet file fails now, not after the base model loaded
+        from diffstream.models.controlnet import precheck
+
+        precheck(config.controlnets)
     if config.model == "tiny":
         from diffstream.models.tiny import tiny_components
 
@@ -266,6 +270,13 @@ def load_components(config: ModelConfig) -> Components:
     if config.tiny_vae:
         modules["vae"] = load_tiny_vae(config.tiny_vae, dtype)
 
+    controlnets = ()
+    if config.controlnets:  # built against the image UNet, before motion modules wrap it
+        from diffstream.models.controlnet import load_controlnets
+
+        controlnets = load_controlnets(config.controlnets, modules["unet"], config.model, device, dtype,
+                                       config.control_depth_model)
+
     depth_state = None
     if config.motion_adapter:
         from diffstream.models.motion import load_motion_adapter, motion_unet
@@ -282,7 +293,7 @@ def load_components(config: ModelConfig) -> Components:
             module = module.to(dtype=dtype)
         modules[key] = module.to(device=device).eval().requires_grad_(False)
     components = Components(name=config.model, turbo=turbo, device=device, dtype=dtype,
-                            depth_prior_state=depth_state, **modules)
+                            depth_prior_state=depth_state, controlnets=controlnets, **modules)
     from diffstream.models.backends import apply_backend
 
     apply_backend(components, config.backend)  # in place: the modules stay the same objects

@@ -32,10 +32,11 @@ from diffstream import frames as F
 from diffstream.attention.base import BatchLayout, Mechanism, ProcessorLease
 from diffstream.config import StreamConfig
 from diffstream.models.components import Components
+from diffstream.pipelines.control import ControlStack, check_scales
 from diffstream.pipelines.similarity import SimilarityFilter
 from diffstream.schedule import guidance as G
 from diffstream.schedule import noise as N
-from diffstream.schedule.stream_batch import StreamBatch
+from diffstream.schedule.stream_batch import StreamBatch, map_rows
 from diffstream.schedule.timesteps import add_noise, denoise, eps_to_x0, make_step_table, model_output_to_eps
 
 
@@ -56,6 +57,8 @@ class StreamPipeline:
         self.components = components
         self.config = config
         self.mechanism = mechanism or Mechanism()
+        self.controls = ControlStack(getattr(components, "controlnets", ()))
+        check_scales(config.control_scales, len(self.controls))
         self.on_push: list[Callable[[int], None]] = []
         self.on_output: list[Callable[[int], None]] = []
         self._prompt_key = None
@@ -129,9 +132,9 @@ class StreamPipeline:
 
     def update(self, **changes) -> None:
         """Change settings (prompt, negative_prompt, strength, steps, t_index_list, seed,
-        guidance, delta, cfg_type, noise, vae_encode, similarity_threshold, max_skip); they
-        take effect from the next pushed frame. Invalid values raise ConfigError now, not
-        at the next frame.
+        guidance, delta, cfg_type, noise, vae_encode, similarity_threshold, max_skip,
+        control_scales); they take effect from the next pushed frame. Invalid values raise
+        ConfigError now, not at the next frame.
 
         Temporal state is kept, except where it cannot be: a new schedule (strength,
         steps, t_index_list) or, for Live2Diff, guidance that needs unconditional KV
@@ -140,6 +143,7 @@ class StreamPipeline:
         """
         new = self.config.replace(**{**self._pending, **changes})
         new.t_indices(self.components.turbo)  # validates steps against strength
+        check_scales(new.control_scales, len(self.controls))
         self._pending.update(changes)
 
     # --- the stream API -------------------------------------------------------------
@@ -258,6 +262,9 @@ class StreamPipeline:
                 self._batch.noise = self._slot_noise(tuple(self._batch.noise.shape[-2:]))
         self._cfg_type = c.resolved_cfg_type(turbo)
         self._guidance = c.resolved_guidance
+        # Read at every UNet call: in-flight frames take new scales at their remaining steps,
+        # like a new prompt; nothing else is reset.
+        self._control_scales = check_scales(c.control_scales, len(self.controls))
 
     @staticmethod
     def _uncond_slots(cfg_type: str) -> int:
@@ -297,7 +304,9 @@ class StreamPipeline:
         # drawn from (seed, frame) as the references draw a new one every frame.
         sampler = N.frame_generator(self.config.seed, index, 1) if self.config.vae_encode == "sample" else None
         z0 = comp.encode_image(pixels, generator=sampler)  # (1, C, h, w)
-        cond = self.mechanism.condition(pixels)
+        # (mechanism's conditioning, ControlNet condition images (1, K, 3, H, W)): both travel
+        # with the frame through the stream batch.
+        cond = (self.mechanism.condition(pixels), self.controls.maps(frame, pixels))
         noise = self._frame_noise(index, tuple(z0.shape[-2:]))
         if not self._warmed:
             self._warm.append((index, z0, cond, noise))
@@ -340,7 +349,8 @@ class StreamPipeline:
             first: how many leading rows are at their first step (they get the real
                 unconditional pass of onetime-negative RCFG).
             steps: step index of each row.
-            cond: (m, ...) per-frame conditioning for the mechanism, or None.
+            cond: the rows' per-frame conditioning, (mechanism's (m, ...) or None,
+                ControlNet condition images (m, K, 3, H, W) or None).
         Returns:
             (eps (m, C, h, w), new reference latents for the first `first` rows or None).
         """
@@ -358,10 +368,13 @@ class StreamPipeline:
             emb = self._embeddings(key, lambda: self._cond.expand(m, -1, -1).contiguous())
         layout = self._layout(key, steps[:u] + steps, ("uncond",) * u + ("cond",) * m, phase)
 
-        if cond is not None and u:
-            cond = torch.cat([cond[:u], cond])
+        if u:  # the unconditional rows see the same frames' conditioning
+            cond = map_rows(lambda c: torch.cat([c[:u], c]), cond)
+        mechanism_cond, control_maps = cond if cond is not None else (None, None)
+        extra = ({} if control_maps is None
+                 else self.controls.residuals(x_in, t_in, emb, control_maps, self._control_scales))
         self.mechanism.before_unet(layout)
-        out = self.mechanism.call_unet(self.components.unet, x_in, t_in, emb, layout, cond)
+        out = self.mechanism.call_unet(self.components.unet, x_in, t_in, emb, layout, mechanism_cond, **extra)
         self.mechanism.after_unet(layout)
         self.unet_calls += 1
 
@@ -399,7 +412,7 @@ class StreamPipeline:
         warmup stage, Sec. 3.4): the mechanism sees phase "warmup" and one video of W frames."""
         indices = [i for i, _, _, _ in self._warm]
         z0 = torch.cat([z for _, z, _, _ in self._warm])  # (W, C, h, w)
-        cond = None if self._warm[0][2] is None else torch.cat([c for _, _, c, _ in self._warm])
+        cond = map_rows(lambda *c: torch.cat(c), *[c for _, _, c, _ in self._warm])  # (W, ...) per part
         batch = self._ensure_batch(tuple(z0.shape[-2:]))
         if batch.noise is not None:  # the stream's slot noise, every frame: (n, 1, C, h, w)
             noise = batch.noise[:, None]

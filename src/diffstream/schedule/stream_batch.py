@@ -18,6 +18,27 @@ import torch
 from diffstream.schedule.timesteps import StepTable, add_noise
 
 
+def map_rows(fn, *values):
+    """Apply `fn` to per-row conditioning: a tensor, None (kept), or a tuple of these.
+
+    The engine's per-frame conditioning is a tuple (the mechanism's, e.g. Live2Diff's depth
+    latent; ControlNet condition images); every row operation on it goes through here.
+    """
+    first = values[0]
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return tuple(map_rows(fn, *parts) for parts in zip(*values))
+    return fn(*values)
+
+
+def num_rows(value) -> int | None:
+    """Rows of the first tensor in per-row conditioning (see `map_rows`), or None."""
+    if isinstance(value, tuple):
+        return next((n for n in map(num_rows, value) if n is not None), None)
+    return None if value is None else value.shape[0]
+
+
 class StreamBatch:
     """Owns the in-flight latents, their RCFG reference latents and their frame tags.
 
@@ -39,7 +60,7 @@ class StreamBatch:
         """Forget every in-flight frame."""
         self.x: torch.Tensor | None = None  # (m, C, h, w) noisy latents, newest first
         self.ref: torch.Tensor | None = None  # (m, C, h, w) RCFG reference x0 per frame
-        self.cond: torch.Tensor | None = None  # (m, ...) per-frame conditioning (e.g. depth latents)
+        self.cond = None  # (m, ...) per-frame conditioning (a tensor or a tuple, `map_rows`), or None
         self.tags: list = []  # caller's tag per in-flight frame, newest first
         self.frame_noise: list = []  # per-frame noise (n, C, h, w) per in-flight frame, newest first
         self.lo = 0  # step index of the newest in-flight frame
@@ -60,7 +81,8 @@ class StreamBatch:
         Args:
             z0: (1, C, h, w) the frame's clean (VAE) latent.
             tag: anything that identifies the frame (returned when it finishes).
-            cond: (1, ...) conditioning that travels with the frame, or None.
+            cond: (1, ...) conditioning that travels with the frame (a tensor, or a tuple of
+                tensors / None, `map_rows`), or None.
             noise: (n, C, h, w) this frame's own noise, one per step (required without
                 slot noise, refused with it).
         """
@@ -68,7 +90,7 @@ class StreamBatch:
         assert (noise is None) != (self.noise is None), "frame noise exactly when there is no slot noise"
         own = self.noise if noise is None else noise  # (n, C, h, w)
         assert own.shape == (self.num_steps, *z0.shape[1:]), f"{z0.shape=} {own.shape=}"
-        assert cond is None or cond.shape[0] == 1, f"{cond.shape=}"
+        assert num_rows(cond) in (None, 1), f"{num_rows(cond)=}"
         if self.in_flight and self.lo != 1:
             raise RuntimeError("a frame can join only when the newest in-flight frame is at step 1")
         rows = self.table.rows(0, 1)
@@ -78,8 +100,7 @@ class StreamBatch:
         if self.in_flight:
             self.x = torch.cat([x_new, self.x], dim=0)  # (m + 1, C, h, w), newest first
             self.ref = torch.cat([z0, self.ref], dim=0)  # (m + 1, C, h, w)
-            if cond is not None:
-                self.cond = torch.cat([cond, self.cond], dim=0)  # (m + 1, ...)
+            self.cond = map_rows(lambda new, old: torch.cat([new, old], dim=0), cond, self.cond)  # (m + 1, ...)
         else:
             self.x, self.ref, self.cond = x_new, z0, cond
         self.tags.insert(0, tag)
@@ -120,8 +141,7 @@ class StreamBatch:
                 self.frame_noise = self.frame_noise[:keep]
             self.x = add_noise(denoised[:keep], renoise, nxt.alpha_sqrt, nxt.beta_sqrt)
             self.ref = self.ref[:keep]
-            if self.cond is not None:
-                self.cond = self.cond[:keep]
+            self.cond = map_rows(lambda c: c[:keep], self.cond)
             self.tags = self.tags[:keep]
             self.lo = lo + 1
         else:

@@ -215,6 +215,8 @@ def create_app(
                 "session": session.id,
                 "state": engine.state,
                 "methods": list(engine.methods),
+                # The ControlNets' kinds in order: the page shows one scale slider each.
+                "controlnets": [unit.kind for unit in getattr(engine.components, "controlnets", ()) or ()],
                 "params": public_params(session.requested),
                 "limits": limits.as_dict(),
                 "clients": engine.clients,

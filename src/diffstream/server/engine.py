@@ -300,6 +300,11 @@ class Engine:
                     f"method {method} is not available with this model ({reason}); "
                     f"choose from {', '.join(self.methods)}"
                 )
+            scales = changes.get("control_scales")
+            count = len(getattr(self.components, "controlnets", ()) or ())
+            if scales is not None and len(scales) != count:
+                raise ProtocolError(f"control_scales needs one scale per ControlNet of this server ({count}), "
+                                    f"got {len(scales)}")
             # Check against the settings as they will be, so consecutive changes compose.
             session.requested = apply_params(session.requested, changes, self.turbo)
             payload = {"changes": changes}

@@ -73,6 +73,7 @@ PARAM_FIELDS: dict[str, str] = {
     "vae_encode": "vae_encode",
     "similarity_threshold": "number_or_null",
     "max_skip": "int",
+    "control_scales": "number_list_or_null",  # one per loaded ControlNet; null: 1.0 each
 }
 MESSAGE_TYPES = ("params", "reset", "ping")
 
@@ -300,6 +301,10 @@ def _check_field(name: str, kind: str, value, limits: Limits, methods: tuple[str
         if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
             raise wrong("a non-empty list of integers or null")
         return tuple(value)
+    if kind == "number_list":
+        if not isinstance(value, list) or not all(_is_number(v) for v in value):
+            raise wrong("a list of numbers or null")
+        return tuple(float(v) for v in value)
     raise AssertionError(f"unhandled field kind {kind}")  # PARAM_FIELDS and this function disagree
 
 
@@ -347,6 +352,7 @@ def public_params(config: StreamConfig) -> dict:
         "vae_encode": config.vae_encode,
         "similarity_threshold": config.similarity_threshold,
         "max_skip": config.max_skip,
+        "control_scales": list(config.control_scales) if config.control_scales is not None else None,
         "size": config.size,
     }
 

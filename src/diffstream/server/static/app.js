@@ -130,6 +130,7 @@ function handleEvent(event) {
       state.size = event.params.size;
       state.limits = event.limits;
       fillMethods(event.methods, event.params.method);
+      fillControlNets(event.controlnets || [], event.params.control_scales);
       setStatus(event.state === "loading" ? "Connected. The model is loading…" : connectedText(), "ok");
       sendAllParams();
       break;
@@ -343,6 +344,28 @@ function fillMethods(methods, current) {
   select.value = methods.includes(chosen) ? chosen : current;
 }
 
+function fillControlNets(kinds, scales) {
+  // One slider per ControlNet of the server, in its order; a change sends every scale.
+  const box = $("controlnets");
+  box.replaceChildren(...kinds.map((kind, i) => {
+    const label = document.createElement("label");
+    const value = scales ? scales[i] : 1.0;
+    label.append(`ControlNet ${kind} `);
+    const slider = Object.assign(document.createElement("input"),
+      { type: "range", min: "0", max: "2", step: "0.05", value: String(value), className: "control-scale" });
+    const shown = Object.assign(document.createElement("output"), { textContent: Number(value).toFixed(2) });
+    slider.addEventListener("input", () => { shown.textContent = Number(slider.value).toFixed(2); });
+    slider.addEventListener("change", () => send({ type: "params", control_scales: controlScales() }));
+    label.append(slider, shown);
+    return label;
+  }));
+}
+
+function controlScales() {
+  const sliders = [...document.querySelectorAll("#controlnets .control-scale")];
+  return sliders.length ? sliders.map((s) => Number(s.value)) : null;
+}
+
 function similarityValue() {
   return $("similarity-on").checked ? Number($("similarity").value) : null;
 }
@@ -365,6 +388,8 @@ function sendAllParams() {
     strength: Number($("strength").value),
     similarity_threshold: similarityValue(),
   };
+  const scales = controlScales();
+  if (scales) message.control_scales = scales;
   const seed = readSeed();
   if (seed !== null) message.seed = seed;
   send(message);

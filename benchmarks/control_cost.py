@@ -1,0 +1,115 @@
+"""Per-frame cost of ControlNets in the stream, as a ratio to the plain stream (issue #17).
+
+Full-size architectures with random weights (they time exactly like trained ones): the
+SD 1.5 UNet and CLIP text encoder, a TAESD-size tiny VAE, SD 1.5-size ControlNets
+(`ControlNetModel.from_unet`) and, for the depth preprocessor, a DPT-Large-size depth
+model at 384 px (DPT-Hybrid, the default estimator, is of the same order). 256 px,
+2 denoising steps, stream batch, RCFG self, fp32 eager on the CPU (on CUDA when present).
+
+Configurations, each a stream of its own, timed frame by frame in turn (interleaved) and
+summarised by medians: plain, canny (preprocessor + one ControlNet), depth (estimator +
+one ControlNet), canny+depth, and canny at scale 0 (switched off live: the preprocessor
+still runs, the ControlNet does not).
+
+    python benchmarks/control_cost.py --json [--frames 4] [--size 256] [--steps 2]
+
+The last line (with --json) is one JSON object: seconds_per_frame and ratio_to_plain per
+configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import torch
+
+from diffstream.models.tiny import sd15_random_components
+from diffstream.testing import benchmark_clip
+
+
+def full_size_units(unet, device):
+    """(canny unit, depth unit) at real size with random weights."""
+    from diffusers import ControlNetModel
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from diffstream.models.controlnet import ControlUnit, DepthMap, canny_map
+    from diffstream.models.depth import DepthEstimator
+    from diffstream.models.tiny import randomize
+
+    units = []
+    for i, kind in enumerate(("canny", "depth")):
+        torch.manual_seed(10 + i)
+        net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        randomize(net.controlnet_mid_block, seed=i, std=0.01)  # zero convolutions would still cost the same
+        net = net.to(device).eval().requires_grad_(False)
+        if kind == "canny":
+            pre = canny_map
+        else:
+            torch.manual_seed(20)
+            dpt = DPTForDepthEstimation(DPTConfig()).eval()  # DPT-Large's configuration
+            processor = DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=True,
+                                          ensure_multiple_of=32)
+            pre = DepthMap(DepthEstimator.from_components(dpt, processor, device=device))
+        units.append(ControlUnit(kind=kind, model=net, preprocess=pre, name=f"random-{kind}"))
+    return units
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    parser.add_argument("--frames", type=int, default=4, help="frames timed per configuration")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+
+    from diffstream.config import StreamConfig
+    from diffstream.pipelines.stream import StreamPipeline
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = sd15_random_components()
+    base = dataclasses.replace(base, unet=base.unet.to(device), vae=base.vae.to(device),
+                               text_encoder=base.text_encoder.to(device), device=device)
+    canny, depth = full_size_units(base.unet, device)
+    setups = {
+        "plain": ((), None),
+        "canny": ((canny,), (1.0,)),
+        "depth": ((depth,), (1.0,)),
+        "canny+depth": ((canny, depth), (1.0, 1.0)),
+        "canny_scale_0": ((canny,), (0.0,)),
+    }
+    frames, origin = benchmark_clip(args.steps + args.frames + 1, args.size)
+    cfg = StreamConfig(prompt="a watercolor painting", size=args.size, steps=args.steps, strength=0.5,
+                       guidance=1.2, cfg_type="self")
+    pipes = {name: StreamPipeline(dataclasses.replace(base, controlnets=units), cfg.replace(control_scales=scales))
+             for name, (units, scales) in setups.items()}
+    times = {name: [] for name in setups}
+    for i, frame in enumerate(frames):
+        for name, pipe in pipes.items():  # interleaved: machine drift hits every setup alike
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = pipe.push(frame)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i > args.steps:  # the stream batch is full and every kernel has run once
+                assert out is not None
+                times[name].append(time.perf_counter() - start)
+    spf = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "device": device.type, "size": args.size, "steps": args.steps, "frames_timed": args.frames,
+        "clip": origin, "seconds_per_frame": {k: round(v, 4) for k, v in spf.items()},
+        "ratio_to_plain": {k: round(v / spf["plain"], 3) for k, v in spf.items()},
+    }
+    for name in setups:
+        print(f"{name:>14}: {spf[name]:.3f} s/frame  x{spf[name] / spf['plain']:.2f} of plain")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
