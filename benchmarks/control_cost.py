@@ -2,8 +2,9 @@
 
 Full-size architectures with random weights (they time exactly like trained ones): the
 SD 1.5 UNet and CLIP text encoder, a TAESD-size tiny VAE, SD 1.5-size ControlNets
-(`ControlNetModel.from_unet`) and, for the depth preprocessor, a DPT-Large-size depth
-model at 384 px (DPT-Hybrid, the default estimator, is of the same order). 256 px,
+(`ControlNetModel.from_unet`) and, for the depth preprocessor, a DPT depth model with a
+ViT-B/16 backbone at 384 x 384 (the size of DPT-Hybrid's ViT, the default estimator, without
+its ResNet stem). 256 px,
 2 denoising steps, stream batch, RCFG self, fp32 eager on the CPU (on CUDA when present).
 
 Configurations, each a stream of its own, timed frame by frame in turn (interleaved) and
@@ -50,9 +51,8 @@ def full_size_units(unet, device):
             pre = canny_map
         else:
             torch.manual_seed(20)
-            dpt = DPTForDepthEstimation(DPTConfig()).eval()  # DPT-Large's configuration
-            processor = DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=True,
-                                          ensure_multiple_of=32)
+            dpt = DPTForDepthEstimation(DPTConfig()).eval()  # ViT-B/16 backbone
+            processor = DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=False)
             pre = DepthMap(DepthEstimator.from_components(dpt, processor, device=device))
         units.append(ControlUnit(kind=kind, model=net, preprocess=pre, name=f"random-{kind}"))
     return units
