@@ -32,6 +32,25 @@ def tiny_taesd_model():
     return _shared(load_components(ModelConfig(model="tiny", device="cpu", tiny_vae="tiny")))
 
 
+@pytest.fixture(scope="session")
+def controlled():
+    """The tiny model (the `tiny` fixture's weights) with a canny and a depth tiny ControlNet."""
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    return _shared(load_components(ModelConfig(model="tiny", device="cpu",
+                                               controlnets=(("canny", "tiny"), ("depth", "tiny")))))
+
+
+@pytest.fixture(scope="session")
+def adapted():
+    """The tiny model (the `tiny` fixture's weights) with a random tiny IP-Adapter."""
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    return _shared(load_components(ModelConfig(model="tiny", device="cpu", ip_adapter="tiny")))
+
+
 @pytest.fixture
 def frames():
     from diffstream.testing import make_frames

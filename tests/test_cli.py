@@ -225,3 +225,30 @@ def test_run_with_two_controlnets_writes_every_frame(clip, tmp_path, capsys):
                  "--controlnet", "depth"]) == 0
     assert count_frames(out) == 9
     assert "wrote 9 frames" in capsys.readouterr().err
+
+
+def test_run_with_an_ip_adapter_writes_every_frame(clip, tmp_path, capsys):
+    import cv2
+
+    image = tmp_path / "style.png"
+    cv2.imwrite(str(image), np.full((32, 32, 3), 200, np.uint8))
+    out = tmp_path / "out.mp4"
+    assert main(["run", clip, "-o", str(out), *TINY, "--steps", "2", "--ip-adapter", "tiny",
+                 "--ip-adapter-image", str(image), "--ip-adapter-scale", "0.7"]) == 0
+    assert count_frames(out) == 9
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ip-adapter", "tiny", "--ip-adapter-image", "/no/such.png"], "cannot read the IP-Adapter image"),
+    (["--ip-adapter-image", "/no/such.png"], "cannot read the IP-Adapter image"),
+    (["--ip-adapter", "magic"], "--ip-adapter takes sd15, plus-sd15, tiny"),
+    (["--ip-adapter", "/no/such/ip.safetensors"], "does not exist"),
+    (["--ip-adapter", "tiny", "--ip-adapter-scale", "-1"], "--ip-adapter-scale must be a number in [0, 5]"),
+])
+def test_bad_ip_adapter_options_are_one_line_exit_2_before_any_model_loads(clip, tmp_path, capsys, monkeypatch,
+                                                                            args, needle):
+    import diffstream.models.tiny as tiny
+
+    monkeypatch.setattr(tiny, "tiny_components", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["run", clip, "-o", str(tmp_path / "o.mp4"), *TINY, *args]) == 2
+    assert needle in one_error_line(capsys)

@@ -57,11 +57,12 @@ BACKENDS = ("eager", "compile", "openvino", "auto")
 MAX_CONTROL_SCALE = 5.0
 
 
-def check_control_scale(scale) -> float:
-    """A ControlNet scale as a float, or ConfigError: a finite number in [0, MAX_CONTROL_SCALE]."""
+def check_control_scale(scale, what: str = "a ControlNet scale") -> float:
+    """A ControlNet / IP-Adapter scale as a float, or ConfigError: a finite number in
+    [0, MAX_CONTROL_SCALE]."""
     ok = not isinstance(scale, bool) and isinstance(scale, (int, float)) and math.isfinite(scale)
     if not ok or not 0.0 <= scale <= MAX_CONTROL_SCALE:
-        raise ConfigError(f"a ControlNet scale must be a number in [0, {MAX_CONTROL_SCALE:g}], got {scale!r}")
+        raise ConfigError(f"{what} must be a number in [0, {MAX_CONTROL_SCALE:g}], got {scale!r}")
     return float(scale)
 
 
@@ -94,6 +95,9 @@ class ModelConfig:
             stream settings (`StreamConfig.control_scales`), changeable while streaming.
         control_depth_model: the depth estimator of "depth" ControlNets (None: DPT-Hybrid,
             or the tiny one for tiny ControlNets).
+        ip_adapter: an IP-Adapter to load into the UNet (`models.ip_adapter`): "sd15",
+            "plus-sd15", "tiny", a local weight file or a hub path; None: none. The image and
+            its scale are stream settings (`StreamConfig.ip_adapter_image` / `_scale`).
     """
 
     model: str = DEFAULT_MODEL
@@ -108,6 +112,7 @@ class ModelConfig:
     backend: str = "eager"
     controlnets: tuple[tuple[str, str | None], ...] = ()
     control_depth_model: str | None = None
+    ip_adapter: str | None = None
 
     def __post_init__(self):
         if not self.model:
@@ -188,6 +193,9 @@ class StreamConfig:
         causal: settings of live2diff's causal temporal attention.
         control_scales: one conditioning scale per loaded ControlNet (`ModelConfig.controlnets`),
             0 switches one off; None: 1.0 each.
+        ip_adapter_image: the image prompt of the loaded IP-Adapter (`ModelConfig.ip_adapter`):
+            a file, an http(s) URL or a base64 data: URI; None: no image (the adapter is off).
+        ip_adapter_scale: the IP-Adapter's weight (its paper's lambda); 0 is off.
     """
 
     prompt: str = ""
@@ -209,8 +217,14 @@ class StreamConfig:
     feature_bank: FeatureBankConfig = field(default_factory=FeatureBankConfig)
     causal: CausalTemporalConfig = field(default_factory=CausalTemporalConfig)
     control_scales: tuple[float, ...] | None = None
+    ip_adapter_image: str | None = None
+    ip_adapter_scale: float = 1.0
 
     def __post_init__(self):
+        check_control_scale(self.ip_adapter_scale, "--ip-adapter-scale")
+        if self.ip_adapter_image is not None and (not isinstance(self.ip_adapter_image, str)
+                                                  or not self.ip_adapter_image):
+            raise ConfigError(f"--ip-adapter-image must be a file, URL or data: URI, got {self.ip_adapter_image!r}")
         if self.control_scales is not None:
             if not isinstance(self.control_scales, (tuple, list)):
                 raise ConfigError(f"control_scales must be a list of numbers, got {self.control_scales!r}")
@@ -327,6 +341,10 @@ class RunConfig:
             # here before anything loads (see there why).
             raise ConfigError(f"--backend openvino runs --method streamdiffusion only ({self.stream.method} keeps "
                               f"state in the attention layers): use --backend compile or eager")
+        if self.model.ip_adapter and self.model.motion_adapter:
+            raise ConfigError("--ip-adapter does not run with --motion-adapter (live2diff) yet: leave one out")
+        if self.stream.ip_adapter_image is not None and not self.model.ip_adapter:
+            raise ConfigError("--ip-adapter-image needs an IP-Adapter: pass --ip-adapter sd15 (or plus-sd15, a file)")
         if self.model.motion_adapter and self.stream.method != "live2diff":
             raise ConfigError(f"--motion-adapter is for --method live2diff (motion modules turn the UNet into a "
                               f"video UNet); --method {self.stream.method} runs without it: leave it out")

@@ -98,6 +98,25 @@ def add_control_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control-depth-model", default=None, metavar="ID_OR_PATH",
                    help="depth estimator of depth ControlNets: transformers hub id or folder (default: "
                         "Intel/dpt-hybrid-midas; 'tiny' = random)")
+    g.add_argument("--ip-adapter", default=None, metavar="SPEC",
+                   help="IP-Adapter (an image as a prompt): sd15 or plus-sd15 (h94/IP-Adapter), a local "
+                        ".safetensors/.bin with its CLIP image encoder in image_encoder/ beside it, "
+                        "OWNER/REPO/PATH/FILE.safetensors, or tiny (random, for tests)")
+    g.add_argument("--ip-adapter-image", default=None, metavar="FILE_OR_URL",
+                   help="the image prompt: a JPEG/PNG/WebP file, an http(s) URL or a base64 data: URI "
+                        "(changeable while streaming; without it the IP-Adapter is off)")
+    g.add_argument("--ip-adapter-scale", type=float, default=1.0,
+                   help="weight of the image prompt, 0 = off, changeable while streaming (default: 1.0)")
+
+
+def image_prompt(args) -> str | None:
+    """`--ip-adapter-image`, a local file checked now (one line, before any model loads)."""
+    image = getattr(args, "ip_adapter_image", None)
+    if image and not image.startswith(("http://", "https://", "data:")):
+        from diffstream.io.image_prompt import read_image_prompt
+
+        read_image_prompt(image)
+    return image
 
 
 def control_scales(args) -> tuple[float, ...] | None:
@@ -154,7 +173,8 @@ def model_config(args) -> ModelConfig:
     return ModelConfig(model=args.model, lcm_lora=args.lcm_lora, loras=tuple(args.lora), tiny_vae=args.tiny_vae,
                        device=args.device, dtype=args.dtype, turbo=args.turbo, backend=args.backend,
                        motion_adapter=motion, controlnets=controlnets,
-                       control_depth_model=getattr(args, "control_depth_model", None))
+                       control_depth_model=getattr(args, "control_depth_model", None),
+                       ip_adapter=getattr(args, "ip_adapter", None))
 
 
 def check_device(config: ModelConfig) -> None:

@@ -137,6 +137,7 @@ def stream_config(args) -> StreamConfig:
         causal=CausalTemporalConfig(warmup_frames=args.warmup_frames, window=args.window, depth=args.depth,
                                     depth_model=args.depth_model),
         control_scales=common.control_scales(args),
+        ip_adapter_image=common.image_prompt(args), ip_adapter_scale=args.ip_adapter_scale,
     )
 
 

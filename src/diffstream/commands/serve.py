@@ -157,10 +157,14 @@ def command(args) -> int:
     try:
         import uvicorn
 
+        from diffstream.config import StreamConfig
         from diffstream.models.loading import load_components
         from diffstream.server.app import create_app
 
         config = common.model_config(args)
+        # Built before the model loads, so a bad option or image prompt costs no loading.
+        base_config = StreamConfig(stream_batch=not args.no_stream_batch, control_scales=common.control_scales(args),
+                                   ip_adapter_image=common.image_prompt(args), ip_adapter_scale=args.ip_adapter_scale)
         common.quiet_libraries()
         if args.threads is not None:
             import torch
@@ -168,13 +172,10 @@ def command(args) -> int:
             torch.set_num_threads(args.threads)
         common.say(common.loading_message(config))
         components = load_components(config)
-        from diffstream.config import StreamConfig
-
         app = create_app(components, size=args.size, max_clients=args.max_clients, limits=limits,
                          idle_timeout=args.idle_timeout or None,
                          jpeg_quality=args.jpeg_quality, allowed_origins=tuple(args.allow_origin),
-                         base_config=StreamConfig(stream_batch=not args.no_stream_batch,
-                                                  control_scales=common.control_scales(args)),
+                         base_config=base_config,
                          webrtc=args.webrtc, host=args.host)
         server = uvicorn.Server(
             uvicorn.Config(

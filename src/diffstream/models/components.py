@@ -36,6 +36,7 @@ class Components:
     depth_prior_state: dict | None = None  # Live2Diff's depth module weights, if the checkpoint had them
     backend: str = "eager"  # how unet/vae run (`models.backends.apply_backend` sets it)
     controlnets: tuple = ()  # `models.controlnet.ControlUnit`s, in --controlnet order
+    ip_adapter: object | None = None  # `models.ip_adapter.IPAdapter` (its weights are in the UNet)
 
     # --- facts derived from the modules ---------------------------------------------
     @property

@@ -245,6 +245,10 @@ def load_components(config: ModelConfig) -> Components:
         from diffstream.models.controlnet import precheck
 
         precheck(config.controlnets)
+    if config.ip_adapter:
+        from diffstream.models.ip_adapter import precheck as precheck_ip
+
+        precheck_ip(config.ip_adapter)
     if config.model == "tiny":
         from diffstream.models.tiny import tiny_components
 
@@ -277,6 +281,12 @@ def load_components(config: ModelConfig) -> Components:
         controlnets = load_controlnets(config.controlnets, modules["unet"], config.model, device, dtype,
                                        config.control_depth_model)
 
+    ip_adapter = None
+    if config.ip_adapter:  # into the UNet: its processors become the UNet's own
+        from diffstream.models.ip_adapter import load_ip_adapter
+
+        ip_adapter = load_ip_adapter(config.ip_adapter, modules, device, dtype)
+
     depth_state = None
     if config.motion_adapter:
         from diffstream.models.motion import load_motion_adapter, motion_unet
@@ -293,7 +303,8 @@ def load_components(config: ModelConfig) -> Components:
             module = module.to(dtype=dtype)
         modules[key] = module.to(device=device).eval().requires_grad_(False)
     components = Components(name=config.model, turbo=turbo, device=device, dtype=dtype,
-                            depth_prior_state=depth_state, controlnets=controlnets, **modules)
+                            depth_prior_state=depth_state, controlnets=controlnets, ip_adapter=ip_adapter,
+                            **modules)
     from diffstream.models.backends import apply_backend
 
     apply_backend(components, config.backend)  # in place: the modules stay the same objects

@@ -31,6 +31,7 @@ import torch
 from diffstream import frames as F
 from diffstream.attention.base import BatchLayout, Mechanism, ProcessorLease
 from diffstream.config import StreamConfig
+from diffstream.errors import ConfigError
 from diffstream.models.components import Components
 from diffstream.pipelines.control import ControlStack, check_scales
 from diffstream.pipelines.similarity import SimilarityFilter
@@ -59,6 +60,10 @@ class StreamPipeline:
         self.mechanism = mechanism or Mechanism()
         self.controls = ControlStack(getattr(components, "controlnets", ()))
         check_scales(config.control_scales, len(self.controls))
+        self._ip = getattr(components, "ip_adapter", None)
+        self._ip_images: dict = {}  # image prompt -> (H, W, 3) uint8, read when first given
+        self._ip_key = ()
+        self._check_ip(config)
         self.on_push: list[Callable[[int], None]] = []
         self.on_output: list[Callable[[int], None]] = []
         self._prompt_key = None
@@ -144,7 +149,18 @@ class StreamPipeline:
         new = self.config.replace(**{**self._pending, **changes})
         new.t_indices(self.components.turbo)  # validates steps against strength
         check_scales(new.control_scales, len(self.controls))
+        self._check_ip(new)
         self._pending.update(changes)
+
+    def _check_ip(self, config: StreamConfig) -> None:
+        """Read a new IP-Adapter image now, so a bad one fails in `update`, not at a frame."""
+        image = config.ip_adapter_image
+        if image is not None and self._ip is None:
+            raise ConfigError("ip_adapter_image needs a model loaded with an IP-Adapter (--ip-adapter)")
+        if image is not None and image not in self._ip_images:
+            from diffstream.io.image_prompt import read_image_prompt
+
+            self._ip_images = {image: read_image_prompt(image)}  # only the current one is kept
 
     # --- the stream API -------------------------------------------------------------
     def push(self, frame: np.ndarray) -> np.ndarray | None:
@@ -265,6 +281,13 @@ class StreamPipeline:
         # Read at every UNet call: in-flight frames take new scales at their remaining steps,
         # like a new prompt; nothing else is reset.
         self._control_scales = check_scales(c.control_scales, len(self.controls))
+        if self._ip is not None and c.ip_adapter_image != self._ip_key:
+            # Encoded once per image prompt; without an image the adapter is off (scale 0).
+            image = None if c.ip_adapter_image is None else self._ip_images[c.ip_adapter_image]
+            self._ip_pos, self._ip_neg = self._ip.embeds(image)  # (1, 1, ...) each
+            self._ip_rows: dict = {}
+            self._ip_key = c.ip_adapter_image
+        self._ip_scale = c.ip_adapter_scale if c.ip_adapter_image is not None else 0.0
 
     @staticmethod
     def _uncond_slots(cfg_type: str) -> int:
@@ -373,6 +396,8 @@ class StreamPipeline:
         mechanism_cond, control_maps = cond if cond is not None else (None, None)
         extra = ({} if control_maps is None
                  else self.controls.residuals(x_in, t_in, emb, control_maps, self._control_scales))
+        if self._ip is not None:
+            extra["added_cond_kwargs"] = {"image_embeds": [self._ip_embeds(u, m)]}
         self.mechanism.before_unet(layout)
         out = self.mechanism.call_unet(self.components.unet, x_in, t_in, emb, layout, mechanism_cond, **extra)
         self.mechanism.after_unet(layout)
@@ -394,6 +419,23 @@ class StreamPipeline:
             residual = G.virtual_residual_noise(x, ref, a, b)
             eps = G.residual_cfg(eps, residual, self._guidance, self.config.delta)
         return eps, new_ref
+
+    def _ip_embeds(self, u: int, m: int) -> torch.Tensor:
+        """The IP-Adapter image embeddings of a call's rows: the negative for the `u`
+        unconditional rows, the positive for the `m` conditional ones ((u + m, 1, ...)),
+        as diffusers' pipelines lay them out; and this stream's scale on the UNet, which
+        other streams of a shared model may have changed (set only when it differs)."""
+        unet = self.components.unet
+        if getattr(unet, "_diffstream_ip_scale", None) != self._ip_scale:
+            from diffstream.models.ip_adapter import set_scale
+
+            set_scale(unet, self._ip_scale)
+            unet._diffstream_ip_scale = self._ip_scale
+        rows = self._ip_rows.get((u, m))
+        if rows is None:
+            neg, pos = self._ip_neg, self._ip_pos
+            rows = self._ip_rows[(u, m)] = torch.cat([neg.expand(u, *neg.shape[1:]), pos.expand(m, *pos.shape[1:])])
+        return rows
 
     @torch.no_grad()
     def _step(self, batch: StreamBatch):

@@ -217,6 +217,7 @@ def create_app(
                 "methods": list(engine.methods),
                 # The ControlNets' kinds in order: the page shows one scale slider each.
                 "controlnets": [unit.kind for unit in getattr(engine.components, "controlnets", ()) or ()],
+                "ip_adapter": getattr(engine.components, "ip_adapter", None) is not None,
                 "params": public_params(session.requested),
                 "limits": limits.as_dict(),
                 "clients": engine.clients,

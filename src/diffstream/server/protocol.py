@@ -74,6 +74,9 @@ PARAM_FIELDS: dict[str, str] = {
     "similarity_threshold": "number_or_null",
     "max_skip": "int",
     "control_scales": "number_list_or_null",  # one per loaded ControlNet; null: 1.0 each
+    # The IP-Adapter's weight. Its image is fixed when the server starts: a page never
+    # names a file or URL for the server to read.
+    "ip_adapter_scale": "number",
 }
 MESSAGE_TYPES = ("params", "reset", "ping")
 
@@ -353,6 +356,7 @@ def public_params(config: StreamConfig) -> dict:
         "similarity_threshold": config.similarity_threshold,
         "max_skip": config.max_skip,
         "control_scales": list(config.control_scales) if config.control_scales is not None else None,
+        "ip_adapter_scale": config.ip_adapter_scale,
         "size": config.size,
     }
 

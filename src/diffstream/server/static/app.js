@@ -131,6 +131,9 @@ function handleEvent(event) {
       state.limits = event.limits;
       fillMethods(event.methods, event.params.method);
       fillControlNets(event.controlnets || [], event.params.control_scales);
+      $("ip-adapter").hidden = !event.ip_adapter;
+      $("ip-scale").value = String(event.params.ip_adapter_scale);
+      $("ip-scale-value").textContent = Number(event.params.ip_adapter_scale).toFixed(2);
       setStatus(event.state === "loading" ? "Connected. The model is loading…" : connectedText(), "ok");
       sendAllParams();
       break;
@@ -390,6 +393,7 @@ function sendAllParams() {
   };
   const scales = controlScales();
   if (scales) message.control_scales = scales;
+  if (!$("ip-adapter").hidden) message.ip_adapter_scale = Number($("ip-scale").value);
   const seed = readSeed();
   if (seed !== null) message.seed = seed;
   send(message);
@@ -421,6 +425,8 @@ function bindControls() {
   });
   $("similarity").addEventListener("input", () => { $("similarity-value").textContent = Number($("similarity").value).toFixed(2); });
   $("similarity").addEventListener("change", () => send({ type: "params", similarity_threshold: similarityValue() }));
+  $("ip-scale").addEventListener("input", () => { $("ip-scale-value").textContent = Number($("ip-scale").value).toFixed(2); });
+  $("ip-scale").addEventListener("change", () => send({ type: "params", ip_adapter_scale: Number($("ip-scale").value) }));
   $("reset").addEventListener("click", () => send({ type: "reset" }));
   $("use-camera").addEventListener("click", useCamera);
   $("use-screen").addEventListener("click", useScreen);
