@@ -9,8 +9,9 @@ its ResNet stem). 256 px,
 
 Configurations, each a stream of its own, timed frame by frame in turn (interleaved) and
 summarised by medians: plain, canny (preprocessor + one ControlNet), depth (estimator +
-one ControlNet), canny+depth, and canny at scale 0 (switched off live: the preprocessor
-still runs, the ControlNet does not).
+one ControlNet), canny+depth, canny at scale 0 (switched off live: the preprocessor
+still runs, the ControlNet does not), and an SD 1.5-size IP-Adapter with an image prompt
+(per frame: its extra cross-attention keys/values; the image is encoded once).
 
     python benchmarks/control_cost.py --json [--frames 4] [--size 256] [--steps 2]
 
@@ -58,6 +59,23 @@ def full_size_units(unet, device):
     return units
 
 
+def ip_adapted(base, device):
+    """A copy of `base` whose UNet carries a random SD 1.5-size IP-Adapter (4 image tokens
+    from a 1024-wide CLIP ViT-H embedding, h94's ip-adapter_sd15 layout). Its image encoder
+    runs once per image prompt, not per frame, so a small one stands in for ViT-H here."""
+    import copy
+
+    from diffstream.models.ip_adapter import IPAdapter, tiny_image_encoder, tiny_ip_adapter_state
+
+    unet = copy.deepcopy(base.unet).cpu()
+    encoder, processor = tiny_image_encoder()
+    encoder.visual_projection = torch.nn.Linear(encoder.config.hidden_size, 1024, bias=False)
+    encoder.config.projection_dim = 1024
+    unet._load_ip_adapter_weights([tiny_ip_adapter_state(unet, 1024)])
+    ip = IPAdapter(image_encoder=encoder.to(device), feature_extractor=processor, plus=False, name="random-sd15")
+    return dataclasses.replace(base, unet=unet.to(device).eval().requires_grad_(False), ip_adapter=ip)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print a JSON object as the last line")
@@ -86,6 +104,14 @@ def main() -> int:
                        guidance=1.2, cfg_type="self")
     pipes = {name: StreamPipeline(dataclasses.replace(base, controlnets=units), cfg.replace(control_scales=scales))
              for name, (units, scales) in setups.items()}
+    import tempfile
+
+    import cv2
+
+    image = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+    cv2.imwrite(image, frames[0])
+    pipes["ip_adapter"] = StreamPipeline(ip_adapted(base, device), cfg.replace(ip_adapter_image=image))
+    setups["ip_adapter"] = None
     times = {name: [] for name in setups}
     for i, frame in enumerate(frames):
         for name, pipe in pipes.items():  # interleaved: machine drift hits every setup alike

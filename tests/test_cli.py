@@ -252,3 +252,14 @@ def test_bad_ip_adapter_options_are_one_line_exit_2_before_any_model_loads(clip,
     monkeypatch.setattr(tiny, "tiny_components", lambda *a, **k: pytest.fail("model loaded"))
     assert main(["run", clip, "-o", str(tmp_path / "o.mp4"), *TINY, *args]) == 2
     assert needle in one_error_line(capsys)
+
+
+def test_run_with_prompt_and_seed_blends(clip, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert main(["run", clip, "-o", str(out), *TINY, "--steps", "2", "--prompt-blend", "a cat: sitting:0.7",
+                 "--prompt-blend", "a dog:0.3", "--blend", "slerp", "--seed-blend", "3:1", "--seed-blend", "4:1"]) == 0
+    assert count_frames(out) == 9
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["run", clip, "-o", str(out), *TINY, "--prompt-blend", "a cat"])
+    assert info.value.code == 2 and "expected VALUE:WEIGHT" in one_error_line(capsys)

@@ -14,6 +14,7 @@ from diffstream.attention.causal_temporal import CausalTemporalConfig
 from diffstream.attention.feature_bank import FeatureBankConfig
 from diffstream.errors import ConfigError
 from diffstream.schedule import timesteps
+from diffstream.schedule.blend import BLEND_MODES
 from diffstream.schedule.timesteps import TIMESTEP_TABLE_SIZE
 
 # Presets: short names for the checkpoints users start from.
@@ -55,6 +56,31 @@ BACKENDS = ("eager", "compile", "openvino", "auto")
 # The largest ControlNet conditioning scale accepted: UIs offer 0..2; beyond a few the
 # residuals swamp the UNet's own features.
 MAX_CONTROL_SCALE = 5.0
+
+
+MAX_BLEND_ITEMS = 8
+
+
+def _check_blend(items, what: str, kind) -> tuple | None:
+    """A prompt or seed blend as a tuple of (value, weight) pairs, or ConfigError."""
+    if items is None:
+        return None
+    try:
+        pairs = tuple((value, weight) for value, weight in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a list of (value, weight) pairs, got {items!r}") from None
+    if not 1 <= len(pairs) <= MAX_BLEND_ITEMS:
+        raise ConfigError(f"{what} takes 1 to {MAX_BLEND_ITEMS} entries, got {len(pairs)}")
+    for value, weight in pairs:
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise ConfigError(f"{what} entries are ({'seed >= 0' if kind is int else 'prompt'}, weight), "
+                              f"got {value!r}")
+        ok = not isinstance(weight, bool) and isinstance(weight, (int, float)) and math.isfinite(weight)
+        if not ok or weight < 0:
+            raise ConfigError(f"{what} weights must be numbers >= 0, got {weight!r}")
+    if not sum(w for _, w in pairs) > 0:
+        raise ConfigError(f"{what} needs a weight above 0")
+    return tuple((value, float(weight)) for value, weight in pairs)
 
 
 def check_control_scale(scale, what: str = "a ControlNet scale") -> float:
@@ -196,6 +222,11 @@ class StreamConfig:
         ip_adapter_image: the image prompt of the loaded IP-Adapter (`ModelConfig.ip_adapter`):
             a file, an http(s) URL or a base64 data: URI; None: no image (the adapter is off).
         ip_adapter_scale: the IP-Adapter's weight (its paper's lambda); 0 is off.
+        prompt_blend: ((prompt, weight), ...) mixed instead of `prompt` (`schedule.blend`);
+            None: `prompt` alone.
+        blend: how prompts mix: "linear" (weighted mean of the embeddings) or "slerp".
+        seed_blend: ((seed, weight), ...) whose noises are mixed, keeping unit variance,
+            instead of `seed`'s noise alone; None: `seed`'s.
     """
 
     prompt: str = ""
@@ -219,8 +250,15 @@ class StreamConfig:
     control_scales: tuple[float, ...] | None = None
     ip_adapter_image: str | None = None
     ip_adapter_scale: float = 1.0
+    prompt_blend: tuple[tuple[str, float], ...] | None = None
+    blend: str = "linear"
+    seed_blend: tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "prompt_blend", _check_blend(self.prompt_blend, "--prompt-blend", str))
+        object.__setattr__(self, "seed_blend", _check_blend(self.seed_blend, "--seed-blend", int))
+        if self.blend not in BLEND_MODES:
+            raise ConfigError(f"--blend must be one of {', '.join(BLEND_MODES)}, got {self.blend!r}")
         check_control_scale(self.ip_adapter_scale, "--ip-adapter-scale")
         if self.ip_adapter_image is not None and (not isinstance(self.ip_adapter_image, str)
                                                   or not self.ip_adapter_image):

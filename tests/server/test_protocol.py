@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -244,3 +245,20 @@ def test_control_scales_field():
     with pytest.raises(ProtocolError, match=r"scale must be a number in \[0, 5\], got -1.0"):
         apply_params(StreamConfig(), {"control_scales": (-1.0,)})
     assert public_params(StreamConfig(control_scales=(0.5,)))["control_scales"] == [0.5]
+
+
+def test_blend_fields():
+    text = json.dumps({"type": "params", "prompt_blend": [["a cat", 1], ["a dog", 0.5]], "blend": "slerp",
+                       "seed_blend": [[3, 1], [4, 2]]})
+    assert parse_control(text, LIMITS)["changes"] == {
+        "prompt_blend": (("a cat", 1.0), ("a dog", 0.5)), "blend": "slerp", "seed_blend": ((3, 1.0), (4, 2.0))}
+    for bad, needle in ((dict(prompt_blend=[["a cat"]]), "prompt_blend must be a list of [prompt, weight] pairs"),
+                        (dict(prompt_blend=[[1, 1]]), "prompt_blend must be a list of [prompt, weight] pairs"),
+                        (dict(seed_blend=[[1.5, 1]]), "seed_blend must be a list of [seed, weight] pairs"),
+                        (dict(blend="cubic"), "blend must be linear or slerp")):
+        with pytest.raises(ProtocolError, match=re.escape(needle)):
+            parse_control(json.dumps({"type": "params", **bad}), LIMITS)
+    with pytest.raises(ProtocolError, match="prompt_blend weights must be numbers >= 0"):
+        apply_params(StreamConfig(), {"prompt_blend": (("a", -1.0),)})
+    shown = public_params(StreamConfig(prompt_blend=(("a", 1.0),), seed_blend=((2, 1.0),)))
+    assert shown["prompt_blend"] == [["a", 1.0]] and shown["seed_blend"] == [[2, 1.0]] and shown["blend"] == "linear"

@@ -56,6 +56,22 @@ def lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def weighted(kind):
+    """argparse type for "VALUE:WEIGHT" (the last colon splits; the prompt may hold colons)."""
+
+    def parse(text: str):
+        value, sep, weight = text.rpartition(":")
+        try:
+            if not sep:
+                raise ValueError
+            return kind(value), float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected VALUE:WEIGHT like {'a cat' if kind is str else 7}:0.5, "
+                                             f"got {text!r}") from None
+
+    return parse
+
+
 def controlnet_spec(text: str) -> tuple[str, str | None, float | None]:
     """Parse "KIND[:MODEL][:SCALE]" into (kind, model or None, scale or None) (argparse type).
 

@@ -78,6 +78,13 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-encode", default="mean", choices=VAE_ENCODINGS,
                    help="mean (the VAE posterior mean: deterministic) | sample (a posterior sample per frame, "
                         "as the references draw) (default: mean)")
+    g.add_argument("--prompt-blend", action="append", type=common.weighted(str), default=[], metavar="TEXT:WEIGHT",
+                   help="mix several prompts instead of --prompt, e.g. --prompt-blend 'a cat:0.7' --prompt-blend "
+                        "'a dog:0.3'; repeatable (default: --prompt alone)")
+    g.add_argument("--blend", default="linear", choices=("linear", "slerp"),
+                   help="how --prompt-blend mixes the text embeddings (default: linear)")
+    g.add_argument("--seed-blend", action="append", type=common.weighted(int), default=[], metavar="SEED:WEIGHT",
+                   help="mix the noise of several seeds (unit variance kept) instead of --seed's; repeatable")
     g.add_argument("--seed", type=int, default=2, help="seeds the fixed noise and every random draw; -1 picks a random seed and prints it (default: 2)")
     g.add_argument("--similarity-filter", type=float, default=None, metavar="THRESHOLD",
                    help="skip near-identical frames (cosine >= THRESHOLD skips for sure), e.g. 0.98 (default: off)")
@@ -138,6 +145,7 @@ def stream_config(args) -> StreamConfig:
                                     depth_model=args.depth_model),
         control_scales=common.control_scales(args),
         ip_adapter_image=common.image_prompt(args), ip_adapter_scale=args.ip_adapter_scale,
+        prompt_blend=tuple(args.prompt_blend) or None, blend=args.blend, seed_blend=tuple(args.seed_blend) or None,
     )
 
 

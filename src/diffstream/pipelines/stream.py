@@ -37,6 +37,7 @@ from diffstream.pipelines.control import ControlStack, check_scales
 from diffstream.pipelines.similarity import SimilarityFilter
 from diffstream.schedule import guidance as G
 from diffstream.schedule import noise as N
+from diffstream.schedule.blend import blend_embeddings, blend_noise
 from diffstream.schedule.stream_batch import StreamBatch, map_rows
 from diffstream.schedule.timesteps import add_noise, denoise, eps_to_x0, make_step_table, model_output_to_eps
 
@@ -138,7 +139,8 @@ class StreamPipeline:
     def update(self, **changes) -> None:
         """Change settings (prompt, negative_prompt, strength, steps, t_index_list, seed,
         guidance, delta, cfg_type, noise, vae_encode, similarity_threshold, max_skip,
-        control_scales); they take effect from the next pushed frame. Invalid values raise
+        control_scales, ip_adapter_image, ip_adapter_scale, prompt_blend, blend,
+        seed_blend); they take effect from the next pushed frame. Invalid values raise
         ConfigError now, not at the next frame.
 
         Temporal state is kept, except where it cannot be: a new schedule (strength,
@@ -235,11 +237,14 @@ class StreamPipeline:
                 )
         c = self.config
         turbo = self.components.turbo
-        prompt_key = (c.prompt, c.negative_prompt)
+        prompt_key = (c.prompt, c.negative_prompt, c.prompt_blend, c.blend)
         if prompt_key != self._prompt_key:
             # Encoded once per prompt, not per frame: the reference re-encodes every frame.
-            emb = self.components.encode_prompt([c.prompt, c.negative_prompt])  # (2, 77, D)
-            self._cond, self._uncond = emb[0:1], emb[1:2]
+            prompts = [p for p, _ in c.prompt_blend] if c.prompt_blend else [c.prompt]
+            emb = self.components.encode_prompt([*prompts, c.negative_prompt])  # (K + 1, 77, D)
+            self._uncond = emb[-1:]
+            self._cond = (emb[:1] if not c.prompt_blend
+                          else blend_embeddings(emb[:-1], [w for _, w in c.prompt_blend], c.blend))  # (1, 77, D)
             self._emb_cache: dict = {}
             self._prompt_key = prompt_key
         schedule_key = (c.t_indices(turbo), c.size, c.resolved_noise)
@@ -269,11 +274,11 @@ class StreamPipeline:
             self._batch = None  # rebuilt with fresh noise at the next frame
             self._layouts: dict = {}
             self._schedule_key = schedule_key
-            self._seed = c.seed
-        elif c.seed != self._seed:
+            self._seed = (c.seed, c.seed_blend)
+        elif (c.seed, c.seed_blend) != self._seed:
             # A new seed only changes the fixed noise: in-flight frames keep going and
             # take the new noise at their remaining steps; nothing is reset.
-            self._seed = c.seed
+            self._seed = (c.seed, c.seed_blend)
             if self._batch is not None and self._batch.noise is not None:
                 self._batch.noise = self._slot_noise(tuple(self._batch.noise.shape[-2:]))
         self._cfg_type = c.resolved_cfg_type(turbo)
@@ -309,16 +314,24 @@ class StreamPipeline:
         """Fixed noise per step slot (num_steps, C, h, w), drawn on the CPU from the seed so
         every device gets the same numbers."""
         comp = self.components
-        return N.slot_noise(self.config.seed, self.num_steps, (comp.latent_channels, *latent_hw),
-                            device=comp.device, dtype=comp.dtype)
+        return self._seeded(lambda seed: N.slot_noise(seed, self.num_steps, (comp.latent_channels, *latent_hw),
+                                                      device=comp.device, dtype=comp.dtype))
+
+    def _seeded(self, draw) -> torch.Tensor:
+        """`draw(seed)` for the stream's seed, or the unit-variance mix of its seed blend's."""
+        blend = self.config.seed_blend
+        if not blend:
+            return draw(self.config.seed)
+        return blend_noise([draw(seed) for seed, _ in blend], [w for _, w in blend])
 
     def _frame_noise(self, index: int, latent_hw: tuple[int, int]) -> torch.Tensor | None:
         """Frame `index`'s own noise (num_steps, C, h, w) in per-frame mode, else None."""
         if self.config.resolved_noise == "fixed":
             return None
         comp = self.components
-        return N.frame_noise(self.config.seed, index, self.num_steps, (comp.latent_channels, *latent_hw),
-                             device=comp.device, dtype=comp.dtype)
+        return self._seeded(lambda seed: N.frame_noise(seed, index, self.num_steps,
+                                                       (comp.latent_channels, *latent_hw),
+                                                       device=comp.device, dtype=comp.dtype))
 
     def _process(self, index: int, frame: np.ndarray) -> None:
         comp = self.components

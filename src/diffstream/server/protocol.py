@@ -77,6 +77,9 @@ PARAM_FIELDS: dict[str, str] = {
     # The IP-Adapter's weight. Its image is fixed when the server starts: a page never
     # names a file or URL for the server to read.
     "ip_adapter_scale": "number",
+    "prompt_blend": "pairs_text_or_null",  # [[prompt, weight], ...] instead of prompt
+    "blend": "blend",
+    "seed_blend": "pairs_int_or_null",  # [[seed, weight], ...] instead of seed's noise
 }
 MESSAGE_TYPES = ("params", "reset", "ping")
 
@@ -304,6 +307,17 @@ def _check_field(name: str, kind: str, value, limits: Limits, methods: tuple[str
         if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
             raise wrong("a non-empty list of integers or null")
         return tuple(value)
+    if kind in ("pairs_text", "pairs_int"):
+        check = (lambda v: isinstance(v, str) and len(v) <= limits.max_prompt_chars) if kind == "pairs_text" else _is_int
+        if not isinstance(value, list) or not all(
+                isinstance(p, list) and len(p) == 2 and check(p[0]) and _is_number(p[1]) for p in value):
+            item = "[prompt, weight]" if kind == "pairs_text" else "[seed, weight]"
+            raise wrong(f"a list of {item} pairs or null")
+        return tuple((p[0], float(p[1])) for p in value)
+    if kind == "blend":
+        if value not in ("linear", "slerp"):
+            raise ProtocolError(f"blend must be linear or slerp, got {value!r}")
+        return value
     if kind == "number_list":
         if not isinstance(value, list) or not all(_is_number(v) for v in value):
             raise wrong("a list of numbers or null")
@@ -357,6 +371,9 @@ def public_params(config: StreamConfig) -> dict:
         "max_skip": config.max_skip,
         "control_scales": list(config.control_scales) if config.control_scales is not None else None,
         "ip_adapter_scale": config.ip_adapter_scale,
+        "prompt_blend": [list(p) for p in config.prompt_blend] if config.prompt_blend else None,
+        "blend": config.blend,
+        "seed_blend": [list(p) for p in config.seed_blend] if config.seed_blend else None,
         "size": config.size,
     }
 
