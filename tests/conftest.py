@@ -33,6 +33,15 @@ def tiny_taesd_model():
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl():
+    """The tiny random SDXL-architecture model, fp32 on the CPU."""
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    return _shared(load_components(ModelConfig(model="tiny-sdxl", device="cpu")))
+
+
+@pytest.fixture(scope="session")
 def controlled():
     """The tiny model (the `tiny` fixture's weights) with a canny and a depth tiny ControlNet."""
     from diffstream.config import ModelConfig

@@ -263,3 +263,10 @@ def test_run_with_prompt_and_seed_blends(clip, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", clip, "-o", str(out), *TINY, "--prompt-blend", "a cat"])
     assert info.value.code == 2 and "expected VALUE:WEIGHT" in one_error_line(capsys)
+
+
+def test_run_tiny_sdxl_writes_every_frame(clip, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    assert main(["run", clip, "-o", str(out), "--model", "tiny-sdxl", "--size", "64", "--no-progress", "--prompt", "x",
+                 "--steps", "2", "--method", "streamv2v", "--controlnet", "canny:tiny"]) == 0
+    assert count_frames(out) == 9

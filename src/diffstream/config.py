@@ -26,11 +26,14 @@ MODEL_PRESETS: dict[str, dict] = {
     ),
     # SD-turbo (SD 2.1 distilled with adversarial diffusion distillation): 1 step, no CFG.
     "sd-turbo": dict(model="stabilityai/sd-turbo", turbo=True),
+    # SDXL with LCM-LoRA fused (4 LCM steps), and SDXL-Turbo (1 step, no CFG, 512 px).
+    "sdxl-lcm": dict(model="stabilityai/stable-diffusion-xl-base-1.0", lcm_lora="latent-consistency/lcm-lora-sdxl"),
+    "sdxl-turbo": dict(model="stabilityai/sdxl-turbo", turbo=True),
 }
 DEFAULT_MODEL = "sd15-lcm"
 # AnimateDiff v1.5-2 motion modules in diffusers format (live2diff's default for real models).
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
-TINY_VAE_PRESETS = {"taesd": "madebyollin/taesd"}
+TINY_VAE_PRESETS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
 
 METHODS = ("streamdiffusion", "streamv2v", "live2diff")
 CFG_TYPES = ("none", "self", "initialize", "full")

@@ -150,7 +150,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     TOY_PROMPTS = ", ".join(f"'{p}'" for p in TOY_STYLES)
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"preset [{presets}], 'toy' (trained offline toy model; its styles: {TOY_PROMPTS}), "
-                        f"'tiny' (random offline test model: produces noise), "
+                        f"'tiny' (random offline test model: produces noise), 'tiny-sdxl' (the same for SDXL), "
                         f"a hub id, a local diffusers folder, or a .safetensors file (default: {DEFAULT_MODEL})")
     g.add_argument("--lcm-lora", default=None,
                    help="LCM-LoRA to fuse (hub id, folder, file) or 'none' (default: the preset's)")
@@ -340,7 +340,7 @@ def loading_message(config: ModelConfig) -> str:
     name = str(resolved.model)
     where = "" if config.device == "auto" else f" on {config.device}"
     local = (os.path.exists(os.path.expanduser(name)) or name.startswith(("/", ".", "~"))
-             or name.endswith((".safetensors", ".ckpt")) or name in ("tiny", "toy"))
+             or name.endswith((".safetensors", ".ckpt")) or name in ("tiny", "tiny-sdxl", "toy"))
     return f"loading model {name}{where}" + ("" if local else " (downloaded on first use, with progress)")
 
 

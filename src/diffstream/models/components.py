@@ -18,6 +18,10 @@ class Components:
 
     Attributes:
         unet, vae, text_encoder, tokenizer, scheduler: diffusers/transformers objects.
+        text_encoder_2, tokenizer_2: SDXL's second (OpenCLIP ViT-bigG) text encoder with its
+            projection, and its tokenizer; None for SD 1.x/2.x.
+        force_zeros_for_empty_prompt: SDXL: an empty negative prompt is zeros, not the
+            encoding of "" (the SDXL pipelines' own setting).
         name: what the user asked for (for messages and reports).
         turbo: 1-step x0 sampler, no CFG.
         device, dtype: where the modules live.
@@ -37,6 +41,9 @@ class Components:
     backend: str = "eager"  # how unet/vae run (`models.backends.apply_backend` sets it)
     controlnets: tuple = ()  # `models.controlnet.ControlUnit`s, in --controlnet order
     ip_adapter: object | None = None  # `models.ip_adapter.IPAdapter` (its weights are in the UNet)
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
+    force_zeros_for_empty_prompt: bool = True
 
     # --- facts derived from the modules ---------------------------------------------
     @property
@@ -54,6 +61,11 @@ class Components:
     def size_multiple(self) -> int:
         """Frame sides must be multiples of this: VAE factor x the UNet's down-sampling."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL-family: two text encoders, pooled text embeddings and size conditioning."""
+        return self.text_encoder_2 is not None
 
     @property
     def is_video_unet(self) -> bool:
@@ -85,15 +97,38 @@ class Components:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Text to CLIP hidden states. Returns (len(prompts), 77, D) on device/dtype."""
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
-        return hidden.to(self.dtype)
+        return self.encode_text(prompts)[0]
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text to the UNet's text conditioning.
+
+        SD 1.x/2.x: the text encoder's last hidden states, no pooled embedding. SDXL (as
+        diffusers' SDXL pipelines): both encoders' penultimate hidden states side by side
+        (768 + 1280 = 2048 wide) and the second encoder's pooled, projected embedding.
+
+        Returns:
+            ((N, 77, D), (N, P) or None) on device/dtype.
+        """
+        pairs = [(self.tokenizer, self.text_encoder)]
+        if self.is_sdxl:
+            pairs.append((self.tokenizer_2, self.text_encoder_2))
+        hidden, pooled = [], None
+        for tokenizer, encoder in pairs:
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            if not self.is_sdxl:
+                return encoder(ids)[0].to(self.dtype), None  # (N, 77, D)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # (N, 77, D_i): SDXL conditions on the penultimate layer
+            if out[0].ndim == 2:  # the projection model's text_embeds (N, P)
+                pooled = out[0]
+        return torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype)
+
+    def time_ids(self, height: int, width: int) -> torch.Tensor:
+        """SDXL's size conditioning (original size, crop top-left, target size), as diffusers'
+        img2img pipeline builds it for an uncropped (height, width) image. Returns (1, 6)."""
+        return torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

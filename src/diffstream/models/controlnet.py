@@ -153,7 +153,7 @@ def tiny_controlnet(unet, seed: int = 0):
 def default_controlnet(kind: str, unet, base_name: str) -> str:
     """The checkpoint for `--controlnet KIND` without a model: SD 1.5's v1.1 ControlNets for
     an SD 1.x base, the random tiny one for the tiny/toy models; else ConfigError."""
-    if base_name in ("tiny", "toy"):
+    if base_name in ("tiny", "tiny-sdxl", "toy"):
         return "tiny"
     if int(unet.config.cross_attention_dim) == 768 and kind in SD15_CONTROLNETS:
         return SD15_CONTROLNETS[kind]

@@ -95,18 +95,26 @@ def _load_diffusers_folder_or_hub(spec: str, dtype: torch.dtype) -> dict:
 def _from_pretrained(spec: str, dtype: torch.dtype, local_files_only: bool, tokenizer=None) -> dict:
     """The SD components of a diffusers folder or hub id; `tokenizer`, if given, instead of
     the folder's (the toy folder stores none: it is the package's CLIP tokenizer)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kwargs = dict(local_files_only=local_files_only)
     try:
-        return dict(
+        index = DiffusionPipeline.load_config(spec, **kwargs)  # model_index.json: which parts there are
+        modules = dict(
             scheduler=_scheduler_from(spec, kwargs),
             tokenizer=tokenizer or CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer", **kwargs),
             text_encoder=CLIPTextModel.from_pretrained(spec, subfolder="text_encoder", torch_dtype=dtype, **kwargs),
             unet=UNet2DConditionModel.from_pretrained(spec, subfolder="unet", torch_dtype=dtype, **kwargs),
             vae=AutoencoderKL.from_pretrained(spec, subfolder="vae", torch_dtype=dtype, **kwargs),
         )
+        if (index.get("text_encoder_2") or [None])[0]:  # SDXL: a second text encoder with projection
+            modules.update(
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(spec, subfolder="text_encoder_2",
+                                                                           torch_dtype=dtype, **kwargs),
+                tokenizer_2=CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer_2", **kwargs),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+        return modules
     except Exception as exc:
         if local_files_only and Path(spec).is_dir():
             raise _missing("model", spec, exc) from None
@@ -120,13 +128,25 @@ def _scheduler_from(spec: str, kwargs: dict):
     return LCMScheduler.from_pretrained(spec, subfolder="scheduler", **kwargs)
 
 
+def _is_sdxl_file(spec: str) -> bool:
+    """Whether a .safetensors checkpoint in the original (SGM) layout is SDXL: its second
+    text encoder is stored under `conditioner.embedders.1` (read from the header only)."""
+    if not spec.lower().endswith(".safetensors"):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(spec, framework="pt") as f:
+        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+
+
 def _load_single_file(spec: str, dtype: torch.dtype) -> dict:
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if not Path(spec).is_file():
         raise _missing("checkpoint file", spec, FileNotFoundError("no such file"))
+    sdxl = _is_sdxl_file(spec)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
+        pipe = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_single_file(
             spec, torch_dtype=dtype, safety_checker=None, local_files_only=hub._offline()
         )
     except Exception as exc:
@@ -135,13 +155,16 @@ def _load_single_file(spec: str, dtype: torch.dtype) -> dict:
             f"single files need diffusers' config for their architecture (cached from the hub once), "
             f"or pass a diffusers folder with --model PATH"
         ) from None
-    return dict(
+    modules = dict(
         tokenizer=pipe.tokenizer,
         text_encoder=pipe.text_encoder,
         unet=pipe.unet,
         vae=pipe.vae,
         scheduler=LCMScheduler.from_config(pipe.scheduler.config),
     )
+    if sdxl:
+        modules.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+    return modules
 
 
 def _load_toy(config: ModelConfig, dtype: torch.dtype) -> dict:
@@ -196,18 +219,15 @@ def fuse_loras(modules: dict, loras: list[tuple[str, float]], num_lcm: int = 0) 
     """
     if not loras:
         return
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=modules["vae"],
-        text_encoder=modules["text_encoder"],
-        tokenizer=modules["tokenizer"],
-        unet=modules["unet"],
-        scheduler=modules["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {k: modules[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    if modules.get("text_encoder_2") is not None:  # SDXL LoRAs may also touch the second text encoder
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=modules["text_encoder_2"],
+                                         tokenizer_2=modules["tokenizer_2"])
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     for i, (spec, scale) in enumerate(loras):
         path = Path(spec).expanduser()
         option = "--lcm-lora" if i < num_lcm else "--lora"
@@ -253,6 +273,10 @@ def load_components(config: ModelConfig) -> Components:
         from diffstream.models.tiny import tiny_components
 
         modules = tiny_components(in_channels=8 if config.instruct else 4)
+    elif config.model == "tiny-sdxl":
+        from diffstream.models.tiny import tiny_sdxl_components
+
+        modules = tiny_sdxl_components()
     elif config.model == "toy":
         modules = _load_toy(config, dtype)
     elif _is_single_file(config.model):
@@ -297,7 +321,9 @@ def load_components(config: ModelConfig) -> Components:
         modules["unet"] = motion_unet(modules["unet"].float(), adapter)
 
     turbo = uses_turbo(config)
-    for key in ("unet", "vae", "text_encoder"):
+    for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if modules.get(key) is None:
+            continue
         module = modules[key]
         if next(module.parameters()).dtype != dtype:
             module = module.to(dtype=dtype)

@@ -117,6 +117,41 @@ def tiny_components(in_channels: int = 4, seed: int = 0):
     )
 
 
+def tiny_sdxl_components(seed: int = 0):
+    """A tiny random SDXL-architecture model, as a dict ready for `Components` (tests).
+
+    SDXL's layout at toy width: a UNet with `text_time` added conditioning (pooled text
+    embedding + 6 size ids), linear attention projections and two transformer layers in
+    its lower block; two CLIP text encoders (the second with a text projection, whose
+    penultimate hidden states are concatenated with the first's: 32 + 32 wide); a KL VAE
+    with SDXL's latent scaling factor.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from diffstream.models.tokenizer import VOCAB_SIZE, clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=2 * TINY_TEXT_DIM,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + TINY_TEXT_DIM, norm_num_groups=8,
+    ).eval()
+    vae = tiny_vae(seed=seed + 1)
+    vae.register_to_config(scaling_factor=0.13025)  # SDXL's VAE latent scale
+    torch.manual_seed(seed + 3)
+    config = CLIPTextConfig(vocab_size=VOCAB_SIZE, hidden_size=TINY_TEXT_DIM, intermediate_size=64,
+                            num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                            projection_dim=TINY_TEXT_DIM)
+    return dict(unet=unet, vae=vae, text_encoder=tiny_text_encoder(seed=seed + 2), tokenizer=clip_tokenizer(),
+                text_encoder_2=CLIPTextModelWithProjection(config).eval(), tokenizer_2=clip_tokenizer(),
+                scheduler=sd_scheduler())
+
+
 def tiny_taesd(seed: int = 0, full_size: bool = False):
     """A random AutoencoderTiny: TAESD's real architecture (`full_size=True`) or a toy width."""
     from diffusers import AutoencoderTiny

@@ -65,7 +65,7 @@ class ControlStack:
         return torch.stack([unit.preprocess(frame, pixels) for unit in self.units], dim=1)  # (1, K, 3, H, W)
 
     def residuals(self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                  maps: torch.Tensor | None, scales: tuple[float, ...]) -> dict:
+                  maps: torch.Tensor | None, scales: tuple[float, ...], added_cond_kwargs: dict | None = None) -> dict:
         """The UNet keyword arguments of one call: summed ControlNet residuals, or {}.
 
         Args:
@@ -73,6 +73,7 @@ class ControlStack:
             encoder_hidden_states: (B, 77, D) — exactly what the UNet gets.
             maps: (B, K, 3, H, W) each row's own frame's condition images.
             scales: K floats; a ControlNet at 0 is skipped.
+            added_cond_kwargs: SDXL's pooled text embeddings and size ids, as the UNet gets them.
         Returns:
             {"down_block_additional_residuals": tuple of (B, C_i, h_i, w_i),
              "mid_block_additional_residual": (B, C_mid, h_mid, w_mid)}, or {} when every
@@ -83,7 +84,8 @@ class ControlStack:
             if scale == 0.0:
                 continue
             d, m = unit.model(sample, timesteps, encoder_hidden_states=encoder_hidden_states,
-                              controlnet_cond=maps[:, k], conditioning_scale=scale, return_dict=False)
+                              controlnet_cond=maps[:, k], conditioning_scale=scale,
+                              added_cond_kwargs=added_cond_kwargs, return_dict=False)
             if down is None:
                 down, mid = list(d), m
             else:  # several ControlNets: their residuals add up (diffusers' MultiControlNetModel)

@@ -241,10 +241,19 @@ class StreamPipeline:
         if prompt_key != self._prompt_key:
             # Encoded once per prompt, not per frame: the reference re-encodes every frame.
             prompts = [p for p, _ in c.prompt_blend] if c.prompt_blend else [c.prompt]
-            emb = self.components.encode_prompt([*prompts, c.negative_prompt])  # (K + 1, 77, D)
+            emb, pooled = self.components.encode_text([*prompts, c.negative_prompt])  # (K + 1, 77, D), (K + 1, P)
             self._uncond = emb[-1:]
             self._cond = (emb[:1] if not c.prompt_blend
                           else blend_embeddings(emb[:-1], [w for _, w in c.prompt_blend], c.blend))  # (1, 77, D)
+            self._pooled = None
+            if pooled is not None:  # SDXL: pooled text embeddings, blended like the hidden states
+                pooled_c = (pooled[:1] if not c.prompt_blend else
+                            blend_embeddings(pooled[:-1, None], [w for _, w in c.prompt_blend], c.blend)[:, 0])
+                pooled_u = pooled[-1:]
+                if not c.negative_prompt and self.components.force_zeros_for_empty_prompt:
+                    # SDXL's pipelines: no negative prompt is zeros, not the encoding of "".
+                    self._uncond, pooled_u = torch.zeros_like(self._uncond), torch.zeros_like(pooled_u)
+                self._pooled = (pooled_c, pooled_u)  # (1, P) each
             self._emb_cache: dict = {}
             self._prompt_key = prompt_key
         schedule_key = (c.t_indices(turbo), c.size, c.resolved_noise)
@@ -407,10 +416,15 @@ class StreamPipeline:
         if u:  # the unconditional rows see the same frames' conditioning
             cond = map_rows(lambda c: torch.cat([c[:u], c]), cond)
         mechanism_cond, control_maps = cond if cond is not None else (None, None)
-        extra = ({} if control_maps is None
-                 else self.controls.residuals(x_in, t_in, emb, control_maps, self._control_scales))
+        added = {}  # the UNet's added conditioning: SDXL's pooled text and size ids, IP-Adapter images
+        if self._pooled is not None:
+            added.update(self._embeddings(key + ("sdxl", *x.shape[-2:]), lambda: self._sdxl_rows(u, m, x.shape[-2:])))
+        extra = ({} if control_maps is None else self.controls.residuals(
+            x_in, t_in, emb, control_maps, self._control_scales, added_cond_kwargs=dict(added) or None))
         if self._ip is not None:
-            extra["added_cond_kwargs"] = {"image_embeds": [self._ip_embeds(u, m)]}
+            added["image_embeds"] = [self._ip_embeds(u, m)]
+        if added:
+            extra["added_cond_kwargs"] = added
         self.mechanism.before_unet(layout)
         out = self.mechanism.call_unet(self.components.unet, x_in, t_in, emb, layout, mechanism_cond, **extra)
         self.mechanism.after_unet(layout)
@@ -432,6 +446,15 @@ class StreamPipeline:
             residual = G.virtual_residual_noise(x, ref, a, b)
             eps = G.residual_cfg(eps, residual, self._guidance, self.config.delta)
         return eps, new_ref
+
+    def _sdxl_rows(self, u: int, m: int, latent_hw) -> dict:
+        """SDXL's added conditioning of a call's rows (diffusers' layout: unconditional rows
+        first): pooled text embeddings (u + m, P) and size ids (u + m, 6) of the processing size."""
+        pooled_c, pooled_u = self._pooled
+        scale = self.components.vae_scale_factor
+        ids = self.components.time_ids(latent_hw[0] * scale, latent_hw[1] * scale)  # (1, 6)
+        return {"text_embeds": torch.cat([pooled_u.expand(u, -1), pooled_c.expand(m, -1)]),
+                "time_ids": ids.expand(u + m, -1)}
 
     def _ip_embeds(self, u: int, m: int) -> torch.Tensor:
         """The IP-Adapter image embeddings of a call's rows: the negative for the `u`
