@@ -115,3 +115,16 @@ def assert_frames_close(a, b, tol: int = 1) -> None:
         assert x.shape == y.shape, (i, x.shape, y.shape)
         diff = np.abs(x.astype(np.int16) - y.astype(np.int16)).max()
         assert diff <= tol, f"frame {i} differs by {diff}"
+
+
+def stream_with_update(pipe, frames, at: int, **changes) -> list[np.ndarray]:
+    """Stream `frames`, calling `pipe.update(**changes)` just before frame `at` is pushed;
+    return every output in order (tests of changes that apply from the next frame)."""
+    outs = []
+    for i, frame in enumerate(frames):
+        if i == at:
+            pipe.update(**changes)
+        out = pipe.push(frame)
+        if out is not None:
+            outs.append(out)
+    return outs + pipe.flush()

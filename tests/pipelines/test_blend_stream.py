@@ -8,7 +8,7 @@ import torch
 from diffstream import frames as F
 from diffstream.config import StreamConfig
 from diffstream.pipelines.stream import StreamPipeline
-from diffstream.testing import assert_frames_close, make_frames
+from diffstream.testing import assert_frames_close, make_frames, stream_with_update
 from diffstream.testing import stream_all as run
 
 
@@ -60,12 +60,7 @@ def test_changes_apply_from_the_next_frame(tiny, change):
                          prompt_blend=(("a castle", 1.0), ("a forest", 1.0)))
     before, _ = run(StreamPipeline(tiny, first), frames)
     after, _ = run(StreamPipeline(tiny, first.replace(**change)), frames)
-    pipe = StreamPipeline(tiny, first)
-    outs = []
-    for i, frame in enumerate(frames):
-        if i == 3:
-            pipe.update(**change)
-        outs.append(pipe.push(frame))
+    outs = stream_with_update(StreamPipeline(tiny, first), frames, 3, **change)
     for i in range(6):
         assert np.array_equal(outs[i], (before if i < 3 else after)[i]), i
     assert not np.array_equal(before[3], after[3])

@@ -14,7 +14,7 @@ from diffstream import frames as F
 from diffstream.config import ModelConfig, StreamConfig
 from diffstream.errors import ConfigError
 from diffstream.pipelines.stream import StreamPipeline
-from diffstream.testing import assert_frames_close, make_frames
+from diffstream.testing import assert_frames_close, make_frames, stream_with_update
 from diffstream.testing import stream_all as run
 
 
@@ -128,14 +128,7 @@ def test_scale_change_applies_from_the_next_frame(controlled, moving):
     cfg = StreamConfig(prompt="a red fox", size=64, steps=1, strength=0.5, control_scales=(0.0, 0.0))
     off, _ = run(StreamPipeline(controlled, cfg), moving)
     on, _ = run(StreamPipeline(controlled, cfg.replace(control_scales=(0.9, 0.0))), moving)
-    pipe = StreamPipeline(controlled, cfg)
-    changed = []
-    for i, frame in enumerate(moving):
-        if i == 3:
-            pipe.update(control_scales=(0.9, 0.0))
-        changed.append(pipe.push(frame))
-    changed.extend(pipe.flush())
-    changed = [f for f in changed if f is not None]
+    changed = stream_with_update(StreamPipeline(controlled, cfg), moving, 3, control_scales=(0.9, 0.0))
     for i in range(6):
         assert np.array_equal(changed[i], (off if i < 3 else on)[i]), i
     assert not np.array_equal(off[3], on[3])
@@ -151,13 +144,8 @@ def test_scale_change_keeps_the_feature_bank(controlled, moving):
     pipe = make_pipeline(controlled, cfg)
     resets = []
     pipe.mechanism.reset = lambda *a, _r=pipe.mechanism.reset: (resets.append(1), _r(*a))[1]
-    outs = []
-    for i, frame in enumerate(moving):
-        if i == 3:
-            pipe.update(control_scales=(0.0, 1.0))
-        outs.append(pipe.push(frame))
-    outs.extend(pipe.flush())
-    assert resets == [] and len([o for o in outs if o is not None]) == len(moving)
+    outs = stream_with_update(pipe, moving, 3, control_scales=(0.0, 1.0))
+    assert resets == [] and len(outs) == len(moving)
 
 
 def test_scales_are_validated_now(controlled, tiny):

@@ -9,7 +9,7 @@ from diffstream import frames as F
 from diffstream.config import ModelConfig, StreamConfig
 from diffstream.errors import ConfigError
 from diffstream.pipelines.stream import StreamPipeline
-from diffstream.testing import assert_frames_close, make_frames
+from diffstream.testing import assert_frames_close, make_frames, stream_with_update
 from diffstream.testing import stream_all as run
 
 
@@ -106,12 +106,7 @@ def test_changes_apply_from_the_next_frame(adapted, images, change):
     frames = make_frames(6)
     before, _ = run(StreamPipeline(adapted, first), frames)
     after, _ = run(StreamPipeline(adapted, first.replace(**changes)), frames)
-    pipe = StreamPipeline(adapted, first)
-    outs = []
-    for i, frame in enumerate(frames):
-        if i == 3:
-            pipe.update(**changes)
-        outs.append(pipe.push(frame))
+    outs = stream_with_update(StreamPipeline(adapted, first), frames, 3, **changes)
     for i in range(6):
         assert np.array_equal(outs[i], (before if i < 3 else after)[i]), i
     assert not np.array_equal(before[3], after[3])

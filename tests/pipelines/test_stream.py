@@ -9,27 +9,8 @@ from diffstream.attention.base import Mechanism
 from diffstream.config import StreamConfig
 from diffstream.errors import ConfigError
 from diffstream.pipelines.stream import StreamPipeline
-from diffstream.testing import make_frames
-
-
-def run(pipe, frames):
-    """Push every frame, flush, and return (outputs in order, pushes that returned a frame)."""
-    outs, returned = [], []
-    for f in frames:
-        o = pipe.push(f)
-        returned.append(o is not None)
-        if o is not None:
-            outs.append(o)
-    outs.extend(pipe.flush())
-    return outs, returned
-
-
-def assert_frames_close(a, b, tol=1):
-    assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert x.shape == y.shape, i
-        diff = np.abs(x.astype(np.int16) - y.astype(np.int16)).max()
-        assert diff <= tol, f"frame {i} differs by {diff}"
+from diffstream.testing import assert_frames_close, make_frames
+from diffstream.testing import stream_all as run
 
 
 CFG = dict(guidance=1.8, delta=0.7)
