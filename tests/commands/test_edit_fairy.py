@@ -143,3 +143,17 @@ def test_ctrl_c_keeps_every_frame_done(tmp_path, monkeypatch):
     assert edit_command(args) == 130
     frames, kinds = read_video(out)
     assert len(frames) == 5 and "audio" in kinds
+
+
+@pytest.mark.parametrize("method", ["fairy", "fatezero"])
+def test_sdxl_models_are_refused_in_one_line(tmp_path, capsys, method):
+    from diffstream.cli import main
+
+    video = write_video(tmp_path / "in.mp4", make_frames(3, 48, 64), fps=10)
+    out = tmp_path / "out.mp4"
+    extra = ["--source-prompt", "y"] if method == "fatezero" else []
+    code = main(["edit", video, "-o", str(out), "--method", method, "--model", "tiny-sdxl", "--prompt", "x",
+                 "--size", "64", "--no-progress", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and f"--method {method} runs SD 1.x/2.x checkpoints" in err[-1]
+    assert not out.exists()

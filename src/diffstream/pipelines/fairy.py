@@ -323,6 +323,9 @@ class FairyPipeline:
         from diffstream.attention.anchor import AnchorAttention, AnchorConfig
 
         self.components = components
+        if getattr(components, "is_sdxl", False):
+            raise ModelLoadError(f"--method fairy runs SD 1.x/2.x checkpoints; {components.name!r} is SDXL: pass an "
+                                 f"SD 1.x/2.x model, or stream it with diffstream run")
         self.config = config = config.resolve(lcm=lcm, turbo=components.turbo)
         channels, latent = components.unet_in_channels, components.latent_channels
         if config.instructing and channels != 2 * latent:

@@ -54,7 +54,7 @@ from diffstream.attention.fatezero import (
     probe_layers,
 )
 from diffstream.attention.store import AttentionStore, format_bytes
-from diffstream.errors import ConfigError, InputError, OutputError
+from diffstream.errors import ConfigError, InputError, ModelLoadError, OutputError
 from diffstream.schedule.ddim import (
     DDIMSchedule,
     ddim_inversion_step,
@@ -279,6 +279,9 @@ class FateZeroEditor:
     """
 
     def __init__(self, components, config: FateZeroEditConfig, latent_hw: tuple[int, int]):
+        if getattr(components, "is_sdxl", False):
+            raise ModelLoadError(f"--method fatezero runs SD 1.x/2.x checkpoints; {components.name!r} is SDXL: pass "
+                                 f"an SD 1.x/2.x model, or stream it with diffstream run")
         self.components = components
         self.config = config
         self.latent_hw = tuple(latent_hw)
