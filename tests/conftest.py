@@ -60,6 +60,16 @@ def adapted():
     return _shared(load_components(ModelConfig(model="tiny", device="cpu", ip_adapter="tiny")))
 
 
+@pytest.fixture(scope="session")
+def adapted_plus():
+    """The tiny model with a random tiny IP-Adapter Plus (resampler over the image encoder's
+    penultimate hidden states)."""
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    return _shared(load_components(ModelConfig(model="tiny", device="cpu", ip_adapter="tiny-plus")))
+
+
 @pytest.fixture
 def frames():
     from diffstream.testing import make_frames

@@ -570,3 +570,22 @@ def test_controlnet_scales_are_listed_and_changed_live(make_client):
     assert "one scale per ControlNet of this server (1), got 2" in client.wait_for("error")["message"]
     client.frames(1, start=FILL + 1)
     assert len(client.outputs) == 2
+
+
+def test_an_image_prompt_from_the_page_changes_the_stream(make_client, adapted, tiny):
+    """An "image_prompt" message (a data: URI) switches the IP-Adapter on from the next frame
+    without a restart; a server without an IP-Adapter refuses it in one line."""
+    import base64
+
+    uri = "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(np.full((32, 32, 3), 200, np.uint8))).decode()
+    client = connect(make_client(model=adapted))
+    assert client.ready["ip_adapter"] is True and client.ready["params"]["image_prompt"] is False
+    client.frames(FILL + 1)
+    client.send(type="image_prompt", data=uri)
+    applied = client.wait_for("params")
+    assert applied["params"]["image_prompt"] is True and applied["restarted"] is False
+    client.frames(1, start=FILL + 1)
+    assert len(client.outputs) == 2
+    plain = connect(make_client(model=tiny))
+    plain.send(type="image_prompt", data=uri)
+    assert "has no IP-Adapter" in plain.wait_for("error")["message"]

@@ -262,3 +262,27 @@ def test_blend_fields():
         apply_params(StreamConfig(), {"prompt_blend": (("a", -1.0),)})
     shown = public_params(StreamConfig(prompt_blend=(("a", 1.0),), seed_blend=((2, 1.0),)))
     assert shown["prompt_blend"] == [["a", 1.0]] and shown["seed_blend"] == [[2, 1.0]] and shown["blend"] == "linear"
+
+
+def test_image_prompt_message_takes_only_image_data_uris():
+    import base64
+
+    from diffstream.frames import encode_jpeg
+
+    uri = "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(np.full((32, 32, 3), 90, np.uint8))).decode()
+    message = parse_control(json.dumps({"type": "image_prompt", "data": uri}), LIMITS)
+    assert message == {"type": "params", "changes": {"ip_adapter_image": uri}}
+    assert parse_control('{"type": "image_prompt", "data": null}', LIMITS)["changes"] == {"ip_adapter_image": None}
+    for data, needle in (("/etc/passwd", "must be a base64 image data: URI"),
+                         ("https://example.com/a.jpg", "must be a base64 image data: URI"),
+                         ("data:image/png;base64,@@@@", "not valid base64"),
+                         ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "image_prompt rejected")):
+        with pytest.raises(ProtocolError, match=re.escape(needle)):
+            parse_control(json.dumps({"type": "image_prompt", "data": data}), LIMITS)
+    # Larger than a text message may be, but no larger than a frame may be.
+    big = "data:image/jpeg;base64," + "A" * (LIMITS.max_frame_bytes * 2)
+    with pytest.raises(ProtocolError, match="control message too long"):
+        parse_control(json.dumps({"type": "image_prompt", "data": big}), LIMITS)
+    with pytest.raises(ProtocolError, match="control message too long"):
+        parse_control(json.dumps({"type": "params", "prompt": "x" * 20000}), LIMITS)
+    assert public_params(StreamConfig(ip_adapter_image=uri))["image_prompt"] is True

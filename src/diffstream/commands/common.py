@@ -117,7 +117,7 @@ def add_control_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ip-adapter", default=None, metavar="SPEC",
                    help="IP-Adapter (an image as a prompt): sd15 or plus-sd15 (h94/IP-Adapter), a local "
                         ".safetensors/.bin with its CLIP image encoder in image_encoder/ beside it, "
-                        "OWNER/REPO/PATH/FILE.safetensors, or tiny (random, for tests)")
+                        "OWNER/REPO/PATH/FILE.safetensors, or tiny / tiny-plus (random, for tests)")
     g.add_argument("--ip-adapter-image", default=None, metavar="FILE_OR_URL",
                    help="the image prompt: a JPEG/PNG/WebP file, an http(s) URL or a base64 data: URI "
                         "(changeable while streaming; without it the IP-Adapter is off)")

@@ -66,8 +66,9 @@ class IPAdapter:
         """
         p = next(self.image_encoder.parameters())
         if image is None:
-            shape = (1, 1, 257, self.image_encoder.config.hidden_size) if self.plus else (
-                1, 1, self.image_encoder.config.projection_dim)
+            cfg = self.image_encoder.config
+            tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1  # patches + class token: 257 for ViT-H/14
+            shape = (1, 1, tokens, cfg.hidden_size) if self.plus else (1, 1, cfg.projection_dim)
             zeros = torch.zeros(shape, device=p.device, dtype=p.dtype)
             return zeros, zeros
         pixels = self.feature_extractor(image, return_tensors="pt").pixel_values.to(device=p.device, dtype=p.dtype)
@@ -91,12 +92,16 @@ def set_scale(unet, scale: float) -> None:
             proc.scale = [float(scale)] * len(proc.scale)
 
 
-def tiny_ip_adapter_state(unet, image_embed_dim: int, seed: int = 0) -> dict:
-    """A random IP-Adapter (not Plus) state dict in the original file layout, for `unet`.
+def tiny_ip_adapter_state(unet, image_embed_dim: int, seed: int = 0, plus: bool = False) -> dict:
+    """A random IP-Adapter state dict in the original file layout, for `unet`.
 
-    Keys as in h94's files: "image_proj" (`proj` to 4 tokens of the text width, `norm`) and
-    "ip_adapter" ("{k}.to_k_ip.weight" / "{k}.to_v_ip.weight" for the k-th attention
-    processor, odd k: the cross-attention layers, in `unet.attn_processors` order).
+    Keys as in h94's files: "image_proj" (IP-Adapter: `proj` to 4 tokens of the text width
+    and `norm`; Plus: the resampler, `_plus_projection_state`) and "ip_adapter"
+    ("{k}.to_k_ip.weight" / "{k}.to_v_ip.weight" for the k-th attention processor, odd k:
+    the cross-attention layers, in `unet.attn_processors` order).
+
+    Args:
+        image_embed_dim: the image encoder's projection width (IP-Adapter) or hidden width (Plus).
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -120,9 +125,41 @@ def tiny_ip_adapter_state(unet, image_embed_dim: int, seed: int = 0) -> dict:
         ip[f"{key}.to_k_ip.weight"] = rand(hidden, cross)
         ip[f"{key}.to_v_ip.weight"] = rand(hidden, cross)
         key += 2
-    proj = {"proj.weight": rand(4 * cross, image_embed_dim), "proj.bias": rand(4 * cross),
-            "norm.weight": 1 + rand(cross, std=0.05), "norm.bias": rand(cross, std=0.05)}
+    if plus:
+        proj = _plus_projection_state(image_embed_dim, cross, seed)
+    else:
+        proj = {"proj.weight": rand(4 * cross, image_embed_dim), "proj.bias": rand(4 * cross),
+                "norm.weight": 1 + rand(cross, std=0.05), "norm.bias": rand(cross, std=0.05)}
     return {"image_proj": proj, "ip_adapter": ip}
+
+
+def _plus_projection_state(embed_dim: int, cross: int, seed: int) -> dict:
+    """IP-Adapter Plus's resampler (4 query tokens, 4 layers, one 64-wide head) with random
+    weights, under the original file's key names: diffusers' module built at that size, its
+    names mapped back the way `_convert_ip_adapter_image_proj_to_diffusers` maps them forward."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from diffstream.models.tiny import randomize
+
+    module = randomize(IPAdapterPlusImageProjection(embed_dims=embed_dim, output_dims=cross, hidden_dims=64,
+                                                    heads=1, num_queries=4), seed=seed, std=0.1)
+    state = module.state_dict()
+    out = {}
+    for name, value in state.items():
+        parts = name.split(".")
+        if parts[0] != "layers":
+            out[name] = value
+            continue
+        i, rest = parts[1], ".".join(parts[2:])
+        if rest.startswith("attn.to_k"):
+            out[f"layers.{i}.0.to_kv.{parts[-1]}"] = torch.cat([value, state[name.replace("to_k", "to_v")]])
+        elif rest.startswith("attn.to_v"):
+            continue
+        else:
+            rest = {"ln0": "0.norm1", "ln1": "0.norm2", "attn.to_q": "0.to_q", "attn.to_out.0": "0.to_out",
+                    "ff.0": "1.0", "ff.1.net.0.proj": "1.1", "ff.1.net.2": "1.3"}[rest.rsplit(".", 1)[0]]
+            out[f"layers.{i}.{rest}.{parts[-1]}"] = value
+    return out
 
 
 def tiny_image_encoder(seed: int = 0):
@@ -158,7 +195,7 @@ def precheck(spec: str) -> None:
     Raises:
         ConfigError / ModelLoadError.
     """
-    if spec == "tiny":
+    if spec in ("tiny", "tiny-plus"):
         return
     parts = _hub_parts(spec)
     if parts is None:
@@ -174,7 +211,7 @@ def load_ip_adapter(spec: str, modules: dict, device, dtype) -> IPAdapter:
     """Load an IP-Adapter into `modules["unet"]` (in place) and return its image encoder.
 
     Args:
-        spec: "tiny" (random, for tests), a preset (`IP_ADAPTER_PRESETS`), a local weight
+        spec: "tiny" / "tiny-plus" (random IP-Adapter / Plus, for tests), a preset (`IP_ADAPTER_PRESETS`), a local weight
             file with its image encoder in `image_encoder/` beside it, or
             "owner/repo/subfolder/file.safetensors" on the hub.
         modules: the base model's modules (unet, vae, text_encoder, tokenizer, scheduler).
@@ -183,9 +220,11 @@ def load_ip_adapter(spec: str, modules: dict, device, dtype) -> IPAdapter:
     """
     precheck(spec)
     unet = modules["unet"]
-    if spec == "tiny":
+    if spec in ("tiny", "tiny-plus"):
         encoder, processor = tiny_image_encoder()
-        unet._load_ip_adapter_weights([tiny_ip_adapter_state(unet, encoder.config.projection_dim)])
+        plus = spec == "tiny-plus"
+        width = encoder.config.hidden_size if plus else encoder.config.projection_dim
+        unet._load_ip_adapter_weights([tiny_ip_adapter_state(unet, width, plus=plus)])
     else:
         from diffusers import StableDiffusionPipeline
 

@@ -300,6 +300,8 @@ class Engine:
                     f"method {method} is not available with this model ({reason}); "
                     f"choose from {', '.join(self.methods)}"
                 )
+            if "ip_adapter_image" in changes and getattr(self.components, "ip_adapter", None) is None:
+                raise ProtocolError("this server has no IP-Adapter (start it with --ip-adapter) for an image prompt")
             scales = changes.get("control_scales")
             count = len(getattr(self.components, "controlnets", ()) or ())
             if scales is not None and len(scales) != count:

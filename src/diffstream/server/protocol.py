@@ -31,6 +31,7 @@ decided here too: `is_loopback` (the serve command warns about other hosts) and
 
 from __future__ import annotations
 
+import base64
 import io
 import ipaddress
 import json
@@ -81,7 +82,7 @@ PARAM_FIELDS: dict[str, str] = {
     "blend": "blend",
     "seed_blend": "pairs_int_or_null",  # [[seed, weight], ...] instead of seed's noise
 }
-MESSAGE_TYPES = ("params", "reset", "ping")
+MESSAGE_TYPES = ("params", "reset", "ping", "image_prompt")
 
 
 class ProtocolError(ValueError):
@@ -185,7 +186,11 @@ def parse_control(text: str, limits: Limits, methods: tuple[str, ...] | None = N
     Raises:
         ProtocolError: one line naming the problem.
     """
-    if len(text) > limits.max_text_bytes or len(text.encode("utf-8", "replace")) > limits.max_text_bytes:
+    # An image prompt carries an image as a base64 data: URI, as large as a frame may be;
+    # every other message is held to max_text_bytes once its type is known.
+    image_limit = limits.max_text_bytes + (limits.max_frame_bytes * 4) // 3 + 64
+    too_long = len(text) > limits.max_text_bytes or len(text.encode("utf-8", "replace")) > limits.max_text_bytes
+    if too_long and len(text) > image_limit:
         raise ProtocolError(f"control message too long: the limit is {limits.max_text_bytes} bytes")
     try:
         message = json.loads(text, parse_constant=_reject_constant)
@@ -198,7 +203,12 @@ def parse_control(text: str, limits: Limits, methods: tuple[str, ...] | None = N
     kind = message.get("type")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise ProtocolError(f"unknown message type {kind!r}: use one of {', '.join(MESSAGE_TYPES)}")
+    if too_long and kind != "image_prompt":
+        raise ProtocolError(f"control message too long: the limit is {limits.max_text_bytes} bytes")
     fields = {k: v for k, v in message.items() if k != "type"}
+    if kind == "image_prompt":
+        _no_fields(kind, fields, ("data",))
+        return {"type": "params", "changes": {"ip_adapter_image": _image_prompt(fields.get("data"), limits)}}
     if kind == "reset":
         _no_fields(kind, fields, ())
         return {"type": "reset"}
@@ -209,6 +219,25 @@ def parse_control(text: str, limits: Limits, methods: tuple[str, ...] | None = N
             raise ProtocolError(f"ping field 't' must be a number, got {_type_name(t)}")
         return {"type": "ping", "t": t}
     return {"type": "params", "changes": parse_params(fields, limits, methods)}
+
+
+def _image_prompt(data, limits: Limits) -> str | None:
+    """An "image_prompt" message's data: a base64 JPEG/PNG/WebP data: URI, checked like a
+    frame (bytes, header, pixel size), or null (no image: the IP-Adapter is off). A page never
+    names a file or URL: the server reads nothing a client points it to."""
+    if data is None:
+        return None
+    if not isinstance(data, str) or not data.startswith("data:image/") or ";base64," not in data[:64]:
+        raise ProtocolError("image_prompt data must be a base64 image data: URI (data:image/jpeg;base64,...) or null")
+    try:
+        raw = base64.b64decode(data.partition(",")[2], validate=True)
+    except ValueError:
+        raise ProtocolError("image_prompt data is not valid base64") from None
+    try:
+        check_frame(raw, limits)
+    except ProtocolError as err:
+        raise ProtocolError(f"image_prompt rejected: {err}") from None
+    return data
 
 
 def _no_fields(kind: str, fields: dict, allowed: tuple[str, ...]) -> None:
@@ -371,6 +400,7 @@ def public_params(config: StreamConfig) -> dict:
         "max_skip": config.max_skip,
         "control_scales": list(config.control_scales) if config.control_scales is not None else None,
         "ip_adapter_scale": config.ip_adapter_scale,
+        "image_prompt": config.ip_adapter_image is not None,  # the image itself is not echoed
         "prompt_blend": [list(p) for p in config.prompt_blend] if config.prompt_blend else None,
         "blend": config.blend,
         "seed_blend": [list(p) for p in config.seed_blend] if config.seed_blend else None,

@@ -347,6 +347,19 @@ function fillMethods(methods, current) {
   select.value = methods.includes(chosen) ? chosen : current;
 }
 
+function sendImagePrompt(file) {
+  // The image travels as a data: URI in an "image_prompt" message, checked by the server
+  // like a frame (the server never reads a file or URL a page names).
+  if (!file) return;
+  if (state.limits && file.size > state.limits.max_frame_bytes) {
+    showError(`The image prompt is ${file.size} bytes; the server accepts at most ${state.limits.max_frame_bytes}.`);
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => send({ type: "image_prompt", data: reader.result });
+  reader.readAsDataURL(file);
+}
+
 function fillControlNets(kinds, scales) {
   // One slider per ControlNet of the server, in its order; a change sends every scale.
   const box = $("controlnets");
@@ -427,6 +440,7 @@ function bindControls() {
   $("similarity").addEventListener("change", () => send({ type: "params", similarity_threshold: similarityValue() }));
   $("ip-scale").addEventListener("input", () => { $("ip-scale-value").textContent = Number($("ip-scale").value).toFixed(2); });
   $("ip-scale").addEventListener("change", () => send({ type: "params", ip_adapter_scale: Number($("ip-scale").value) }));
+  $("ip-image").addEventListener("change", (event) => sendImagePrompt(event.target.files[0]));
   $("reset").addEventListener("click", () => send({ type: "reset" }));
   $("use-camera").addEventListener("click", useCamera);
   $("use-screen").addEventListener("click", useScreen);
