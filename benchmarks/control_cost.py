@@ -13,7 +13,9 @@ one ControlNet), canny+depth, canny at scale 0 (switched off live: the preproces
 still runs, the ControlNet does not), and an SD 1.5-size IP-Adapter with an image prompt
 (per frame: its extra cross-attention keys/values; the image is encoded once).
 
-    python benchmarks/control_cost.py --json [--frames 4] [--size 256] [--steps 2]
+    python benchmarks/control_cost.py --json [--frames 4] [--size 256] [--steps 2] [--arch sd15|sdxl]
+
+With --arch sdxl: SDXL base's UNet and SDXL-size ControlNets (`from_unet`), no IP-Adapter row.
 
 The last line (with --json) is one JSON object: seconds_per_frame and ratio_to_plain per
 configuration.
@@ -31,6 +33,38 @@ import torch
 
 from diffstream.models.tiny import sd15_random_components
 from diffstream.testing import benchmark_clip
+
+
+def sdxl_random_components():
+    """(Benchmarks) SDXL base's UNet configuration with random weights, a TAESD-size tiny VAE
+    and one-layer text encoders of SDXL's output widths (768 + 1280 hidden, 1280 pooled): the
+    text encoders run once per prompt, so their depth does not change the per-frame cost."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffstream.models.components import Components
+    from diffstream.models.tiny import sd_scheduler, tiny_taesd
+    from diffstream.models.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ).eval().requires_grad_(False)
+
+    def text(width, projection):
+        cfg = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
+                             num_attention_heads=width // 64, max_position_embeddings=77, projection_dim=1280,
+                             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval().requires_grad_(False)
+
+    return Components(unet=unet, vae=tiny_taesd(full_size=True), text_encoder=text(768, False),
+                      tokenizer=clip_tokenizer(), scheduler=sd_scheduler(), name="sdxl-random",
+                      text_encoder_2=text(1280, True), tokenizer_2=clip_tokenizer())
 
 
 def full_size_units(unet, device):
@@ -82,13 +116,15 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=4, help="frames timed per configuration")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"),
+                        help="full-size architecture: SD 1.5 (with an IP-Adapter row) or SDXL base")
     args = parser.parse_args()
 
     from diffstream.config import StreamConfig
     from diffstream.pipelines.stream import StreamPipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = sd15_random_components()
+    base = sd15_random_components() if args.arch == "sd15" else sdxl_random_components()
     base = dataclasses.replace(base, unet=base.unet.to(device), vae=base.vae.to(device),
                                text_encoder=base.text_encoder.to(device), device=device)
     canny, depth = full_size_units(base.unet, device)
@@ -110,8 +146,9 @@ def main() -> int:
 
     image = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
     cv2.imwrite(image, frames[0])
-    pipes["ip_adapter"] = StreamPipeline(ip_adapted(base, device), cfg.replace(ip_adapter_image=image))
-    setups["ip_adapter"] = None
+    if args.arch == "sd15":  # an SDXL-size copy of the UNet would not fit beside the others in 24 GB
+        pipes["ip_adapter"] = StreamPipeline(ip_adapted(base, device), cfg.replace(ip_adapter_image=image))
+        setups["ip_adapter"] = None
     times = {name: [] for name in setups}
     for i, frame in enumerate(frames):
         for name, pipe in pipes.items():  # interleaved: machine drift hits every setup alike
@@ -126,7 +163,7 @@ def main() -> int:
                 times[name].append(time.perf_counter() - start)
     spf = {name: statistics.median(t) for name, t in times.items()}
     result = {
-        "device": device.type, "size": args.size, "steps": args.steps, "frames_timed": args.frames,
+        "arch": args.arch, "device": device.type, "size": args.size, "steps": args.steps, "frames_timed": args.frames,
         "clip": origin, "seconds_per_frame": {k: round(v, 4) for k, v in spf.items()},
         "ratio_to_plain": {k: round(v / spf["plain"], 3) for k, v in spf.items()},
     }
