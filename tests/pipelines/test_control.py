@@ -175,3 +175,24 @@ def test_controlnet_for_another_base_model_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_components(ModelConfig(model="/no/such/model", device="cpu",
                                     controlnets=(("canny", "/no/such/cn.safetensors"),)))
+
+
+def test_live2diff_with_a_controlnet_keeps_its_caches_across_a_scale_change(moving):
+    """Live2Diff (a video UNet: rows folded (video, frame)) takes ControlNet residuals in row
+    order; a scale change later does not warm up again (the KV caches stay)."""
+    from diffstream.models.loading import load_components
+    from diffstream.pipelines.factory import make_pipeline
+
+    video = load_components(ModelConfig(model="tiny", device="cpu", motion_adapter="tiny",
+                                        controlnets=(("canny", "tiny"),)))
+    cfg = StreamConfig(prompt="a red fox", size=64, steps=2, strength=0.6, method="live2diff",
+                       causal=StreamConfig().causal.__class__(warmup_frames=2, window=4), control_scales=(0.0,))
+    plain, _ = run(make_pipeline(video, cfg), moving)
+    pipe = make_pipeline(video, cfg)
+    resets = []
+    pipe.mechanism.reset = lambda *a, _r=pipe.mechanism.reset: (resets.append(1), _r(*a))[1]
+    outs = stream_with_update(pipe, moving, 4, control_scales=(1.0,))
+    assert resets == [] and len(outs) == len(moving)
+    for i in range(3):  # frames finished before the change are the plain stream's
+        assert np.array_equal(outs[i], plain[i]), i
+    assert not np.array_equal(outs[-1], plain[-1])

@@ -183,6 +183,17 @@ def test_live_demo_in_headless_chromium(browser_tools, live_server, tmp_path):
             drawn = frames_drawn(page)
             wait_for_frames(page, drawn + 3)
 
+            # A second prompt blended in by a weight reaches the server as a prompt blend.
+            page.fill("#blend-prompt", "a pencil sketch")
+            page.fill("#blend-weight", "0.25")
+            page.dispatch_event("#blend-weight", "change")
+            page.wait_for_function("() => document.getElementById('applied').dataset.blend !== ''", timeout=TIMEOUT_MS)
+            assert session.applied.prompt_blend == (("a watercolor fox", 0.75), ("a pencil sketch", 0.25))
+            page.fill("#blend-weight", "0")
+            page.dispatch_event("#blend-weight", "change")
+            page.wait_for_function("() => document.getElementById('applied').dataset.blend === ''", timeout=TIMEOUT_MS)
+            assert session.applied.prompt_blend is None
+
             # Seed -1 means a random seed, as on the command line: the page shows the one picked.
             assert page.text_content("#applied").endswith("seed 2")
             page.fill("#seed", "-1")

@@ -396,10 +396,21 @@ function readSeed() {
   return seed;
 }
 
+function promptParams() {
+  // The prompt alone, or mixed with the "Blend with" prompt by its weight (the server's
+  // prompt_blend: [[prompt, 1 - w], [other, w]], linear or slerp on the text embeddings).
+  const weight = Number($("blend-weight").value);
+  const other = $("blend-prompt").value.trim();
+  const blend = weight > 0 && other
+    ? [[$("prompt").value, 1 - weight], [other, weight]]
+    : null;
+  return { prompt: $("prompt").value, prompt_blend: blend, blend: $("blend-mode").value };
+}
+
 function sendAllParams() {
   const message = {
     type: "params",
-    prompt: $("prompt").value,
+    ...promptParams(),
     method: $("method").value,
     strength: Number($("strength").value),
     similarity_threshold: similarityValue(),
@@ -416,14 +427,18 @@ function showApplied(params, restarted) {
   const el = $("applied");
   el.dataset.prompt = params.prompt;
   $("method").value = params.method; // the server may have refused a method change
-  el.textContent = `— “${params.prompt}” · ${params.method} · strength ${Number(params.strength).toFixed(2)} · seed ${params.seed}`
+  const shown = params.prompt_blend
+    ? params.prompt_blend.map(([text, w]) => `${Number(w).toFixed(2)} “${text}”`).join(" + ")
+    : `“${params.prompt}”`;
+  el.dataset.blend = params.prompt_blend ? JSON.stringify(params.prompt_blend) : "";
+  el.textContent = `— ${shown} · ${params.method} · strength ${Number(params.strength).toFixed(2)} · seed ${params.seed}`
     + (restarted ? " (new stream)" : "");
 }
 
 function bindControls() {
   $("controls").addEventListener("submit", (event) => {
     event.preventDefault();
-    send({ type: "params", prompt: $("prompt").value });
+    send({ type: "params", ...promptParams() });
   });
   $("method").addEventListener("change", () => send({ type: "params", method: $("method").value }));
   $("strength").addEventListener("input", () => { $("strength-value").textContent = Number($("strength").value).toFixed(2); });
@@ -441,6 +456,10 @@ function bindControls() {
   $("ip-scale").addEventListener("input", () => { $("ip-scale-value").textContent = Number($("ip-scale").value).toFixed(2); });
   $("ip-scale").addEventListener("change", () => send({ type: "params", ip_adapter_scale: Number($("ip-scale").value) }));
   $("ip-image").addEventListener("change", (event) => sendImagePrompt(event.target.files[0]));
+  $("blend-weight").addEventListener("input", () => { $("blend-weight-value").textContent = Number($("blend-weight").value).toFixed(2); });
+  for (const id of ["blend-weight", "blend-mode", "blend-prompt"]) {
+    $(id).addEventListener("change", () => send({ type: "params", ...promptParams() }));
+  }
   $("reset").addEventListener("click", () => send({ type: "reset" }));
   $("use-camera").addEventListener("click", useCamera);
   $("use-screen").addEventListener("click", useScreen);
