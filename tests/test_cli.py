@@ -270,3 +270,15 @@ def test_run_tiny_sdxl_writes_every_frame(clip, tmp_path, capsys):
     assert main(["run", clip, "-o", str(out), "--model", "tiny-sdxl", "--size", "64", "--no-progress", "--prompt", "x",
                  "--steps", "2", "--method", "streamv2v", "--controlnet", "canny:tiny"]) == 0
     assert count_frames(out) == 9
+
+
+def test_a_controlnet_for_another_base_model_is_one_line_exit_2(clip, tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "cn15"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "ControlNetModel", "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768}))
+    assert main(["run", clip, "-o", str(tmp_path / "o.mp4"), *TINY, "--controlnet", f"canny:{folder}"]) == 2
+    assert "is for another base model" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "o.mp4").exists()

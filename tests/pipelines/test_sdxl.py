@@ -81,3 +81,35 @@ def test_pooled_embeddings_follow_the_prompt_blend(tiny_sdxl):
     plain, _ = run(StreamPipeline(tiny_sdxl, base), frames)
     mixed, _ = run(StreamPipeline(tiny_sdxl, base.replace(prompt_blend=(("a red fox", 1.0), ("a cat", 0.0)))), frames)
     assert_frames_close(plain, mixed, tol=0)
+
+
+def test_an_sdxl_diffusers_folder_loads_as_sdxl(tiny_sdxl, tmp_path):
+    """A diffusers SDXL folder (model_index.json names text_encoder_2) loads with both text
+    encoders and its force_zeros setting, and streams exactly like the model it was saved from."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    c = tiny_sdxl
+    StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+                              tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=c.scheduler,
+                              force_zeros_for_empty_prompt=False).save_pretrained(tmp_path / "xl")
+    loaded = load_components(ModelConfig(model=str(tmp_path / "xl"), device="cpu", lcm_lora="none"))
+    assert loaded.is_sdxl and loaded.force_zeros_for_empty_prompt is False
+    cfg = StreamConfig(prompt="a red fox", negative_prompt="blurry", size=64, steps=2, strength=0.6)
+    frames = make_frames(3)
+    assert_frames_close(run(StreamPipeline(loaded, cfg), frames)[0], run(StreamPipeline(c, cfg), frames)[0], tol=0)
+
+
+def test_sdxl_single_files_are_told_from_their_keys(tmp_path):
+    """Original (SGM) SDXL checkpoints keep the second text encoder under conditioner.embedders.1."""
+    from safetensors.torch import save_file
+
+    from diffstream.models.loading import _is_sdxl_file
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, tmp_path / "xl.safetensors")
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
+              tmp_path / "sd15.safetensors")
+    assert _is_sdxl_file(str(tmp_path / "xl.safetensors"))
+    assert not _is_sdxl_file(str(tmp_path / "sd15.safetensors"))

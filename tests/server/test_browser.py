@@ -138,6 +138,13 @@ def wait_for_frames(page, at_least: int) -> None:
     )
 
 
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
 def test_live_demo_in_headless_chromium(browser_tools, live_server, tmp_path):
     chromium, sync_api = browser_tools
     url, app = live_server
@@ -193,6 +200,12 @@ def test_live_demo_in_headless_chromium(browser_tools, live_server, tmp_path):
             page.dispatch_event("#blend-weight", "change")
             page.wait_for_function("() => document.getElementById('applied').dataset.blend === ''", timeout=TIMEOUT_MS)
             assert session.applied.prompt_blend is None
+            page.fill("#seed-weight", "0.5")
+            page.dispatch_event("#seed-weight", "change")
+            wait_until(lambda: session.applied.seed_blend == ((2, 0.5), (3, 0.5)))
+            page.fill("#seed-weight", "0")
+            page.dispatch_event("#seed-weight", "change")
+            wait_until(lambda: session.applied.seed_blend is None)
 
             # Seed -1 means a random seed, as on the command line: the page shows the one picked.
             assert page.text_content("#applied").endswith("seed 2")

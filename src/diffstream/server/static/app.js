@@ -407,6 +407,14 @@ function promptParams() {
   return { prompt: $("prompt").value, prompt_blend: blend, blend: $("blend-mode").value };
 }
 
+function seedBlend(seed) {
+  // The seed alone, or its noise mixed with the "Blend seed"'s by the weight (seed_blend).
+  const weight = Number($("seed-weight").value);
+  const other = Number($("blend-seed").value);
+  if (!(weight > 0) || !Number.isInteger(other) || other < 0 || seed === null || seed < 0) return null;
+  return [[seed, 1 - weight], [other, weight]];
+}
+
 function sendAllParams() {
   const message = {
     type: "params",
@@ -420,6 +428,7 @@ function sendAllParams() {
   if (!$("ip-adapter").hidden) message.ip_adapter_scale = Number($("ip-scale").value);
   const seed = readSeed();
   if (seed !== null) message.seed = seed;
+  message.seed_blend = seedBlend(seed);
   send(message);
 }
 
@@ -456,6 +465,10 @@ function bindControls() {
   $("ip-scale").addEventListener("input", () => { $("ip-scale-value").textContent = Number($("ip-scale").value).toFixed(2); });
   $("ip-scale").addEventListener("change", () => send({ type: "params", ip_adapter_scale: Number($("ip-scale").value) }));
   $("ip-image").addEventListener("change", (event) => sendImagePrompt(event.target.files[0]));
+  $("seed-weight").addEventListener("input", () => { $("seed-weight-value").textContent = Number($("seed-weight").value).toFixed(2); });
+  for (const id of ["seed-weight", "blend-seed"]) {
+    $(id).addEventListener("change", () => send({ type: "params", seed_blend: seedBlend(readSeed()) }));
+  }
   $("blend-weight").addEventListener("input", () => { $("blend-weight-value").textContent = Number($("blend-weight").value).toFixed(2); });
   for (const id of ["blend-weight", "blend-mode", "blend-prompt"]) {
     $(id).addEventListener("change", () => send({ type: "params", ...promptParams() }));
