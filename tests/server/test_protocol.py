@@ -286,3 +286,9 @@ def test_image_prompt_message_takes_only_image_data_uris():
     with pytest.raises(ProtocolError, match="control message too long"):
         parse_control(json.dumps({"type": "params", "prompt": "x" * 20000}), LIMITS)
     assert public_params(StreamConfig(ip_adapter_image=uri))["image_prompt"] is True
+
+
+def test_oversized_text_that_is_not_an_image_prompt_is_too_long():
+    for text in ("x" * 9000, json.dumps(["x" * 9000]), json.dumps({"type": "reset", "pad": "x" * 9000})):
+        with pytest.raises(ProtocolError, match="control message too long"):
+            parse_control(text, LIMITS)

@@ -197,14 +197,16 @@ def parse_control(text: str, limits: Limits, methods: tuple[str, ...] | None = N
     except ProtocolError:
         raise
     except (ValueError, RecursionError):
+        if too_long:  # only an image prompt may be this long, and this is not one
+            raise ProtocolError(f"control message too long: the limit is {limits.max_text_bytes} bytes") from None
         raise ProtocolError('control message is not valid JSON: send an object like {"type": "reset"}') from None
+    if too_long and not (isinstance(message, dict) and message.get("type") == "image_prompt"):
+        raise ProtocolError(f"control message too long: the limit is {limits.max_text_bytes} bytes")
     if not isinstance(message, dict):
         raise ProtocolError('control message must be a JSON object like {"type": "reset"}')
     kind = message.get("type")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise ProtocolError(f"unknown message type {kind!r}: use one of {', '.join(MESSAGE_TYPES)}")
-    if too_long and kind != "image_prompt":
-        raise ProtocolError(f"control message too long: the limit is {limits.max_text_bytes} bytes")
     fields = {k: v for k, v in message.items() if k != "type"}
     if kind == "image_prompt":
         _no_fields(kind, fields, ("data",))
