@@ -89,7 +89,7 @@ def full_size_units(unet, device):
             dpt = DPTForDepthEstimation(DPTConfig()).eval()  # ViT-B/16 backbone
             processor = DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=False)
             pre = DepthMap(DepthEstimator.from_components(dpt, processor, device=device))
-        units.append(ControlUnit(kind=kind, model=net, preprocess=pre, name=f"random-{kind}"))
+        units.append(ControlUnit(kind=kind, model=net, preprocess=pre))
     return units
 
 
@@ -106,7 +106,7 @@ def ip_adapted(base, device):
     encoder.visual_projection = torch.nn.Linear(encoder.config.hidden_size, 1024, bias=False)
     encoder.config.projection_dim = 1024
     unet._load_ip_adapter_weights([tiny_ip_adapter_state(unet, 1024)])
-    ip = IPAdapter(image_encoder=encoder.to(device), feature_extractor=processor, plus=False, name="random-sd15")
+    ip = IPAdapter(image_encoder=encoder.to(device), feature_extractor=processor, plus=False)
     return dataclasses.replace(base, unet=unet.to(device).eval().requires_grad_(False), ip_adapter=ip)
 
 

@@ -45,13 +45,11 @@ class ControlUnit:
         kind: the preprocessor's name ("canny", "depth", or a registered one).
         model: a diffusers `ControlNetModel` on the base model's device and dtype.
         preprocess: frame -> condition image (see the module docstring).
-        name: what the user passed (for messages).
     """
 
     kind: str
     model: torch.nn.Module
     preprocess: Preprocessor
-    name: str
 
 
 # --- preprocessors --------------------------------------------------------------------
@@ -246,5 +244,5 @@ def load_controlnets(specs, unet, base_name: str, device, dtype, depth_model: st
             net = _load_controlnet_model(spec, dtype, unet)
         net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
         preprocess = _PREPROCESSORS[kind](depth_model=depth_model, device=device, tiny=spec == "tiny")
-        units.append(ControlUnit(kind=kind, model=net, preprocess=preprocess, name=spec))
+        units.append(ControlUnit(kind=kind, model=net, preprocess=preprocess))
     return tuple(units)

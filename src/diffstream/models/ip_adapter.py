@@ -43,13 +43,11 @@ class IPAdapter:
         image_encoder: transformers `CLIPVisionModelWithProjection`, on the model's device/dtype.
         feature_extractor: `CLIPImageProcessor` (resize, crop, normalise).
         plus: True for IP-Adapter Plus (penultimate hidden states, negative from a black image).
-        name: what the user passed.
     """
 
     image_encoder: torch.nn.Module
     feature_extractor: object
     plus: bool
-    name: str
 
     @torch.no_grad()
     def embeds(self, image: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,4 +244,4 @@ def load_ip_adapter(spec: str, modules: dict, device, dtype) -> IPAdapter:
     plus = type(projection).__name__ != "ImageProjection"
     encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
     unet.to(device=device, dtype=dtype)
-    return IPAdapter(image_encoder=encoder, feature_extractor=processor, plus=plus, name=spec)
+    return IPAdapter(image_encoder=encoder, feature_extractor=processor, plus=plus)
