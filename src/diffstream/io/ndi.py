@@ -32,8 +32,7 @@ import numpy as np
 
 from diffstream import frames as fr
 from diffstream.errors import InputError, OutputError
-from diffstream.io.sinks import DEFAULT_FPS, Sink
-from diffstream.io.sources import Source
+from diffstream.io.base import DEFAULT_FPS, Sink, Source
 
 __all__ = ["NDISource", "NDISink", "parse_spec", "check_available"]
 

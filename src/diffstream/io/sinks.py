@@ -27,10 +27,10 @@ import numpy as np
 from diffstream import frames as fr
 from diffstream.errors import OutputError
 from diffstream.io.audio import AudioTrack
+from diffstream.io.base import DEFAULT_FPS, Sink
 
 __all__ = ["Sink", "VideoSink", "PngFolderSink", "WindowSink", "open_sink", "check_output", "DEFAULT_FPS"]
 
-DEFAULT_FPS = Fraction(30)
 # x264 settings: CRF 18 is visually near-lossless for diffusion output, and "medium"
 # encodes far faster than the diffusion model produces frames, so it never limits speed.
 X264_CRF = 18
@@ -82,45 +82,6 @@ def _as_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         frame = fr.to_rgb(frame)
     return fr.resize(frame, size)
 
-
-class Sink:
-    """Receives RGB uint8 frames; see `open_sink`.
-
-    Attributes:
-        frames_written: number of frames accepted by `write`.
-        warnings: problems that did not lose frames, e.g. audio that was not copied.
-    """
-
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
-        self.frames_written = 0
-        self.warnings: list[str] = []
-        self._closed = False
-
-    def write(self, frame: np.ndarray) -> None:
-        """Append one RGB uint8 frame (H, W, 3)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Finalize the output; idempotent."""
-        self._closed = True
-
-    @property
-    def closed(self) -> bool:
-        """True once `close()` has run."""
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError(f"write to closed sink {self.spec}")
-
-    def __enter__(self) -> "Sink":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        # Runs on every exit, KeyboardInterrupt included: that is what makes an
-        # interrupted run leave a valid file.
-        self.close()
 
 
 class VideoSink(Sink):

@@ -22,6 +22,7 @@ import numpy as np
 
 from diffstream import frames as fr
 from diffstream.errors import InputError
+from diffstream.io.base import Source
 
 __all__ = ["Source", "VideoSource", "ImageFolderSource", "WebcamSource", "open_source"]
 
@@ -48,98 +49,6 @@ def _av_reason(err: BaseException) -> str:
     """Short human description of a PyAV/FFmpeg error (without errno and file name)."""
     reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
     return _one_line(reason)
-
-
-class Source:
-    """A stream of RGB uint8 frames (H, W, 3).
-
-    Attributes:
-        fps: frame rate as a Fraction, or None when unknown (an image folder opened
-            without `fps`: sinks then write 30 fps).
-        width, height: size of the first frame.
-        num_frames: known or estimated frame count (already capped by `max_frames`),
-            None for live or unknown inputs. Meant for progress bars, not for logic.
-        is_live: True for webcams and network streams (the caller may drop frames).
-        audio_path: a file whose audio track a sink can copy, or None.
-        warnings: messages about damage or dropped streams, appended during iteration;
-            read them after the loop ends.
-
-    Iterating yields frames until the input ends or `max_frames` is reached. A source is
-    a stream: iterating a second time continues where the first loop stopped.
-    """
-
-    fps: Fraction | None = None
-    width: int = 0
-    height: int = 0
-    num_frames: int | None = None
-    is_live: bool = False
-    audio_path: str | None = None
-
-    def __init__(self, spec: str, max_frames: int | None = None) -> None:
-        if max_frames is not None and max_frames < 1:
-            raise ValueError(f"max_frames must be at least 1, got {max_frames}")
-        self.spec = spec
-        self.max_frames = max_frames
-        self.warnings: list[str] = []
-        self._yielded = 0
-        self._first: np.ndarray | None = None
-        self._frames: Iterator[np.ndarray] | None = None
-        self._closed = False
-
-    def _start(self) -> None:
-        """Create the frame generator and decode the first frame (eager validation)."""
-        self._frames = self._generate()
-        first = next(self._frames, None)
-        if first is None:
-            # The damage warning names the input too; keep only its explanation.
-            detail = f": {self.warnings[0].split(': ', 1)[-1]}" if self.warnings else ""
-            self.close()
-            raise InputError(f"no decodable frames in input {self.spec}{detail}")
-        self._first = first
-        self.height, self.width = first.shape[:2]
-        if self.num_frames is not None and self.max_frames is not None:
-            self.num_frames = min(self.num_frames, self.max_frames)
-
-    def _generate(self) -> Iterator[np.ndarray]:
-        """Yield decoded frames; subclasses implement it."""
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        """Yield RGB frames in order until the input ends or `max_frames` is reached."""
-        # An explicit next() loop (not `yield from`) so that abandoning this iterator
-        # does not close the shared decoder generator.
-        while not self._closed and self._frames is not None:
-            if self.max_frames is not None and self._yielded >= self.max_frames:
-                return
-            if self._first is not None:
-                frame, self._first = self._first, None
-            else:
-                frame = next(self._frames, None)
-                if frame is None:
-                    return
-            self._yielded += 1
-            yield frame
-
-    @property
-    def frames_read(self) -> int:
-        """How many frames iteration has yielded so far."""
-        return self._yielded
-
-    def close(self) -> None:
-        """Release the input (file, camera, connection); idempotent."""
-        self._closed = True
-
-    def __enter__(self) -> "Source":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.spec!r}, {self.width}x{self.height}, "
-            f"fps={self.fps}, num_frames={self.num_frames}, live={self.is_live})"
-        )
 
 
 class VideoSource(Source):

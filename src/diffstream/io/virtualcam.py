@@ -17,7 +17,7 @@ import numpy as np
 
 from diffstream import frames as fr
 from diffstream.errors import OutputError, one_line
-from diffstream.io.sinks import DEFAULT_FPS, Sink
+from diffstream.io.base import DEFAULT_FPS, Sink
 
 __all__ = ["VirtualCamSink", "parse_spec", "check_available"]
 
