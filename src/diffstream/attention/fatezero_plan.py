@@ -63,12 +63,19 @@ class _ProbeProcessor(SDPAAttnProcessor):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
+def is_temporal_layer(name: str) -> bool:
+    """Processor names inside the motion modules of a video UNet (diffusers'
+    UNetMotionModel): temporal attention, which FateZero never replaces."""
+    return ".motion_modules." in name
+
+
 @torch.no_grad()
 def probe_layers(unet, latent_hw: tuple[int, int], text_tokens: int = 77) -> list[AttnLayer]:
     """Run one UNet call on zeros and describe every attention layer at this latent size.
 
     Works on the meta device too (a UNet built from config without weights), which is
-    how the memory benchmark reads SD 1.5's real layer shapes.
+    how the memory benchmark reads SD 1.5's real layer shapes. On a video UNet
+    (UNetMotionModel) it describes the spatial layers only, not the motion modules.
 
     Args:
         latent_hw: (h, w) of the latents (frame size / 8).
@@ -79,9 +86,13 @@ def probe_layers(unet, latent_hw: tuple[int, int], text_tokens: int = 77) -> lis
     found: dict = {}
     param = next(unet.parameters())
     h, w = latent_hw
-    sample = torch.zeros(1, unet.config.in_channels, h, w, device=param.device, dtype=param.dtype)
+    video = any(is_temporal_layer(name) for name in unet.attn_processors)
+    # a video UNet (UNetMotionModel) takes clips: one clip of one frame, (1, C, 1, h, w)
+    shape = (1, unet.config.in_channels, 1, h, w) if video else (1, unet.config.in_channels, h, w)
+    sample = torch.zeros(shape, device=param.device, dtype=param.dtype)
     text = torch.zeros(1, text_tokens, unet.config.cross_attention_dim, device=param.device, dtype=param.dtype)
-    with install_processors(unet, lambda name, _: _ProbeProcessor(name, found)):
+    # only the spatial layers: a video UNet's motion modules keep their own processors
+    with install_processors(unet, lambda name, _: None if is_temporal_layer(name) else _ProbeProcessor(name, found)):
         unet(sample, 10, encoder_hidden_states=text)
     layers = []
     for name, (tokens, channels, heads, kv) in found.items():

@@ -11,18 +11,25 @@ from pathlib import Path
 from diffstream.attention.fatezero import FRAME_ATTENTION, REFERENCE_FRAMES, FateZeroConfig
 from diffstream.attention.store import parse_size
 from diffstream.commands import common
+from diffstream.config import DEFAULT_MODEL
 from diffstream.errors import ConfigError, OutputError
+from diffstream.models.video_unet import load_video_model, read_video_model_info
 from diffstream.pipelines import fatezero
 from diffstream.pipelines.fatezero import (
     FUSION_SOURCES,
     P2P_MODES,
+    SHAPE_EDIT,
     STORE_DTYPES,
     FateZeroEditConfig,
     read_inversion_meta,
 )
 
-DEFAULT_STEPS = 50  # the paper's DDIM steps for inversion and editing
+DEFAULT_STEPS = 50  # the paper's DDIM steps for inversion and editing (and of 2 of the reference's 3 shape configs)
 DEFAULT_GUIDANCE = 7.5  # the paper's CFG scale of the editing pass
+# The fusion schedule of style and attribute edits (FateZeroConfig's defaults: Sec. 4.1 and
+# the reference's style configs); --video-model switches to SHAPE_EDIT.
+DEFAULT_SCHEDULE = dict(cross_replace=0.8, self_replace=0.8, blend_threshold=0.3, reference_frame="middle",
+                        frame_attention="reference", cross_frame_min_downsample=2)
 
 
 def _reweight(text: str) -> tuple[str, float]:
@@ -44,13 +51,20 @@ def add_arguments(group) -> None:
     group.add_argument("--blend-words", nargs=2, default=None, metavar=("SOURCE_WORDS", "TARGET_WORDS"),
                        help="edited object in the source and target prompt, e.g. swan duck: blends self-attention "
                             "with the source cross-attention mask (Eqs. 6-7) for shape/local edits")
-    group.add_argument("--blend-threshold", type=float, default=0.3, help="tau of the blend mask (default: 0.3)")
-    group.add_argument("--cross-replace", type=float, default=0.8,
+    group.add_argument("--video-model", default=None, metavar="DIR",
+                       help="a video UNet tuned on this clip by `diffstream tune video` (its final/ folder): shape "
+                            "edits (FateZero Sec. 4 with Tune-A-Video). Its base model is loaded unless --model is "
+                            "given, and the shape-edit schedule becomes the default: --cross-replace 0.0 "
+                            "--self-replace 0.5 --blend-threshold 0.2 --frame-attention previous+first "
+                            "--reference-frame previous --cross-frame-min-downsample 1 (explicit options win)")
+    group.add_argument("--blend-threshold", type=float, default=None,
+                       help="tau of the blend mask (default: 0.3; 0.2 with --video-model)")
+    group.add_argument("--cross-replace", type=float, default=None,
                        help="fraction of the editing steps (from the noisiest) whose cross-attention of shared words "
-                            "comes from the inversion (default: 0.8, i.e. t in [0.2T, T])")
-    group.add_argument("--self-replace", type=float, default=0.8,
+                            "comes from the inversion (default: 0.8, i.e. t in [0.2T, T]; 0.0 with --video-model)")
+    group.add_argument("--self-replace", type=float, default=None,
                        help="fraction of the editing steps whose self-attention comes from the inversion "
-                            "(default: 0.8)")
+                            "(default: 0.8; 0.5 with --video-model)")
     group.add_argument("--fz-reweight", action="append", type=_reweight, default=[], metavar="WORD=FACTOR",
                        help="scale a target word's cross-attention during fusion, e.g. watercolor=5; repeatable")
     group.add_argument("--cross-replace-word", action="append", type=_reweight, default=[],
@@ -65,17 +79,18 @@ def add_arguments(group) -> None:
                        help="dtype of the stored attention inputs: model (default: the model's, so maps are "
                             "recomputed exactly), fp16 (half the store of an fp32 model; maps from rounded "
                             "inputs) or fp32")
-    group.add_argument("--frame-attention", default="reference", choices=FRAME_ATTENTION,
+    group.add_argument("--frame-attention", default=None, choices=FRAME_ATTENTION,
                        help="what each frame's self-attention sees: own+reference (the paper's Eq. 8), "
                             "reference (the reference frame only: the reference code's style/attribute configs, "
-                            "with --reference-frame middle; default), previous+first (the reference code's default; needs "
-                            "--reference-frame previous)")
-    group.add_argument("--cross-frame-min-downsample", type=int, default=2,
+                            "with --reference-frame middle; default), previous+first (the reference code's default, "
+                            "sparse-causal attention; needs --reference-frame previous; default with --video-model)")
+    group.add_argument("--cross-frame-min-downsample", type=int, default=None,
                        help="only self-attention layers at least this many times coarser than the latent attend "
                             "across frames (default 2: the reference's style configs, plain per-frame "
-                            "attention at SD 1.5's 64x64 layers; 1: every layer, the paper)")
-    group.add_argument("--reference-frame", default="middle", choices=REFERENCE_FRAMES,
-                       help="frame every frame also attends to (Eq. 8; default: middle)")
+                            "attention at SD 1.5's 64x64 layers; 1: every layer, the paper, and the default with "
+                            "--video-model)")
+    group.add_argument("--reference-frame", default=None, choices=REFERENCE_FRAMES,
+                       help="frame every frame also attends to (Eq. 8; default: middle; previous with --video-model)")
     # Earlier names of the shared options, kept so old command lines still work.
     group.add_argument("--fz-steps", dest="steps", type=int, help=argparse.SUPPRESS)
     group.add_argument("--fz-guidance", dest="guidance", type=float, help=argparse.SUPPRESS)
@@ -117,13 +132,15 @@ def edit_config(args) -> FateZeroEditConfig:
             raise OutputError(f"--save-inversion {args.save_inversion} exists and is not an empty folder: "
                               f"choose a new folder")
     steps = args.steps if args.steps is not None else DEFAULT_STEPS
-    fz = FateZeroConfig(
-        steps=steps, cross_replace=args.cross_replace, self_replace=args.self_replace,
-        blend_threshold=args.blend_threshold, reference_frame=args.reference_frame,
-        fuse_min_downsample=args.fz_fuse_min_downsample,
-        frame_attention=getattr(args, "frame_attention", "reference"),
-        cross_frame_min_downsample=getattr(args, "cross_frame_min_downsample", 2),
-    )
+    # The schedule: explicit options, else FateZero's shape-edit schedule with a video
+    # model (`pipelines.fatezero.SHAPE_EDIT`), else its style/attribute defaults.
+    defaults = dict(DEFAULT_SCHEDULE)
+    if getattr(args, "video_model", None):
+        read_video_model_info(args.video_model)  # a bad folder fails before anything else
+        defaults.update(SHAPE_EDIT)
+    schedule = {key: value if (value := getattr(args, key, None)) is not None else defaults[key]
+                for key in defaults}
+    fz = FateZeroConfig(steps=steps, fuse_min_downsample=args.fz_fuse_min_downsample, **schedule)
     return FateZeroEditConfig(
         source_prompt=source_prompt or "", prompt=getattr(args, "prompt", "") or "",
         guidance=args.guidance if args.guidance is not None else DEFAULT_GUIDANCE,
@@ -136,11 +153,41 @@ def edit_config(args) -> FateZeroEditConfig:
 
 def model_config(args):
     """The shared model options; the preset's LCM-LoRA is not fused (FateZero runs 50
-    DDIM steps with CFG 7.5 on the base checkpoint) unless --lcm-lora is given."""
+    DDIM steps with CFG 7.5 on the base checkpoint) unless --lcm-lora is given.
+
+    With --video-model the base model is the one the video model was tuned from (its
+    checkpoint, LCM-LoRA and LoRAs): --model may be left out, and a different one is
+    refused (the video UNet replaces the base UNet, but the text encoder and VAE must be
+    the ones it was tuned with)."""
+    video = getattr(args, "video_model", None)
+    if video and getattr(args, "motion_adapter", None):
+        raise ConfigError("--video-model brings its own temporal layers: leave out --motion-adapter")
     config = common.model_config(args)
     if args.lcm_lora is None:
         config = replace(config, lcm_lora="none")
+    if not video:
+        return config
+    info = read_video_model_info(video)
+    if args.model == DEFAULT_MODEL:  # --model left out: the base the video model was tuned from
+        config = replace(config, model=info["base_model"],
+                         lcm_lora=args.lcm_lora if args.lcm_lora is not None else (info.get("lcm_lora") or "none"),
+                         loras=config.loras or tuple((p, float(s)) for p, s in info.get("loras", [])))
+    resolved = config.resolved()
+    lcm = resolved.lcm_lora if resolved.lcm_lora and str(resolved.lcm_lora).lower() != "none" else None
+    have = (resolved.model, lcm, [[str(p), float(s)] for p, s in resolved.loras])
+    wanted = (info.get("base_model"), info.get("lcm_lora"), info.get("loras", []))
+    if have != wanted:
+        def options(model, lcm_lora, loras):
+            return (f"--model {model}" + (f" --lcm-lora {lcm_lora}" if lcm_lora else "")
+                    + "".join(f" --lora {p}:{s:g}" for p, s in loras))
+        raise ConfigError(f"--video-model {video} was tuned from {options(*wanted)}, not {options(*have)}: leave "
+                          f"out --model, --lcm-lora and --lora to load its base model")
     return config
+
+
+def use_video_model(components, args) -> None:
+    """Put the --video-model UNet in place of the base UNet (on its device and dtype)."""
+    components.unet = load_video_model(args.video_model, components.dtype, components.device)
 
 
 def edit_command(args) -> int:
@@ -179,7 +226,14 @@ def edit_command(args) -> int:
 
         if progress_on:
             common.say(common.loading_message(model))
-        components = load_components(model)
+        if getattr(args, "video_model", None):  # the backend goes on once the video UNet is in place
+            components = load_components(replace(model, backend="eager"))
+            use_video_model(components, args)
+            from diffstream.models.backends import apply_backend
+
+            apply_backend(components, model.backend)
+        else:
+            components = load_components(model)
         common.warn_long_prompts(components, config.source_prompt, config.prompt, config.negative_prompt)
         size = fit_size(source.width, source.height, int(getattr(args, "size", 512)), components.size_multiple)
         buffer = FrameFile(size, config.spill_dir)

@@ -241,12 +241,10 @@ class FrameGroupNorm(nn.GroupNorm):
         return super().forward(frames).reshape(b, f, c, h, w).transpose(1, 2)
 
 
-def motion_unet(unet, adapter):
-    """Insert the adapter's motion modules into an SD UNet (diffusers' UNetMotionModel),
-    with per-frame normalisation in the motion modules (see FrameGroupNorm)."""
-    from diffusers import UNetMotionModel
-
-    model = UNetMotionModel.from_unet2d(unet, adapter)
+def use_frame_norms(model) -> None:
+    """Give every motion module of a UNetMotionModel per-frame normalisation
+    (FrameGroupNorm, same parameters), in place; already-converted ones are left alone.
+    The new norms are fp32 on the CPU: move the model to its device and dtype afterwards."""
     for name, module in list(model.named_modules()):
         if ".motion_modules." in name + "." and isinstance(getattr(module, "norm", None), nn.GroupNorm) \
                 and not isinstance(module.norm, FrameGroupNorm) and hasattr(module, "proj_in"):
@@ -254,4 +252,13 @@ def motion_unet(unet, adapter):
             new = FrameGroupNorm(old.num_groups, old.num_channels, eps=old.eps, affine=old.affine)
             new.load_state_dict(old.state_dict())
             module.norm = new
+
+
+def motion_unet(unet, adapter):
+    """Insert the adapter's motion modules into an SD UNet (diffusers' UNetMotionModel),
+    with per-frame normalisation in the motion modules (see FrameGroupNorm)."""
+    from diffusers import UNetMotionModel
+
+    model = UNetMotionModel.from_unet2d(unet, adapter)
+    use_frame_norms(model)
     return model.to(device=unet.device, dtype=unet.dtype).eval().requires_grad_(False)

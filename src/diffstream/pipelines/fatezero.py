@@ -24,6 +24,18 @@ starts with the previous window's last frame as context, whose own reference is
 itself, so consistency across a window boundary is carried by one overlapping frame
 and is approximate.
 
+Video models (shape edits, Sec. 4 of the paper; `--video-model`, `models.video_unet`):
+with a Tune-A-Video-style video UNet tuned one-shot on the clip, each branch group of a
+call is one clip of the window's rows (`FateZeroEditor._unet`), the spatial layers keep
+FateZero's processors and the motion modules their own. Its temporal layers see only the
+rows of one UNet call: within a window they are exact, but across windows frames never
+meet in them. A clip longer than `window` is therefore not what the model was tuned on
+(its temporal attention saw one clip of --max-frames frames); each later window's call
+also carries frame 0 and the previous window's last frame (with previous+first frame
+attention), which its temporal layers attend to like any other row (they are
+position-free, so the row order does not matter to them). Keep `window` at the tuned
+clip length; longer clips are edited window by window, joined by those carried frames.
+
 Memory. Only what the fusion schedule reads is stored (see `FusionPlan`): attention
 inputs (in the model's dtype by default) (not maps) of the fused layers at the fused steps, and one reduced
 blend map per step when blending, in an `AttentionStore` that keeps `store_budget`
@@ -55,6 +67,7 @@ from diffstream.attention.fatezero import (
 )
 from diffstream.attention.store import AttentionStore, format_bytes
 from diffstream.errors import ConfigError, InputError, ModelLoadError, OutputError
+from diffstream.models.video_unet import video_model_id
 from diffstream.schedule.ddim import (
     DDIMSchedule,
     ddim_inversion_step,
@@ -67,6 +80,13 @@ from diffstream.schedule.timesteps import model_output_to_eps
 FUSION_SOURCES = ("store", "recompute")
 STORE_DTYPES = {"model": None, "fp16": torch.float16, "fp32": torch.float32}  # None: the model's own dtype
 P2P_MODES = ("auto", "replace", "refine")
+# FateZero's shape edits with a tuned video model (reference config/shape/swan_duck_flamingo.yaml,
+# edit 1, swan -> duck: cross_replace_steps 0.0, self_replace_steps 0.5, blend_th [0.2, 0.2]; its
+# model_config sets no SparseCausalAttention_index or least_sc_channel, so every layer attends
+# to the previous and the first frame, the default [-1, 'first'] of video_diffusion/models/
+# attention.py). The defaults of `edit --video-model`; explicit options win.
+SPARSE_CAUSAL = dict(reference_frame="previous", frame_attention="previous+first", cross_frame_min_downsample=1)
+SHAPE_EDIT = dict(cross_replace=0.0, self_replace=0.5, blend_threshold=0.2, **SPARSE_CAUSAL)
 INVERSION_FORMAT = "diffstream-fatezero-inversion"
 INVERSION_VERSION = 1
 DEFAULT_STORE_BUDGET = 4 * 2**30
@@ -285,6 +305,7 @@ class FateZeroEditor:
         self.components = components
         self.config = config
         self.latent_hw = tuple(latent_hw)
+        self.video = components.is_video_unet  # a Tune-A-Video-style video UNet: clips per call
         fz = config.fatezero
         self.schedule: DDIMSchedule = ddim_schedule_from_config(
             components.scheduler.config, components.alphas_cumprod, fz.steps
@@ -317,6 +338,14 @@ class FateZeroEditor:
     def num_steps(self) -> int:
         return self.schedule.num_steps
 
+    def check_rows(self, rows: int) -> None:
+        """Refuse windows a video UNet cannot take in one call (its motion modules hold at
+        most `motion_max_seq_length` frames). ConfigError, one line."""
+        if self.video and rows > int(self.components.unet.config.motion_max_seq_length):
+            raise ConfigError(f"--fz-window: a window of {rows} rows is longer than the video model takes in one "
+                              f"call ({self.components.unet.config.motion_max_seq_length} frames): use a shorter "
+                              f"--fz-window")
+
     def new_store(self) -> AttentionStore:
         """An empty store with this edit's budget, dtype and spill folder."""
         return AttentionStore(self.config.store_budget, self.store_dtype, self.config.spill_dir)
@@ -344,10 +373,30 @@ class FateZeroEditor:
                 keys |= {(kind, name, step) for kind, name in self.plan.keys_at(step)}
         return keys
 
+    def _unet(self, x: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
+        """One UNet call on the rows of the current layout. x (B, C, h, w), text (B, T, D).
+
+        A video UNet (a Tune-A-Video-style UNetMotionModel, `--video-model`) gets each
+        branch group of R rows as one clip of R frames, in row order: (G, C, R, h, w), the
+        text once per frame (rows are branch-major, so (g, r) is row g*R + r, the order
+        UNetMotionModel folds frames into). Its temporal layers see those R frames and no
+        others (see the module docstring on windows).
+        """
+        unet = self.components.unet
+        if not self.video:
+            return unet(x, t, encoder_hidden_states=text).sample
+        call = self.mechanism.state.call
+        groups, rows = call.groups, call.rows
+        b, c, h, w = x.shape
+        assert b == groups * rows, f"{x.shape=} {groups=} {rows=}"
+        clips = x.view(groups, rows, c, h, w).transpose(1, 2)  # (G, C, R, h, w)
+        out = unet(clips, t, encoder_hidden_states=text).sample  # (G, C, R, h, w)
+        return out.transpose(1, 2).reshape(b, c, h, w)  # (G*R, C, h, w), rows in order
+
     def _eps(self, x: torch.Tensor, k: int, text: torch.Tensor, abar_in) -> torch.Tensor:
         """Noise prediction at step k for latents `x` at level `abar_in`. x (B, C, h, w), text (B, T, D)."""
         t = int(self.schedule.timesteps[k])
-        out = self.components.unet(x, t, encoder_hidden_states=text).sample
+        out = self._unet(x, t, text)
         a = torch.as_tensor(abar_in, dtype=torch.float32)
         return model_output_to_eps(out, x, a.sqrt().to(x.dtype), (1 - a).sqrt().to(x.dtype),
                                    self.components.prediction_type)
@@ -484,12 +533,15 @@ def _frames_digest(frames) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model_config=None, dtype: torch.dtype | None = None) -> dict:
+def model_fingerprint(model_config=None, dtype: torch.dtype | None = None, unet=None) -> dict:
     """What of the loaded model changes the attention maps recomputed from a saved
-    inversion's layer inputs: the checkpoint, its LoRAs with their scales, the LCM-LoRA
-    and the dtype. `model_config`: the `config.ModelConfig` the model was loaded from
-    (None: unknown, only the dtype is recorded)."""
+    inversion's layer inputs: the checkpoint, its LoRAs with their scales, the LCM-LoRA,
+    the dtype and, for a video UNet (`--video-model`), the id of the video model.
+    `model_config`: the `config.ModelConfig` the model was loaded from (None: unknown,
+    only the dtype is recorded); `unet`: the UNet that runs (None: not recorded)."""
     fingerprint = dict(dtype=str(dtype).replace("torch.", "") if dtype is not None else None)
+    if unet is not None and type(unet).__name__ == "UNetMotionModel":
+        fingerprint["video_model"] = video_model_id(unet) or "unsaved"
     if model_config is not None:
         resolved = model_config.resolved()
         lcm = resolved.lcm_lora if resolved.lcm_lora and str(resolved.lcm_lora).lower() != "none" else None
@@ -499,7 +551,8 @@ def model_fingerprint(model_config=None, dtype: torch.dtype | None = None) -> di
 
 
 # key of the fingerprint -> the option that sets it (for the one-line refusal)
-_FINGERPRINT_OPTIONS = {"checkpoint": "--model", "lcm_lora": "--lcm-lora", "loras": "--lora", "dtype": "--dtype"}
+_FINGERPRINT_OPTIONS = {"checkpoint": "--model", "lcm_lora": "--lcm-lora", "loras": "--lora", "dtype": "--dtype",
+                        "video_model": "--video-model"}
 
 
 def inversion_meta(model: str, config: FateZeroEditConfig, size: tuple[int, int], num_frames: int,
@@ -606,8 +659,9 @@ def edit_frames(
     editor = FateZeroEditor(components, config, (height // vf, width // vf))
     windows = plan_windows(n, config.window, config.fatezero.reference_frame,
                            first=config.fatezero.frame_attention == "previous+first")
+    editor.check_rows(max(len(w.rows) for w in windows))
     expected = inversion_meta(components.name, config, (width, height), n,
-                              fingerprint=model_fingerprint(model_config, components.dtype),
+                              fingerprint=model_fingerprint(model_config, components.dtype, components.unet),
                               store_dtype=editor.store_dtype)
     if load_inversion:
         _check_saved_windows(load_inversion, editor, windows, frames, expected)
