@@ -3,6 +3,7 @@
     diffstream run INPUT -o OUTPUT --prompt "..." [options]
     diffstream edit INPUT -o OUTPUT --method fairy|fatezero ...
     diffstream serve | eval | bench ...
+    diffstream tune equivariant|video ...
 
 Each subcommand is one module of `diffstream.commands`. Options are parsed into typed
 configs first (a bad option fails in one line before any model loads). Exit codes:
@@ -20,11 +21,11 @@ import signal
 import sys
 
 from diffstream import __version__
-from diffstream.commands import bench, common, edit, eval as eval_cmd, run, serve
+from diffstream.commands import bench, common, edit, eval as eval_cmd, run, serve, tune
 from diffstream.errors import DiffstreamError
 
 COMMANDS = {"run": run.command, "edit": edit.command, "serve": serve.command, "eval": eval_cmd.command,
-            "bench": bench.command}
+            "bench": bench.command, "tune": tune.command}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run methods on the same clip, model and seed; print one table.")
     common.add_model_options(bn)
     bench.add_arguments(bn)
+    tune.add_arguments(sub.add_parser(
+        "tune", help="fine-tune: Fairy's equivariant InstructPix2Pix, a one-shot video model for FateZero",
+        description="Fine-tuning runs with checkpoints, resume and validation (accelerate)."))
     return parser
 
 
