@@ -152,3 +152,47 @@ def test_tune_video_refuses_a_bad_clip_before_the_model_loads(tmp_path, monkeypa
     with pytest.raises(ConfigError, match="fp32"):
         tune_command([str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "run"), "--source-prompt", SWAN,
                       "--dtype", "fp16"])
+
+
+def test_ctrl_c_during_tune_video_leaves_a_checkpoint_that_edit_loads_and_tune_resumes(tmp_path):
+    """SIGINT to a real `diffstream tune video` process: exit 130 naming the checkpoint;
+    that checkpoint's model/ is a video model `edit` runs, and `--resume latest` finishes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from diffstream import cli
+    from diffstream.testing import write_video
+    from diffstream.tuning.loop import list_checkpoints
+
+    clip = write_video(tmp_path / "in.mp4", make_frames(4, 32, 32, seed=6), fps=10)
+    run = tmp_path / "run"
+    argv = ["tune", "video", clip, "-o", str(run), "--source-prompt", SWAN, "--model", "tiny", "--device", "cpu",
+            "--size", "32", "--max-frames", "4", "--learning-rate", "1e-3", "--validate-every", "0",
+            "--checkpoint-every", "3", "--validation-steps", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "diffstream", *argv, "--steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(run) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert list_checkpoints(run), proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    last = list_checkpoints(run)[-1]
+    step = json.loads((last / "state.json").read_text())["step"]
+    assert f"interrupted at step {step}/100000" in stderr and "--resume latest" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    edited = tmp_path / "edited"
+    assert cli.main(["edit", clip, "-o", str(edited), "--method", "fatezero", "--video-model", str(last / "model"),
+                     "--device", "cpu", "--size", "32", "--source-prompt", SWAN, "--prompt",
+                     "a white duck swimming in a river", "--steps", "2", "--no-progress"]) == 0
+    assert len(list(edited.glob("*.png"))) == 4
+    assert cli.main([*argv, "--steps", str(step + 1), "--resume", "latest"]) == 0
+    state = json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
+    assert state["step"] == step + 1 and len(state["losses"]) == step + 1
+    assert (run / "final" / "video_model.json").is_file()
