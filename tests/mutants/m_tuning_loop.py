@@ -14,7 +14,8 @@ MUTANTS = [
     mutant("tune-generator-one-stream", "every step draws from one generator seeded at the start, so a resumed "
            "run sees other batches than the uninterrupted one",
            [f"{T}::test_resumed_run_equals_the_uninterrupted_one"],
-           Patch(f"{LOOP}:tune", "generator = step_generator(config.seed, step)",
+           Patch(f"{LOOP}:tune",
+                 "generator = step_generator(config.seed, step * accelerator.num_processes + accelerator.process_index)",
                  "generator = generator if step > start else step_generator(config.seed, step)")),
     mutant("tune-resume-keeps-init-weights", "resume restores the optimizer but not the tuned weights",
            [f"{T}::test_resumed_run_equals_the_uninterrupted_one"],

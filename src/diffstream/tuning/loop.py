@@ -29,6 +29,9 @@ renamed into place, so an interruption (Ctrl-C, SIGTERM, a crash) leaves either 
 previous checkpoint or the new one, complete; old checkpoints are pruned only after
 the new one is in place. Ctrl-C finishes the current step, writes a checkpoint of it and
 exits with 130 (a second Ctrl-C stops at once; the last complete checkpoint stays).
+Several processes (`accelerate launch`, one GPU each): each draws its own batches (the
+generator of (seed, step x processes + rank)), the logged loss is their mean, and only
+the main process validates and writes files. Not run here (one CPU, no GPUs).
 An output folder that already holds a run is refused unless `resume` says to continue it.
 """
 
@@ -278,16 +281,19 @@ class _StopRequest:
 
 
 class _Run:
-    """The files of one run: checkpoints, logs, metrics and the loss curve."""
+    """The files of one run: checkpoints, logs, metrics and the loss curve. With several
+    processes (`accelerate launch`), only the main one (`main`) writes files and validates."""
 
-    def __init__(self, task: TuneTask, config: TuneConfig):
-        self.task, self.config = task, config
+    def __init__(self, task: TuneTask, config: TuneConfig, main: bool = True):
+        self.task, self.config, self.main = task, config, main
         self.out = Path(config.output_dir)
         self.losses: list[float] = []
         self.metrics: dict[int, dict[str, float]] = {}
         self.saved_step = -1
 
     def prepare_folder(self) -> None:
+        if not self.main:
+            return
         try:
             (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.out / "validation").mkdir(exist_ok=True)
@@ -308,16 +314,22 @@ class _Run:
         return self.saved_step
 
     def _rewrite_log(self) -> None:
+        if not self.main:
+            return
         with open(self.out / "log.jsonl", "w") as f:
             for i, value in enumerate(self.losses):
                 f.write(json.dumps({"step": i + 1, "loss": value}) + "\n")
 
     def log(self, step: int, loss: float, lr: float, seconds: float) -> None:
         self.losses.append(loss)
+        if not self.main:
+            return
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 4)}) + "\n")
 
     def validate(self, module, step: int) -> None:
+        if not self.main:
+            return
         folder = self.out / "validation" / checkpoint_name(step)
         folder.mkdir(parents=True, exist_ok=True)
         was_training = module.training
@@ -334,6 +346,9 @@ class _Run:
         root = self.out / "checkpoints"
         final = root / checkpoint_name(step)
         tmp = root / f".{final.name}.tmp"
+        if not self.main:
+            self.saved_step = step
+            return final
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "model").mkdir(parents=True)
         self.task.save(module, tmp / "model")
@@ -343,7 +358,7 @@ class _Run:
                      config=asdict(self.config))
         (tmp / "state.json").write_text(json.dumps(state))
         _replace_dir(tmp, final)
-        self.saved_step = step
+        self.saved_step = step  # only now: an interrupted write must be written again
         for old in list_checkpoints(self.out)[: -self.config.keep_checkpoints]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -353,6 +368,9 @@ class _Run:
     def finish(self, module) -> Path:
         final = self.out / "final"
         tmp = self.out / ".final.tmp"
+        if not self.main:
+            self.saved_step = step
+            return final
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         self.task.save(module, tmp)
@@ -414,8 +432,9 @@ def tune(task: TuneTask, config: TuneConfig) -> TuneResult:
 
     checkpoint = resolve_resume(config)
     accelerator = make_accelerator(config)
-    run = _Run(task, config)
+    run = _Run(task, config, main=accelerator.is_main_process)
     run.prepare_folder()
+    accelerator.wait_for_everyone()
     module = task.module()
     if config.gradient_checkpointing:
         if not hasattr(module, "enable_gradient_checkpointing"):
@@ -430,6 +449,7 @@ def tune(task: TuneTask, config: TuneConfig) -> TuneResult:
     start = run.restore(checkpoint, bare, optimizer) if checkpoint is not None else 0
     if start == 0:
         run.validate(bare, 0)
+    accelerator.wait_for_everyone()
     steps = int(config.steps)
     accumulation = int(config.gradient_accumulation)
     bar = tqdm(total=steps, initial=start, disable=not config.progress, desc=f"tune {task.name}", unit="step")
@@ -438,14 +458,16 @@ def tune(task: TuneTask, config: TuneConfig) -> TuneResult:
         with _StopRequest() as stop:
             while step < steps:
                 began = time.perf_counter()
-                generator = step_generator(config.seed, step)
+                # each process its own batches (one process: the generator of `step`)
+                generator = step_generator(config.seed, step * accelerator.num_processes + accelerator.process_index)
                 module.train()
                 total = 0.0
                 for micro in range(accumulation):
                     batch = task.sample_batch(step * accumulation + micro, generator, config.batch_size)
                     with accelerator.autocast():
                         loss = task.loss(module, batch, generator)
-                    value = float(loss.detach())  # one sync per micro-batch: training, not the frame loop
+                    # the mean over processes; one sync per micro-batch: training, not the frame loop
+                    value = float(accelerator.reduce(loss.detach(), reduction="mean"))
                     if not math.isfinite(value):
                         raise ConfigError(f"tune {task.name}: the loss became {value} at step {step + 1}; "
                                           f"lower --learning-rate (checkpoints so far are kept)")
@@ -463,8 +485,10 @@ def tune(task: TuneTask, config: TuneConfig) -> TuneResult:
                     break
                 if config.validate_every and step % config.validate_every == 0:
                     run.validate(bare, step)
+                    accelerator.wait_for_everyone()
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     run.checkpoint(bare, optimizer, step)
+                    accelerator.wait_for_everyone()
                 if stop.requested:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -479,4 +503,5 @@ def tune(task: TuneTask, config: TuneConfig) -> TuneResult:
     run.validate(bare, step)
     run.checkpoint(bare, optimizer, step)
     final = run.finish(bare)
+    accelerator.wait_for_everyone()
     return TuneResult(steps=step, losses=list(run.losses), final_dir=final, metrics=dict(run.metrics))
