@@ -50,6 +50,9 @@ PALETTE = np.array(
 FILLER = len(PALETTE) - 1
 FRAME_HW = (96, 128)  # (height, width) of what the publisher sends
 SEND_PERIOD = 0.08
+# How long a test waits for an event, a counter or a connection. A passing run needs well
+# under a second for each; the mutation suite's failing runs wait it out, so it is short.
+WAIT = 8.0
 
 
 def solid(index: int) -> np.ndarray:
@@ -145,7 +148,7 @@ class Publisher:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=response.text, type="answer"))
         return response
 
-    async def event(self, kind: str, timeout: float = 20.0, after: int = 0) -> dict:
+    async def event(self, kind: str, timeout: float = WAIT, after: int = 0) -> dict:
         """The first event of `kind` received after the first `after` events."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -162,7 +165,7 @@ class Publisher:
         pong = await self.event("pong", after=mark)
         return pong["stats"]
 
-    async def until(self, predicate, timeout: float = 20.0) -> dict:
+    async def until(self, predicate, timeout: float = WAIT) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             stats = await self.stats()
@@ -219,14 +222,14 @@ class Viewer:
         return response
 
 
-async def connected(*pcs, timeout: float = 15.0) -> None:
+async def connected(*pcs, timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
     while not all(pc.connectionState == "connected" for pc in pcs):
         assert time.monotonic() < deadline, [pc.connectionState for pc in pcs]
         await asyncio.sleep(0.02)
 
 
-async def eventually(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+async def eventually(predicate, timeout: float = WAIT, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
@@ -446,7 +449,7 @@ def test_a_silent_publisher_is_told_and_freed_after_the_idle_timeout(tiny):
             await publisher.publish(http)
             await connected(publisher.pc)
             await publisher.frames(range(2))
-            idle = await publisher.event("idle", timeout=10)
+            idle = await publisher.event("idle", timeout=5)
             assert "no frame or message for 1 s" in idle["message"]
             await eventually(lambda: app.state.engine.clients == 0, what="the session to be freed")
             await eventually(lambda: publisher.pc.connectionState == "closed", what="the connection to close")
