@@ -127,6 +127,9 @@ class ModelConfig:
         ip_adapter: an IP-Adapter to load into the UNet (`models.ip_adapter`): "sd15",
             "plus-sd15", "tiny", a local weight file or a hub path; None: none. The image and
             its scale are stream settings (`StreamConfig.ip_adapter_image` / `_scale`).
+        video_model: a video UNet folder written by `diffstream tune video`
+            (`models.video_unet`), run in place of the checkpoint's UNet (FateZero's shape
+            edits); None: the checkpoint's own UNet.
     """
 
     model: str = DEFAULT_MODEL
@@ -142,6 +145,7 @@ class ModelConfig:
     controlnets: tuple[tuple[str, str | None], ...] = ()
     control_depth_model: str | None = None
     ip_adapter: str | None = None
+    video_model: str | None = None
 
     def __post_init__(self):
         if not self.model:

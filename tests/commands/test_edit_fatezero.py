@@ -269,14 +269,17 @@ def test_every_unet_call_of_a_shape_edit_runs_the_video_model(clip, video_model,
             fused_self={n for n, p in fz.items() if p.is_self and p.cross_frame},
             motion_same=all(procs[n] is p for n, p in motion.items())))
 
-    real = efz.use_video_model
+    from diffstream.models import loading
 
-    def use_and_hook(components, args):
-        real(components, args)
+    real = loading.load_components
+
+    def load_and_hook(config):
+        components = real(config)
         motion.update({n: p for n, p in components.unet.attn_processors.items() if is_motion_module(n)})
         components.unet.register_forward_pre_hook(record, with_kwargs=True)
+        return components
 
-    monkeypatch.setattr(efz, "use_video_model", use_and_hook)
+    monkeypatch.setattr(loading, "load_components", load_and_hook)
     assert edit_command(parser().parse_args(video_args(clip, tmp_path / "o.mp4", video_model))) == 0
     assert motion and len(calls) == 2 * 8  # 2 windows x (4 inversion + 4 editing steps)
     latent = (32 // 8, 32 // 8)

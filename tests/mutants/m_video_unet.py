@@ -69,7 +69,8 @@ MUTANTS = [
                  "    return out.transpose(1, 2).flip(1).reshape(b, c, h, w)")),
     mutant("vu-editor-ignores-video-model", "edit --video-model loads the base model and never puts the video "
            "UNet in place", (E2E, CALLS),
-           Patch("diffstream.commands.edit_fatezero:edit_command", "use_video_model(components, args)", "pass")),
+           Patch("diffstream.models.loading:load_components",
+                 'modules["unet"] = load_video_model(config.video_model, dtype, device)', "pass")),
     mutant("vu-fingerprint-without-video-model", "a saved inversion's fingerprint leaves out the video model: "
            "the image model edits from the video model's inversion", E2E,
            Patch("diffstream.pipelines.fatezero:model_fingerprint",

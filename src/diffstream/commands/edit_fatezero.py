@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from diffstream.attention.fatezero import FRAME_ATTENTION, REFERENCE_FRAMES, FateZeroConfig
@@ -13,7 +13,7 @@ from diffstream.attention.store import parse_size
 from diffstream.commands import common
 from diffstream.config import DEFAULT_MODEL
 from diffstream.errors import ConfigError, OutputError
-from diffstream.models.video_unet import load_video_model, read_video_model_info
+from diffstream.models.video_unet import read_video_model_info
 from diffstream.pipelines import fatezero
 from diffstream.pipelines.fatezero import (
     FUSION_SOURCES,
@@ -26,10 +26,9 @@ from diffstream.pipelines.fatezero import (
 
 DEFAULT_STEPS = 50  # the paper's DDIM steps for inversion and editing (and of 2 of the reference's 3 shape configs)
 DEFAULT_GUIDANCE = 7.5  # the paper's CFG scale of the editing pass
-# The fusion schedule of style and attribute edits (FateZeroConfig's defaults: Sec. 4.1 and
-# the reference's style configs); --video-model switches to SHAPE_EDIT.
-DEFAULT_SCHEDULE = dict(cross_replace=0.8, self_replace=0.8, blend_threshold=0.3, reference_frame="middle",
-                        frame_attention="reference", cross_frame_min_downsample=2)
+# The fusion schedule of style and attribute edits: FateZeroConfig's own defaults (Sec. 4.1
+# and the reference's style configs); --video-model switches to SHAPE_EDIT.
+DEFAULT_SCHEDULE = {f.name: f.default for f in fields(FateZeroConfig) if f.name in SHAPE_EDIT}
 
 
 def _reweight(text: str) -> tuple[str, float]:
@@ -168,6 +167,7 @@ def model_config(args):
     if not video:
         return config
     info = read_video_model_info(video)
+    config = replace(config, video_model=video)
     if args.model == DEFAULT_MODEL:  # --model left out: the base the video model was tuned from
         config = replace(config, model=info["base_model"],
                          lcm_lora=args.lcm_lora if args.lcm_lora is not None else (info.get("lcm_lora") or "none"),
@@ -183,11 +183,6 @@ def model_config(args):
         raise ConfigError(f"--video-model {video} was tuned from {options(*wanted)}, not {options(*have)}: leave "
                           f"out --model, --lcm-lora and --lora to load its base model")
     return config
-
-
-def use_video_model(components, args) -> None:
-    """Put the --video-model UNet in place of the base UNet (on its device and dtype)."""
-    components.unet = load_video_model(args.video_model, components.dtype, components.device)
 
 
 def edit_command(args) -> int:
@@ -226,14 +221,7 @@ def edit_command(args) -> int:
 
         if progress_on:
             common.say(common.loading_message(model))
-        if getattr(args, "video_model", None):  # the backend goes on once the video UNet is in place
-            components = load_components(replace(model, backend="eager"))
-            use_video_model(components, args)
-            from diffstream.models.backends import apply_backend
-
-            apply_backend(components, model.backend)
-        else:
-            components = load_components(model)
+        components = load_components(model)
         common.warn_long_prompts(components, config.source_prompt, config.prompt, config.negative_prompt)
         size = fit_size(source.width, source.height, int(getattr(args, "size", 512)), components.size_multiple)
         buffer = FrameFile(size, config.spill_dir)

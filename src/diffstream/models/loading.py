@@ -320,6 +320,11 @@ def load_components(config: ModelConfig) -> Components:
         )
         modules["unet"] = motion_unet(modules["unet"].float(), adapter)
 
+    if config.video_model:  # a tuned video UNet replaces the checkpoint's (tune video)
+        from diffstream.models.video_unet import load_video_model
+
+        modules["unet"] = load_video_model(config.video_model, dtype, device)
+
     turbo = uses_turbo(config)
     for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if modules.get(key) is None:
