@@ -17,7 +17,7 @@ MUTANTS = [
     # --- the checks of one message ----------------------------------------------------
     mutant("osc-type-checks-skipped", "OSC arguments reach the settings without the web protocol's type checks "
            "(a float /steps 4.0 is accepted)", [INVALID, RUN],
-           Patch(f"{CONTROL}._check", "changes = parse_params({name: _osc_value(args[0])}, self.limits)",
+           Patch(f"{CONTROL}._check", "changes = parse_params({name: _osc_value(args[0])}, self.limits, self._methods)",
                  "changes = {name: _osc_value(args[0])}")),
     mutant("osc-range-unchecked", "an out-of-range value (/strength 2.0) is queued and applied: the range "
            "check against the stream's settings is skipped", INVALID,
@@ -52,4 +52,24 @@ MUTANTS = [
            Patch(APPLY, "pipe.reset()", "pass")),
     mutant("osc-reset-forgets-skips", "the closing line counts only the similarity-filter skips since the last "
            "/reset", RESET, Patch(APPLY, "ended += pipe.skipped", "pass")),
+]
+
+# --- diffstream serve --osc: one controller, every session ---------------------------------
+SERVE = "tests/server/test_osc_serve.py"
+EVERY = f"{SERVE}::test_a_change_reaches_every_session_from_its_next_frame_and_new_sessions_start_with_it"
+BROADCAST = "diffstream.server.engine:Engine.broadcast"
+MUTANTS += [
+    mutant("osc-serve-first-session-only", "a server's OSC change reaches the oldest session only", EVERY,
+           Patch(BROADCAST, "for session in self.sessions:", "for session in self.sessions[:1]:")),
+    mutant("osc-serve-new-sessions-on-old-settings", "a session opened after an OSC change starts on the "
+           "settings the server started with", EVERY,
+           Patch(BROADCAST, "self.base_config = base", "pass")),
+    mutant("osc-serve-method-refused", "a server refuses /method as a run must (its methods are not given to "
+           "the control)", f"{SERVE}::test_method_and_reset_reach_every_session_and_a_bad_method_is_one_line",
+           Patch("diffstream.server.app:_start_osc", "methods=engine.methods, ", "")),
+    mutant("osc-serve-refusal-unseen", "a session that cannot take a controller's change is not told (no "
+           "error event, nothing counted)",
+           f"{SERVE}::test_a_change_one_session_cannot_take_is_refused_for_it_alone",
+           Patch(BROADCAST, 'session.deliver({"type": "error", "message": f"a controller\'s change was not applied: {err}"})',
+                 "pass")),
 ]

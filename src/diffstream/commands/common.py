@@ -352,3 +352,62 @@ def iter_with_close(outputs) -> Iterator:
         close = getattr(outputs, "close", None)
         if close is not None:
             close()
+
+
+def add_osc_options(p: argparse.ArgumentParser, what: str) -> None:
+    """`--osc PORT` and `--osc-host HOST` (`diffstream.server.osc`) for the command `what`
+    ("run": its one stream; "serve": every stream the server serves, /method too)."""
+    from diffstream.server.osc import ADDRESSES, METHOD, RESET
+
+    addresses = [*ADDRESSES, *((METHOD,) if what == "serve" else ()), RESET]
+    kinds = {"/prompt": "s", "/negative_prompt": "s", "/method": "s", "/steps": "i", "/seed": "i", "/reset": ""}
+    listed = ", ".join(f"{a} {kinds.get(a, 'f')}".strip() for a in addresses)
+    target = "every stream the server serves (and the settings new streams start with)" if what == "serve" else \
+        "the run"
+    o = p.add_argument_group("live control")
+    o.add_argument("--osc", type=int, default=None, metavar="PORT",
+                   help=f"take OSC messages on this UDP port that change {target} from the next frame: {listed}; "
+                        f"0 picks a free port (needs python-osc: pip install 'diffstream[osc]')")
+    o.add_argument("--osc-host", default=None, metavar="HOST",
+                   help=f"address the OSC port listens on (default: 127.0.0.1, this machine only; any other "
+                        f"address lets whoever reaches it change the {'streams' if what == 'serve' else 'run'}, "
+                        f"without authentication)")
+
+
+def osc_address(args) -> tuple[str, int] | None:
+    """(host, port) of `--osc-host` / `--osc`, or None without `--osc` (raises ConfigError)."""
+    from diffstream.errors import ConfigError
+
+    if args.osc is None:
+        if args.osc_host is not None:
+            raise ConfigError("--osc-host needs --osc PORT (the UDP port to listen on)")
+        return None
+    return (args.osc_host if args.osc_host is not None else "127.0.0.1"), args.osc
+
+
+def open_osc(host: str, port: int, progress: bool = False, addresses: list[str] | None = None):
+    """Bind the OSC port (before the model loads: a taken port costs no load) and say
+    where it listens, warning when that is not this machine only.
+
+    Args:
+        progress: a progress bar is drawn: report lines through tqdm.write.
+        addresses: the addresses to list (default: those of a run).
+    Returns:
+        the bound, not yet started `diffstream.server.osc.OSCControl`.
+    """
+    from diffstream.server.osc import ADDRESSES, RESET, OSCControl, host_warning
+
+    report = None
+    if progress:
+        from tqdm import tqdm
+
+        def report(line: str) -> None:
+            # From the OSC thread while the bar draws: tqdm.write keeps the bar intact.
+            tqdm.write(f"diffstream: {line}", file=sys.stderr)
+
+    control = OSCControl(port, host, say=report)
+    warning = host_warning(host)
+    if warning:
+        warn(warning)
+    say(f"OSC control on udp {host}:{control.port} ({', '.join(addresses or [*ADDRESSES, RESET])})")
+    return control

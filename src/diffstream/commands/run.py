@@ -38,14 +38,7 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--keep-size", action="store_true", help="scale outputs back to the input size")
     run.add_argument("--queue-size", type=int, default=8, help="capacity of the input/output queues (default: 8)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    o = run.add_argument_group("live control")
-    o.add_argument("--osc", type=int, default=None, metavar="PORT",
-                   help="take OSC messages on this UDP port while the run goes: /prompt s, /negative_prompt s, "
-                        "/strength f, /steps i, /seed i, /guidance f, /delta f, /similarity_threshold f, /reset; "
-                        "0 picks a free port (needs python-osc: pip install 'diffstream[osc]')")
-    o.add_argument("--osc-host", default=None, metavar="HOST",
-                   help="address the OSC port listens on (default: 127.0.0.1, this machine only; any other "
-                        "address lets whoever reaches it change the run, without authentication)")
+    common.add_osc_options(run, "run")
     common.add_model_options(run)
     common.add_control_options(run)
     add_stream_options(run)
@@ -156,20 +149,9 @@ def run_config(args) -> RunConfig:
     return RunConfig(model=common.model_config(args), stream=stream_config(args), io=io)
 
 
-def osc_address(args) -> tuple[str, int] | None:
-    """(host, port) of `--osc-host` / `--osc`, or None without `--osc` (raises ConfigError)."""
-    from diffstream.errors import ConfigError
-
-    if args.osc is None:
-        if args.osc_host is not None:
-            raise ConfigError("--osc-host needs --osc PORT (the UDP port to listen on)")
-        return None
-    return (args.osc_host if args.osc_host is not None else "127.0.0.1"), args.osc
-
-
 def command(args) -> int:
     """Entry point of `diffstream run` (parsed args)."""
-    return cmd_run(run_config(args), osc=osc_address(args))
+    return cmd_run(run_config(args), osc=common.osc_address(args))
 
 
 def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None) -> int:
@@ -195,7 +177,7 @@ def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None) -> int:
     start = time.perf_counter()
     try:
         if osc is not None:
-            control = _open_osc(*osc, progress=io.progress)
+            control = common.open_osc(*osc, progress=io.progress)
         common.quiet_libraries()
         from diffstream.models.loading import load_components
         from diffstream.pipelines.factory import make_pipeline
@@ -261,27 +243,6 @@ def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None) -> int:
     common.say(common.closing_line(status, written_frames if status else written[0], io.output, elapsed,
                                    extras=extras))
     return status
-
-
-def _open_osc(host: str, port: int, progress: bool):
-    """Bind the OSC port (before the model loads: a taken port costs no load) and say
-    where it listens, warning when that is not this machine only."""
-    from diffstream.server.osc import ADDRESSES, RESET, OSCControl, host_warning
-
-    say = None
-    if progress:
-        from tqdm import tqdm
-
-        def say(line: str) -> None:
-            # From the OSC thread while the bar draws: tqdm.write keeps the bar intact.
-            tqdm.write(f"diffstream: {line}", file=sys.stderr)
-
-    control = OSCControl(port, host, say=say)
-    warning = host_warning(host)
-    if warning:
-        common.warn(warning)
-    common.say(f"OSC control on udp {host}:{control.port} ({', '.join([*ADDRESSES, RESET])})")
-    return control
 
 
 def apply_controls(pipe, controls, write, warn_prompt) -> int:

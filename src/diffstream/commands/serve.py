@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept WebSocket connections from pages of this origin "
                         "(e.g. https://demo.example.org behind a reverse proxy); repeatable")
+    common.add_osc_options(parser, "serve")
 
 
 def host_warning(host: str) -> str | None:
@@ -150,11 +151,18 @@ def command(args) -> int:
     from diffstream.server.protocol import Limits
 
     limits = Limits(max_frame_bytes=args.max_frame_bytes, max_frame_side=args.max_frame_side)
+    osc_address = common.osc_address(args)
     warning = host_warning(args.host)
     if warning:
         print(f"diffstream: warning: {warning}", file=sys.stderr)
     sock = bind_socket(args.host, args.port)
+    osc = None
     try:
+        if osc_address is not None:
+            from diffstream.server.osc import ADDRESSES, METHOD, RESET
+
+            # Bound before the model loads, like the TCP port; the app starts and closes it.
+            osc = common.open_osc(*osc_address, addresses=[*ADDRESSES, METHOD, RESET])
         import uvicorn
 
         from diffstream.config import StreamConfig
@@ -176,7 +184,7 @@ def command(args) -> int:
                          idle_timeout=args.idle_timeout or None,
                          jpeg_quality=args.jpeg_quality, allowed_origins=tuple(args.allow_origin),
                          base_config=base_config,
-                         webrtc=args.webrtc, host=args.host)
+                         webrtc=args.webrtc, host=args.host, osc=osc)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -202,6 +210,8 @@ def command(args) -> int:
     except KeyboardInterrupt:
         pass  # uvicorn has shut down gracefully; the signal reached us afterwards
     finally:
+        if osc is not None:
+            osc.close()  # idempotent: the app's shutdown closed it unless loading failed
         sock.close()
     print("diffstream: server stopped", file=sys.stderr)
     return 0

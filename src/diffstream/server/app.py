@@ -76,6 +76,7 @@ def create_app(
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     webrtc: bool = False,
     host: str = "127.0.0.1",
+    osc=None,
 ):
     """Build the live demo app.
 
@@ -95,6 +96,9 @@ def create_app(
         webrtc: also serve WHIP ingest and WHEP playback (`diffstream.server.webrtc`;
             needs aiortc).
         host: the address the server listens on; WebRTC's ICE candidates use it.
+        osc: a bound, not yet started `diffstream.server.osc.OSCControl`: its messages
+            change every open session from its next frame (`Engine.broadcast`) and the
+            settings later sessions start with; the app starts it and closes it.
     Returns:
         a FastAPI app; its engine is `app.state.engine`.
     Raises:
@@ -125,9 +129,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
+        osc_task = None
         try:
+            if osc is not None:
+                osc_task = _start_osc(engine, osc)
             yield
         finally:
+            if osc is not None:
+                if osc_task is not None:
+                    osc_task.cancel()
+                    await asyncio.gather(osc_task, return_exceptions=True)
+                osc.close()
             if gateway is not None:
                 await gateway.close()
             await asyncio.to_thread(engine.stop)
@@ -178,6 +190,7 @@ def create_app(
                 "idle_timeout": idle_timeout,
                 "rss_bytes": current_rss_bytes(),
                 "webrtc": gateway.info() if gateway is not None else None,
+                "osc": {"host": osc.host, "port": osc.port, "addresses": osc.addresses} if osc is not None else None,
             }
         )
 
@@ -302,6 +315,33 @@ def _add_webrtc_routes(app: FastAPI, gateway, allowed: tuple[str, ...]) -> None:
         except WebRTCError as err:
             return refused(err)
         return Response(status_code=200)
+
+
+def _start_osc(engine: Engine, osc) -> asyncio.Task:
+    """Start `osc` on the engine's settings and a task that hands its changes to every
+    session (on the event loop, where `Engine.put_control` runs)."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+
+    def notify() -> None:  # on the OSC thread
+        try:
+            loop.call_soon_threadsafe(wake.set)
+        except RuntimeError:  # the loop is closing: the server is shutting down
+            pass
+
+    osc.start(engine.base_config, engine.turbo, methods=engine.methods, notify=notify)
+    return asyncio.create_task(_osc_loop(engine, osc, wake))
+
+
+async def _osc_loop(engine: Engine, osc, wake: asyncio.Event) -> None:
+    """Carry out accepted OSC changes on every session, in the order they came."""
+    while True:
+        await wake.wait()
+        wake.clear()
+        for control in osc.poll():
+            message = {"type": "reset"} if control.reset else {"type": "params", "changes": dict(control.changes)}
+            for session_id, reason in engine.broadcast(message):
+                osc.say(f"OSC change {control.changes} not applied to session {session_id}: {reason}")
 
 
 async def _receive_loop(websocket, engine: Engine, session: Session, limits: Limits) -> None:

@@ -321,6 +321,38 @@ class Engine:
             session.ops.append(_Op(session.received, kind, payload))
             self._cond.notify_all()
 
+    def broadcast(self, message: dict) -> list[tuple[int, str]]:
+        """Queue a validated "params" or "reset" message on every open session, as if
+        each client had sent it (an OSC controller steers every stream of the server).
+        A "params" change also becomes the default of sessions opened later.
+
+        Event loop only (like `put_control`). A change that is out of range for one
+        session's own settings (its strength against the new steps, say) is refused for
+        that session alone, which gets an "error" event.
+
+        Args:
+            message: {"type": "params", "changes": {...}} or {"type": "reset"}.
+        Returns:
+            (session id, one-line reason) for each session that refused the change.
+        """
+        if message["type"] == "params":
+            try:
+                base = apply_params(self.base_config, message["changes"], self.turbo)
+            except ProtocolError:
+                base = self.base_config  # the sessions' own settings decide below
+            with self._cond:
+                self.base_config = base
+        refused = []
+        for session in self.sessions:
+            try:
+                self.put_control(session, message)
+            except ProtocolError as err:
+                with self._cond:
+                    session.rejected += 1
+                refused.append((session.id, str(err)))
+                session.deliver({"type": "error", "message": f"a controller's change was not applied: {err}"})
+        return refused
+
     def _warn_long_prompt(self, session: Session, prompt: str) -> None:
         """Tell the client (and, once per prompt, the server log) that CLIP cuts `prompt`."""
         from diffstream.models.tokenizer import truncation_note

@@ -1,4 +1,5 @@
-"""OSC control of a running stream (`diffstream run --osc PORT`).
+"""OSC control of a running stream (`diffstream run --osc PORT`) or of every stream a
+server serves (`diffstream serve --osc PORT`).
 
 Open Sound Control over UDP is what live-performance tools speak (TouchOSC, Max, Pure
 Data, TouchDesigner, a DAW's controller surfaces), so a fader or a text field there can
@@ -15,13 +16,17 @@ A nil argument is the web protocol's null (/guidance: the method's default,
 /similarity_threshold: the filter off); /seed -1 picks a random seed and says which.
 A rejected message prints one line saying what to send instead and changes nothing.
 
-/method is refused: a method change needs a new pipeline (the server's engine closes a
-session's pipeline and builds another), which a running `diffstream run` does not do.
+/method s is taken only when the methods to choose from are given (`start(methods=...)`:
+`diffstream serve`, whose engine closes a session's pipeline and builds another); a
+running `diffstream run` refuses it, since its one pipeline cannot change mechanism.
 
 Threads: a `BlockingOSCUDPServer` on a daemon thread handles one datagram at a time in
 arrival order, validates it and puts the accepted change on a bounded queue; the
 stream's loop takes everything queued with `poll()` between two frames (non-blocking
-gets, nothing else) and hands it to `StreamPipeline.update` / `reset`.
+gets, nothing else) and hands it to `StreamPipeline.update` / `reset`. A server, which
+has no loop between frames of its own, passes `notify` to `start`: called on the OSC
+thread after each accepted change, it wakes the event loop that polls
+(`diffstream.server.app`).
 
 Anyone who can send a UDP datagram to the port can change the stream: OSC has no
 authentication, so the port listens on 127.0.0.1 unless told otherwise (`host_warning`).
@@ -44,6 +49,7 @@ from diffstream.server.protocol import Limits, ProtocolError, apply_params, is_l
 
 DEFAULT_HOST = "127.0.0.1"
 RESET = "/reset"
+METHOD = "/method"
 # Address -> (the "params" field it sets, what to send it). Only fields that
 # `StreamPipeline.update` changes in place; method and size are not among them.
 ADDRESSES: dict[str, tuple[str, str]] = {
@@ -130,6 +136,8 @@ class OSCControl:
         self._queue: queue.Queue[Control] = queue.Queue(maxsize=self.max_pending)
         self._requested: StreamConfig | None = None
         self._turbo = False
+        self._methods: tuple[str, ...] | None = None
+        self._notify: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
         # One handler for every address, not one mapped per address: a message then
@@ -158,11 +166,17 @@ class OSCControl:
         return self._requested
 
     @property
+    def addresses(self) -> list[str]:
+        """The addresses taken (/method only once `start` gave the methods)."""
+        return [*ADDRESSES, *((METHOD,) if self._methods is not None else ()), RESET]
+
+    @property
     def received(self) -> int:
         """Messages handled so far, accepted or rejected."""
         return self.accepted + self.rejected
 
-    def start(self, config: StreamConfig, turbo: bool = False) -> None:
+    def start(self, config: StreamConfig, turbo: bool = False, *, methods: tuple[str, ...] | None = None,
+              notify: Callable[[], None] | None = None) -> None:
         """Start taking messages on a daemon thread.
 
         Args:
@@ -170,10 +184,16 @@ class OSCControl:
                 against them plus the changes accepted before it.
             turbo (bool): the model is a turbo model (one step by default;
                 `Components.turbo`), which the steps-vs-strength check needs.
+            methods (tuple[str, ...] | None): the methods /method may choose from; None
+                refuses /method (a run's pipeline cannot change mechanism).
+            notify (Callable[[], None] | None): called on the OSC thread after each
+                accepted change is queued (a server wakes its polling loop with it).
         """
         if self._closed or self._thread is not None:
             raise RuntimeError("OSCControl.start: already started or closed")
         self._requested, self._turbo = config, bool(turbo)
+        self._methods = None if methods is None else tuple(methods)
+        self._notify = notify
         self._thread = threading.Thread(target=self._server.serve_forever, args=(_POLL_INTERVAL,),
                                         name="diffstream-osc", daemon=True)
         self._thread.start()
@@ -186,6 +206,10 @@ class OSCControl:
                 items.append(self._queue.get_nowait())
             except queue.Empty:
                 return items
+
+    def say(self, line: str) -> None:
+        """Report one line the way this control reports rejected messages."""
+        self._say(line)
 
     def close(self) -> None:
         """Stop the server thread and free the port (idempotent)."""
@@ -225,6 +249,8 @@ class OSCControl:
         self.accepted += 1
         if note:
             self._say(note)
+        if self._notify is not None:
+            self._notify()
 
     def _check(self, address: str, args: tuple) -> tuple[Control, StreamConfig | None, str | None]:
         """(the change, the settings after it, a note to print) for a valid message.
@@ -237,16 +263,18 @@ class OSCControl:
                 raise ProtocolError(f"{RESET} takes no arguments; send {RESET} alone")
             return Control(reset=True), None, None
         entry = ADDRESSES.get(address)
-        if entry is None:
-            if address == "/method":
+        if address == METHOD:
+            if self._methods is None:
                 raise ProtocolError("the method cannot change during a run (it needs a new pipeline); "
                                     "restart diffstream run with --method")
-            raise ProtocolError(f"unknown address; send one of {', '.join([*ADDRESSES, RESET])}")
+            entry = ("method", f"one of {', '.join(self._methods)}, e.g. /method {self._methods[-1]}")
+        if entry is None:
+            raise ProtocolError(f"unknown address; send one of {', '.join(self.addresses)}")
         name, usage = entry
         try:
             if len(args) != 1:
                 raise ProtocolError(f"{address} takes one argument, got {len(args)}")
-            changes = parse_params({name: _osc_value(args[0])}, self.limits)
+            changes = parse_params({name: _osc_value(args[0])}, self.limits, self._methods)
             note = None
             if "seed" in changes:
                 chosen = resolve_seed(changes["seed"])
@@ -259,8 +287,8 @@ class OSCControl:
         return Control(changes), new, note
 
     def _reject(self, address: str, args: tuple, reason: str) -> None:
-        self.rejected += 1
         self._say(f"OSC {address}{_shown(args)} ignored: {reason}")
+        self.rejected += 1  # after the line: a count read elsewhere comes with its line said
 
 
 def _osc_value(value):
