@@ -6,10 +6,24 @@
 An input name is either a source's full NDI name, "HOST (STREAM)", or its stream part
 alone when one source on the network has it. NDI is a live source like a webcam: the
 run reads it on a thread that drops the *oldest* waiting frame when inference falls
-behind (`ThreadedReader(drop_oldest=True)`, counted and reported), and output frame i is
-the restyled frame i read, as for every input. An output is an NDI sender of that name;
-every output frame is sent when it is made (not paced: the stream runs at inference
-speed), as RGBX at the output size.
+behind (`ThreadedReader(drop_oldest=True)`, counted and reported; the NDI runtime does
+the same when frames come faster than the source reads them, e.g. 15 sent at once: the
+oldest 5 dropped, here; the source reports the runtime's count when it closes), and
+output frame i is the restyled frame i read, as for every input. An output is an NDI
+sender of that name; every output frame is sent when it is made (not paced: the stream
+runs at inference speed), as RGBX at the output size.
+
+Every frame the NDI runtime receives and keeps comes out of the input, in order (1:1),
+on two counts. cyndilib's `Receiver` binds an NDI frame-sync to itself when created (cyndilib
+0.1.3, `Receiver.__init__`: `self.frame_sync = FrameSync(self)`, NDIlib_framesync_create),
+and once a receiver is bound to a frame-sync, the frame-sync takes its video frames
+(Processing.NDI.FrameSync.h: "you should use it in order to receive video frames"): a
+frame it takes is counted received, not dropped, and never comes out of
+`Receiver.receive`, which then delivers only the frames it wins a race for (half or
+fewer here). The source destroys that frame-sync before connecting
+(`_detach_frame_sync`). And `Receiver.receive` keeps the GIL while it waits, so the
+source never asks it to wait: it polls without waiting and sleeps between polls
+(`_POLL_S`), which lets the run's other threads (inference, an NDI output) go on.
 
 Discovery: NDI finds sources by mDNS on the local network. Where mDNS does not reach
 (containers, other subnets) NDI reads `$NDI_CONFIG_DIR/ndi-config.v1.json` (default
@@ -40,8 +54,8 @@ PREFIX = "ndi:"
 # Seconds to find the named source on the network, and to wait for a frame from it.
 FIND_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
-# How long one receive call waits (ms): close() is noticed within it.
-_POLL_MS = 200
+# Seconds between two polls of the receiver when no frame was waiting (`_generate`).
+_POLL_S = 0.005
 _MISSING = "NDI (ndi:NAME) needs cyndilib: pip install 'diffstream[ndi]'"
 
 
@@ -81,6 +95,34 @@ def _ndi(error):
         raise error(f"NDI runtime cannot load: {' '.join(str(err).split())}; reinstall cyndilib "
                     f"(pip install --force-reinstall 'diffstream[ndi]')") from None
     return cyndilib, ReceiveFrameType
+
+
+def _detach_frame_sync(receiver) -> bool:
+    """Destroy the NDI frame-sync cyndilib binds to every `Receiver`; True when none is left.
+
+    While bound, the frame-sync takes video frames from the receiver (see the module
+    docstring). cyndilib offers no way to unbind it (`Receiver.frame_sync` is read-only
+    and the `FrameSync` is destroyed with its receiver), so the receiver's reference slot
+    is set to None, with the reference counts kept right, and cyndilib's own
+    `FrameSync.__dealloc__` destroys the frame-sync (NDIlib_framesync_destroy). The slot
+    is the one word of the receiver object that holds the frame-sync's address; anything
+    else (no such word, or several) leaves the receiver alone and returns False.
+    """
+    import ctypes
+
+    frame_sync = getattr(receiver, "frame_sync", None)
+    if frame_sync is None:
+        return True
+    size = type(receiver).__basicsize__ // ctypes.sizeof(ctypes.c_void_p)
+    words = (ctypes.c_void_p * size).from_address(id(receiver))
+    slots = [i for i in range(size) if words[i] == id(frame_sync)]
+    if len(slots) != 1:
+        return False
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(None))
+    words[slots[0]] = id(None)
+    ctypes.pythonapi.Py_DecRef(ctypes.py_object(frame_sync))  # the receiver's reference
+    del frame_sync  # the last one: the frame-sync is destroyed here
+    return receiver.frame_sync is None
 
 
 def match_source(name: str, names: list[str]) -> str | None:
@@ -136,6 +178,9 @@ class NDISource(Source):
         self._finder.open()
         source = self._find(name, find_timeout)
         receiver = lib.Receiver(color_format=lib.RecvColorFormat.RGBX_RGBA, bandwidth=lib.RecvBandwidth.highest)
+        if not _detach_frame_sync(receiver):
+            self.warnings.append(f"{self.spec}: cannot detach cyndilib's NDI frame-sync from its receiver "
+                                 f"(an unknown cyndilib version?): frames will be lost")
         self._video = lib.VideoRecvFrame()
         receiver.set_video_frame(self._video)
         receiver.connect_to(source)
@@ -163,7 +208,8 @@ class NDISource(Source):
         produced = 0
         last = time.monotonic()
         while not self._closed:
-            received = self._receiver.receive(video_flag, _POLL_MS)
+            # Never waits in receive (which keeps the GIL): the next frame waiting, or none.
+            received = self._receiver.receive(video_flag, 0)
             if received & video_flag:
                 try:
                     frame = self._read()
@@ -182,6 +228,7 @@ class NDISource(Source):
                     self.warnings.append(f"NDI source {self.spec}: connected, but no frame came "
                                          f"within {self.read_timeout:g} s")
                 return
+            time.sleep(_POLL_S)
 
     def _read(self) -> np.ndarray:
         """The received frame as (H, W, 3) uint8 RGB (a copy: NDI reuses its buffers)."""
@@ -207,6 +254,17 @@ class NDISource(Source):
             return np.ascontiguousarray(pixels[..., 2::-1])
         raise ValueError(f"unexpected NDI pixel format {fourcc!r}")
 
+    def _report_runtime_drops(self, receiver) -> None:
+        """Warn of the frames the NDI runtime dropped (they came faster than they were read:
+        it drops the oldest), from its own count."""
+        try:
+            dropped = int(receiver.get_performance_data()["video"]["frames_dropped"])
+        except Exception:  # no count: nothing to report
+            return
+        if dropped > 0:
+            self.warnings.append(f"NDI source {self.spec}: the NDI runtime dropped {dropped} frames "
+                                 f"that came faster than they were read")
+
     def close(self) -> None:
         """Disconnect from the source and stop finding; idempotent."""
         if self._closed:
@@ -214,6 +272,7 @@ class NDISource(Source):
         super().close()
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
+            self._report_runtime_drops(receiver)
             try:
                 receiver.disconnect()
             except Exception:
