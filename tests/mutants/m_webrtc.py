@@ -1,6 +1,6 @@
 """Mutants of the WebRTC transport (`diffstream serve --webrtc`, issue #19): the ingest
-into the engine's slot, the data channel's checks, the ends of a session, and the
-outputs' way to the viewers."""
+into the engine's slot, the data channel's checks, the ends of a session, the
+outputs' way to the viewers, and what the demo page's WebRTC transport relies on."""
 
 from mutation import Patch, mutant
 
@@ -12,6 +12,7 @@ PARAMS = f"{TESTS}::test_params_over_the_data_channel_apply_from_the_next_frame_
 SESSIONS = f"{TESTS}::test_sessions_are_limited_freed_on_delete_and_when_the_peer_goes"
 IDLE = f"{TESTS}::test_a_silent_publisher_is_told_and_freed_after_the_idle_timeout"
 SLOW_VIEWER = f"{TESTS}::test_a_slow_viewer_gets_the_newest_output"
+PAGE = "tests/server/test_browser.py::test_live_demo_over_webrtc_in_headless_chromium"
 
 MUTANTS = [
     # --- frames in -------------------------------------------------------------------------
@@ -48,4 +49,10 @@ MUTANTS = [
     mutant("webrtc-viewer-keeps-oldest", "a viewer whose encoder lags keeps the oldest waiting output and "
            "drops the newer ones (drop-newest on the way out)", SLOW_VIEWER,
            Patch(OFFER, "track._image = image", "track._image = image if track._image is None else track._image")),
+    # --- what the demo page relies on --------------------------------------------------------
+    mutant("webrtc-link-names-whip", "the WHIP answer's Link header names the publication's WHIP resource "
+           "(/whip/<id>, the Location line's copy) instead of its WHEP playback, so a client that follows "
+           "it, as the page does, gets no restyled stream", PAGE,
+           Patch("diffstream.server.app:_add_webrtc_routes", """"Link": f'</whep/{token}>; rel="alternate"'""",
+                 """"Link": f'</whip/{token}>; rel="alternate"'""")),
 ]

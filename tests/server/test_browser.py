@@ -4,11 +4,14 @@ Chromium's fake capture device plays a .y4m file written here (a moving pattern)
 page streams it to a uvicorn server on 127.0.0.1 running the tiny model, and the test
 checks that restyled frames are drawn and keep changing, that a prompt typed in the
 page reaches the server and comes back applied, that a second page is told the server
-is busy and reconnects by itself once the first leaves, and takes screenshots.
+is busy and reconnects by itself once the first leaves, and takes screenshots. Over
+WebRTC (a server with --webrtc, the page on its WebRTC transport) it checks the same:
+restyled frames played from WHEP, a prompt applied over the data channel, the stats,
+busy, and the publication DELETEd when the page switches back to the WebSocket.
 
 Needs Debian's chromium (/usr/bin/chromium) and the `playwright` Python package (its
-own browser download is never used); without them the test is skipped, saying which is
-missing and how to install it.
+own browser download is never used), and aiortc for the WebRTC test; without them the
+tests are skipped, saying which is missing and how to install it.
 """
 
 import contextlib
@@ -287,3 +290,139 @@ def test_an_idle_page_is_told_and_reconnects_when_used_again(browser_tools, tiny
             assert page.get_attribute("#status", "data-state") == "ok", page.text_content("#status")
         finally:
             browser.close()
+
+
+# --- the same page over WebRTC (WHIP ingest, WHEP playback, the data channel) -------------
+# A passing run needs a few seconds for each wait; a broken one (the mutation suite's runs)
+# fails at the first, so it is shorter than TIMEOUT_MS.
+WEBRTC_TIMEOUT_MS = 20_000
+
+VIDEO_PIXELS = """() => {
+    const v = document.getElementById('restyled');
+    if (!v.videoWidth) return null;
+    const c = document.createElement('canvas');
+    c.width = v.videoWidth;
+    c.height = v.videoHeight;
+    const ctx = c.getContext('2d');
+    ctx.drawImage(v, 0, 0);
+    return {width: c.width, height: c.height, data: Array.from(ctx.getImageData(0, 0, c.width, c.height).data)};
+}"""
+
+
+def video_pixels(page) -> np.ndarray:
+    """The frame the page's WebRTC <video> shows now, (H, W, 4) uint8."""
+    snap = page.evaluate(VIDEO_PIXELS)
+    assert snap is not None, "the restyled <video> shows nothing"
+    return np.array(snap["data"], dtype=np.uint8).reshape(snap["height"], snap["width"], 4)
+
+
+def wait_in_page(page, predicate: str, arg=None, what: str = "condition") -> None:
+    """Wait for a JS predicate, or fail with an AssertionError saying what the page shows
+    (a stuck page is a failed proof, not a crash of the test)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(predicate, arg=arg, timeout=WEBRTC_TIMEOUT_MS)
+    except PlaywrightTimeout:
+        raise AssertionError(f"{what} not reached in {WEBRTC_TIMEOUT_MS / 1000:g} s; status: "
+                             f"{page.text_content('#status')!r}; error: {page.text_content('#error')!r}") from None
+
+
+# The page's count of output frames shown (drawn on the canvas or played by the video):
+# its own counter, not the stats line, which is refreshed every 0.5 s only.
+SHOWN = "() => state.framesDrawn"
+# At least n frames shown, or an error shown (the assertion after the wait says which).
+FRAMES_OR_ERROR = "(n) => state.framesDrawn >= n || !document.getElementById('error').hidden"
+
+
+@pytest.fixture
+def webrtc_live_server(tiny):
+    """The demo app with --webrtc (WHIP/WHEP) on the tiny model; skips without aiortc."""
+    pytest.importorskip("aiortc",
+                        reason="the webrtc extra (aiortc) is not installed: `pip install 'diffstream[webrtc]'`")
+    with serving(create_app(tiny, size=64, max_clients=1, stats_interval=0.25, webrtc=True)) as served:
+        yield served
+
+
+def test_live_demo_over_webrtc_in_headless_chromium(browser_tools, webrtc_live_server, tmp_path):
+    """The page switched to WebRTC (?transport=webrtc) publishes the fake camera with WHIP,
+    plays the restyled stream from WHEP, and steers the session over the data channel with
+    the same messages as the WebSocket; a busy server is shown as busy; switching back to
+    the WebSocket DELETEs the publication."""
+    chromium, sync_api = browser_tools
+    url, app = webrtc_live_server
+    engine, gateway = app.state.engine, app.state.webrtc
+    clip = tmp_path / "pattern.y4m"
+    write_y4m(clip)
+    console = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium, headless=True,
+            # Chromium leaves the loopback interface out of ICE unless told: on a machine
+            # with no other interface it would have no candidate for the 127.0.0.1 server.
+            args=CHROMIUM_ARGS + [f"--use-file-for-fake-video-capture={clip}", "--allow-loopback-in-peer-connection"],
+        )
+        try:
+            context = browser.new_context()
+            context.grant_permissions(["camera"], origin=url)
+            page = context.new_page()
+            page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+            page.on("pageerror", lambda err: console.append(f"pageerror: {err}"))
+            page.goto(f"{url}/?transport=webrtc")
+
+            # Restyled frames come back as a WebRTC stream, at the server's processing
+            # size, shown in the <video> where the canvas was, and they keep changing.
+            wait_in_page(page, FRAMES_OR_ERROR, 3, "3 restyled frames shown")
+            assert page.is_hidden("#error"), page.text_content("#error")
+            assert page.is_visible("#transport") and page.input_value("#transport") == "webrtc"
+            assert page.is_visible("#restyled") and page.is_hidden("#output")
+            (pub,) = gateway.publications
+            assert len(pub.viewers) == 1 and pub.channels, "no WHEP viewer or data channel"
+            first = video_pixels(page)
+            assert first.shape[:2] == (48, 64), first.shape
+            assert first[:, :, :3].std() > 5
+            wait_in_page(page, FRAMES_OR_ERROR, page.evaluate(SHOWN) + 5, "5 more frames shown")
+            later = video_pixels(page)
+            assert np.abs(first.astype(int) - later.astype(int)).mean() > 1.0
+
+            # A prompt typed in the page goes over the data channel and comes back applied.
+            page.fill("#prompt", "a watercolor fox")
+            page.press("#prompt", "Enter")
+            wait_in_page(page, "(p) => document.getElementById('applied').dataset.prompt === p",
+                         "a watercolor fox", "the prompt applied")
+            (session,) = engine.sessions
+            assert session is pub.session and session.applied.prompt == "a watercolor fox"
+
+            # The stats come over the data channel too: frames the server got from the
+            # page's video track, and a latency (the data channel's ping round trips).
+            wait_in_page(page, "() => ['stat-received', 'stat-frames', 'stat-fps'].every("
+                               "(id) => Number(document.getElementById(id).textContent) > 0) && "
+                               "document.getElementById('stat-latency').textContent.endsWith('ms')",
+                         what="received and shown frames, fps and latency in the stats")
+            assert pub.frames_in > 0 and engine.stats(session)["received"] > 0
+            assert gateway.info()["publishers"] == 1
+            assert page.get_attribute("#status", "data-state") == "ok", page.text_content("#status")
+            assert "over WebRTC" in page.text_content("#status")
+
+            # A second page finds the only session taken: WHIP's 503 shows as "busy".
+            second = context.new_page()
+            second.on("pageerror", lambda err: console.append(f"pageerror: {err}"))
+            second.goto(f"{url}/?transport=webrtc")
+            wait_in_page(second, "() => document.getElementById('status').dataset.state === 'busy'",
+                         what="the busy status")
+            assert "Server busy" in second.text_content("#status")
+            second.close()
+
+            # Back to the WebSocket: the page DELETEs its publication (the session is free
+            # at once) and draws the WebSocket's frames on the canvas again.
+            page.select_option("#transport", "websocket")
+            wait_until(lambda: not gateway.publications, timeout=WEBRTC_TIMEOUT_MS / 1000)
+            assert pub.reason == "ended by the publisher (DELETE)", pub.reason
+            wait_in_page(page, "() => state.link && state.link.kind === 'websocket' && state.lastDrawnId >= 2"
+                               " || !document.getElementById('error').hidden", what="WebSocket frames after the switch")
+            assert page.is_hidden("#error"), page.text_content("#error")
+            assert page.is_visible("#output") and page.is_hidden("#restyled")
+            assert canvas_pixels(page).shape[:2] == (48, 64)
+        finally:
+            browser.close()
+    assert not [line for line in console if line.startswith(("error", "pageerror"))], console

@@ -468,7 +468,12 @@ class WebRTCGateway:
 
         engine = self.engine
         ready = {"type": "ready", "protocol": PROTOCOL_VERSION, "session": pub.session.id, "state": engine.state,
-                 "methods": list(engine.methods), "params": public_params(pub.session.requested),
+                 "methods": list(engine.methods),
+                 # As the WebSocket's "ready": the page shows a scale slider per ControlNet
+                 # and the image-prompt controls when the model has them.
+                 "controlnets": [unit.kind for unit in getattr(engine.components, "controlnets", ()) or ()],
+                 "ip_adapter": getattr(engine.components, "ip_adapter", None) is not None,
+                 "params": public_params(pub.session.requested),
                  "limits": self.limits.as_dict(), "clients": engine.clients, "max_clients": engine.max_clients,
                  "whep": f"/whep/{pub.token}"}
         _send_text(channel, ready)

@@ -1,5 +1,9 @@
-// diffstream live: sends camera / file / screen frames to the server over a WebSocket and
-// draws the restyled frames it sends back. Protocol: src/diffstream/server/protocol.py.
+// diffstream live: sends camera / file / screen frames to the server and shows the
+// restyled frames it sends back, over either transport:
+// - WebSocket (the default): JPEG frames both ways, JSON messages and events as text;
+// - WebRTC (a server started with --webrtc): the frames as a video stream published with
+//   WHIP, the restyled stream played with WHEP, the same JSON messages on a data channel.
+// Protocol: src/diffstream/server/protocol.py; WHIP/WHEP: src/diffstream/server/webrtc.py.
 // Plain browser JavaScript, no build step.
 "use strict";
 
@@ -7,6 +11,7 @@ const $ = (id) => document.getElementById(id);
 const video = $("source");
 const output = $("output");
 const outputCtx = output.getContext("2d");
+const restyled = $("restyled"); // plays the WebRTC stream (the WebSocket's frames go to `output`)
 const capture = document.createElement("canvas");
 const captureCtx = capture.getContext("2d");
 
@@ -16,9 +21,15 @@ const JPEG_QUALITY = 0.8;
 const MAX_BUFFERED_BYTES = 512 * 1024;
 const BUSY_RETRY_MS = 5000;
 const MAX_RETRY_MS = 10000;
+// WHIP/WHEP here take no trickled ICE candidates: an offer is sent once gathering is
+// complete (host candidates only, no STUN: milliseconds), or after this long at most.
+const ICE_GATHER_MS = 2000;
+const PING_MS = 1000; // WebRTC: how often the data channel's round trip is timed
 
 const state = {
-  ws: null,
+  transport: "websocket", // or "webrtc": the choice the next connect() uses
+  link: null, // the current connection, over either transport (see connect())
+  retryTimer: null,
   ready: false,
   busy: false,
   idle: null, // the server closed the session as idle: reconnect only when the user acts
@@ -31,7 +42,8 @@ const state = {
   encoding: false,
   lastDrawnId: -1,
   framesDrawn: 0,
-  latencies: [],
+  latencies: [], // WebSocket: a frame's round trip, ms
+  rtts: [], // WebRTC: a "ping"'s round trip on the data channel, ms
   localDrops: 0,
   server: {},
   sourceKind: null,
@@ -69,57 +81,271 @@ function clearError() {
 }
 
 // --- connection ---------------------------------------------------------------------
+// One "link" at a time, over either transport: an object
+//   {kind, closed, canSend(), sendText(text), backlogged(), sendFrame(), dispose(why), close(leaving)}
+// made by openWebSocket() or openWebRTC(). Both hand the server's JSON events to
+// linkEvent() and report their end to linkEnded(), so all the rest (the controls through
+// send(), handleEvent, the busy / idle / reconnect logic, the stats) is the same for both.
 function connect() {
+  clearTimeout(state.retryTimer);
   state.idle = null;
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}/ws`);
-  ws.binaryType = "arraybuffer";
-  state.ws = ws;
   state.ready = false;
   state.busy = false;
   state.sendSeq = 0;
   state.sentAt.clear();
   state.lastDrawnId = -1;
   state.encoding = false;
-  ws.onopen = () => { state.retryMs = 1000; };
-  ws.onmessage = (event) => {
-    if (ws !== state.ws) return;
-    if (typeof event.data === "string") handleEvent(JSON.parse(event.data));
-    else handleFrame(event.data);
-  };
-  ws.onclose = (event) => {
-    if (ws !== state.ws) return;
-    state.ready = false;
-    if (state.idle) {
-      // Reconnecting by itself would only hold a session for another idle period.
-      setStatus(`Disconnected: ${state.idle} Choose a source or change a setting to reconnect.`, "idle");
-      return;
-    }
-    if (state.busy || event.code === 1013) {
-      setStatus(`Server busy: all sessions are in use. Retrying in ${BUSY_RETRY_MS / 1000} s…`, "busy");
-      setTimeout(connect, BUSY_RETRY_MS);
-      return;
-    }
-    const seconds = Math.round(state.retryMs / 1000);
-    const reason = state.fatal ? `Server error: ${state.fatal}` : `Disconnected from the server${event.code ? ` (code ${event.code})` : ""}`;
-    setStatus(`${reason}. Reconnecting in ${seconds} s…`, "error");
-    setTimeout(connect, state.retryMs);
-    state.retryMs = Math.min(state.retryMs * 2, MAX_RETRY_MS);
-  };
+  state.rtts = [];
+  state.server = {};
+  state.link = state.transport === "webrtc" ? openWebRTC() : openWebSocket();
+  showOutput(state.link.kind);
 }
 
+function retryIn(ms) {
+  clearTimeout(state.retryTimer);
+  state.retryTimer = setTimeout(connect, ms);
+}
+
+function linkEvent(link, event) {
+  if (link === state.link) handleEvent(event);
+}
+
+// The link is gone, or never came up: say why, and connect again unless the server closed
+// the session as idle. `why.busy`: the server had no free session; `why.byServer`: the
+// server ended it (nothing to DELETE); `why.detail`: shown.
+function linkEnded(link, why = {}) {
+  if (link.closed) return; // ended already, or closed by the page itself
+  link.closed = true;
+  link.dispose(why);
+  if (link !== state.link) return;
+  state.ready = false;
+  if (state.idle) {
+    // Reconnecting by itself would only hold a session for another idle period.
+    setStatus(`Disconnected: ${state.idle} Choose a source or change a setting to reconnect.`, "idle");
+    return;
+  }
+  if (state.busy || why.busy) {
+    setStatus(`Server busy: all sessions are in use. Retrying in ${BUSY_RETRY_MS / 1000} s…`, "busy");
+    retryIn(BUSY_RETRY_MS);
+    return;
+  }
+  const seconds = Math.round(state.retryMs / 1000);
+  const reason = state.fatal ? `Server error: ${state.fatal}` : `Disconnected from the server${why.detail ? ` (${why.detail})` : ""}`;
+  setStatus(`${reason}. Reconnecting in ${seconds} s…`, "error");
+  retryIn(state.retryMs);
+  state.retryMs = Math.min(state.retryMs * 2, MAX_RETRY_MS);
+}
+
+// Send one JSON control message ("params", "reset", "ping", "image_prompt") over the
+// current link, whichever transport it uses. Returns whether it went out.
 function send(message) {
-  const ws = state.ws;
-  if (ws && ws.readyState === WebSocket.OPEN && state.ready) {
-    ws.send(JSON.stringify(message));
-    return true;
+  const link = state.link;
+  if (link && !link.closed && link.canSend() && state.ready) {
+    try {
+      link.sendText(JSON.stringify(message));
+      return true;
+    } catch (err) { // e.g. over the data channel's message size limit
+      showError(`Could not send the ${message.type} message: ${err.message || err}`);
+      return false;
+    }
   }
   reconnectIfIdle(); // the settings are sent in full once the new session is ready
   return false;
 }
 
 function reconnectIfIdle() {
-  if (state.idle && state.ws && state.ws.readyState === WebSocket.CLOSED) connect();
+  if (state.idle && state.link && state.link.closed) connect();
+}
+
+// Switch transport (the select): end the current link first, so that its session is
+// free again before the new one asks for one.
+async function chooseTransport(kind) {
+  const select = $("transport");
+  select.disabled = true; // one switch at a time
+  state.transport = kind;
+  const old = state.link;
+  state.link = null;
+  clearTimeout(state.retryTimer);
+  try {
+    if (old && !old.closed) await old.close();
+  } finally {
+    select.disabled = false;
+    connect();
+  }
+}
+
+function showOutput(kind) {
+  // WebSocket frames are drawn on the canvas; the WebRTC stream plays in a video element.
+  output.hidden = kind === "webrtc";
+  restyled.hidden = kind !== "webrtc";
+  if (kind !== "webrtc") restyled.srcObject = null;
+}
+
+// --- the WebSocket transport ----------------------------------------------------------
+function openWebSocket() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/ws`);
+  ws.binaryType = "arraybuffer";
+  const gone = new Promise((resolve) => ws.addEventListener("close", resolve));
+  const link = {
+    kind: "websocket",
+    closed: false,
+    canSend: () => ws.readyState === WebSocket.OPEN,
+    sendText: (text) => ws.send(text),
+    // The JPEG encoder or the network is behind: the frame is skipped (counted).
+    backlogged: () => state.encoding || ws.bufferedAmount > MAX_BUFFERED_BYTES,
+    sendFrame: () => sendJpeg(link, ws),
+    dispose: () => {},
+    close: () => { link.closed = true; ws.close(); return gone; }, // resolves once closed
+  };
+  ws.onopen = () => { state.retryMs = 1000; };
+  ws.onmessage = (event) => {
+    if (typeof event.data === "string") linkEvent(link, JSON.parse(event.data));
+    else if (link === state.link) handleFrame(event.data);
+  };
+  ws.onclose = (event) => linkEnded(link, { busy: event.code === 1013, detail: event.code ? `code ${event.code}` : "" });
+  return link;
+}
+
+// --- the WebRTC transport (WHIP + WHEP) ---------------------------------------------------
+function openWebRTC() {
+  // What is published is the capture canvas (the source scaled to the server's size at
+  // the page's max fps, as the WebSocket sends it): one track whatever the source, so a
+  // new source needs no new negotiation. tick() asks for each frame (captureStream(0)).
+  const track = capture.captureStream(0).getVideoTracks()[0];
+  const link = {
+    kind: "webrtc",
+    closed: false,
+    pc: null, // the publishing connection (WHIP): frames out, the data channel
+    viewer: null, // the playing connection (WHEP): the restyled stream in
+    channel: null,
+    whip: null, // the resources to DELETE at the end
+    whep: null,
+    canSend: () => link.channel !== null && link.channel.readyState === "open",
+    sendText: (text) => {
+      // A data channel message has a size limit (aiortc's: 256 KB); say so in words.
+      const max = link.pc.sctp && link.pc.sctp.maxMessageSize;
+      const size = new Blob([text]).size;
+      if (max && size > max) throw new Error(`it is ${size} bytes, the data channel takes at most ${max} (use a smaller image, or the WebSocket)`);
+      link.channel.send(text);
+    },
+    backlogged: () => false, // the browser's encoder paces the stream itself
+    sendFrame: () => { track.requestFrame(); state.sendSeq += 1; },
+    dispose: (why) => releaseWebRTC(link, track, why.byServer ? "gone" : "ask"),
+    close: (leaving) => { link.closed = true; return releaseWebRTC(link, track, leaving ? "leave" : "ask"); },
+  };
+  startWebRTC(link, track).catch((err) => {
+    if (link.closed) return; // closed by the page meanwhile
+    if (link === state.link) showError(`WebRTC: ${err.message || err}`);
+    linkEnded(link, { detail: "WebRTC could not connect" });
+  });
+  return link;
+}
+
+async function startWebRTC(link, track) {
+  // Publish: the data channel is created before the offer, so that the offer carries it.
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  link.pc = pc;
+  const channel = pc.createDataChannel("diffstream");
+  link.channel = channel;
+  channel.onopen = () => { state.retryMs = 1000; };
+  channel.onmessage = (event) => linkEvent(link, JSON.parse(event.data));
+  channel.onclose = () => linkEnded(link, { detail: "the server closed the connection", byServer: true });
+  pc.onconnectionstatechange = () => {
+    if (pc.connectionState === "failed") linkEnded(link, { detail: "connection failed" });
+  };
+  pc.addTransceiver(track, { direction: "sendonly" });
+  const published = await postOffer(pc, "/whip");
+  if (published.status !== 201) { await refused(link, "WHIP", published); return; }
+  link.whip = published.headers.get("Location");
+  if (link.closed) { releaseWebRTC(link, track, "ask"); return; } // closed while we waited: DELETE it
+  const answer = await published.text();
+  const playback = /<([^>]+)>/.exec(published.headers.get("Link") || "");
+  if (!playback) throw new Error("the server's WHIP answer has no Link to its WHEP playback");
+  await pc.setRemoteDescription({ type: "answer", sdp: answer });
+  if (link.closed) return;
+
+  // Play: a second connection that only receives, the restyled stream of this publication.
+  const viewer = new RTCPeerConnection({ iceServers: [] });
+  link.viewer = viewer;
+  viewer.addTransceiver("video", { direction: "recvonly" });
+  viewer.ontrack = (event) => showTrack(link, event.track);
+  viewer.onconnectionstatechange = () => {
+    if (viewer.connectionState === "failed") linkEnded(link, { detail: "playback connection failed" });
+  };
+  const watched = await postOffer(viewer, playback[1]);
+  if (watched.status !== 201) { await refused(link, "WHEP", watched); return; }
+  link.whep = watched.headers.get("Location");
+  if (link.closed) { releaseWebRTC(link, track, "ask"); return; }
+  await viewer.setRemoteDescription({ type: "answer", sdp: await watched.text() });
+}
+
+// Make an offer, wait until it holds every ICE candidate, POST it (WHIP or WHEP).
+async function postOffer(pc, url) {
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((resolve) => {
+    const check = () => { if (pc.iceGatheringState === "complete") resolve(); };
+    pc.addEventListener("icegatheringstatechange", check);
+    setTimeout(resolve, ICE_GATHER_MS);
+    check();
+  });
+  return fetch(url, { method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp });
+}
+
+// A WHIP/WHEP POST that was refused: 503 with Retry-After is a busy server, shown as the
+// WebSocket's "busy" event is; anything else is an error (a 503 without it: the model
+// failed to load, which reconnecting will not fix by itself).
+async function refused(link, what, response) {
+  const text = (await response.text()).trim() || `${what} answered ${response.status}`;
+  if (link.closed) return;
+  if (response.status === 503 && response.headers.has("Retry-After")) {
+    linkEvent(link, { type: "busy", message: text });
+    linkEnded(link, { busy: true });
+  } else {
+    linkEvent(link, { type: "error", message: text, fatal: response.status === 503 });
+    linkEnded(link, { detail: `${what} ${response.status}` });
+  }
+}
+
+function showTrack(link, track) {
+  if (link !== state.link) return;
+  restyled.srcObject = new MediaStream([track]);
+  restyled.play().catch(() => {});
+  // The "frames" figure counts the frames shown, as the canvas counts the frames drawn.
+  if (!restyled.requestVideoFrameCallback) return;
+  const shown = () => {
+    if (link !== state.link) return;
+    state.framesDrawn += 1;
+    restyled.requestVideoFrameCallback(shown);
+  };
+  restyled.requestVideoFrameCallback(shown);
+}
+
+// End a WebRTC link and both its connections. `how`: "ask" DELETEs the WHEP viewer, then
+// the WHIP publication (the server frees the session at once; one after the other, as
+// ending the publication ends its viewer too), then closes; "leave" (the page is going
+// away, no time for answers) sends the WHIP DELETE without waiting and closes at once;
+// "gone" (the server ended it) only closes. Resolves once done.
+async function releaseWebRTC(link, track, how) {
+  track.stop();
+  const { whep, whip } = link;
+  link.whep = link.whip = null;
+  if (how === "leave" && whip) fetch(whip, { method: "DELETE", keepalive: true }).catch(() => {});
+  if (how === "ask") {
+    for (const url of [whep, whip]) {
+      if (url) await fetch(url, { method: "DELETE" }).catch(() => {});
+    }
+  }
+  for (const pc of [link.viewer, link.pc]) if (pc) pc.close();
+}
+
+// WebRTC frames carry no ids to time a round trip with, so "ping"s are timed instead
+// (only while a source streams: a page that sends nothing must still go idle).
+function ping() {
+  const link = state.link;
+  if (link && link.kind === "webrtc" && !link.closed && state.ready && state.sourceKind) {
+    send({ type: "ping", t: performance.now() });
+  }
 }
 
 function handleEvent(event) {
@@ -150,6 +376,12 @@ function handleEvent(event) {
     case "stats":
       state.server = event;
       break;
+    case "pong":
+      if (typeof event.t === "number") {
+        state.rtts.push(performance.now() - event.t);
+        if (state.rtts.length > 10) state.rtts.shift();
+      }
+      break;
     case "error":
       showError(`Server: ${event.message}`, Boolean(event.fatal));
       if (event.fatal) {
@@ -162,7 +394,7 @@ function handleEvent(event) {
       break;
     case "idle":
       state.idle = event.message.replace(/^session closed: /, "the server closed the session after ")
-        .replace(/; connect again to go on$/, ".");
+        .replace(/; (connect|publish) again to go on$/, ".");
       break;
     case "busy":
       state.busy = true;
@@ -174,7 +406,8 @@ function handleEvent(event) {
 }
 
 function connectedText() {
-  return state.sourceKind ? `Connected: streaming the ${state.sourceKind}.` : "Connected. Choose a source: camera, video file or screen.";
+  const how = state.link && state.link.kind === "webrtc" ? " over WebRTC" : "";
+  return state.sourceKind ? `Connected${how}: streaming the ${state.sourceKind}.` : `Connected${how}. Choose a source: camera, video file or screen.`;
 }
 
 function handleFrame(buffer) {
@@ -218,10 +451,10 @@ function maxFps() {
 
 function tick() {
   setTimeout(tick, 1000 / maxFps());
-  const ws = state.ws;
-  if (!ws || ws.readyState !== WebSocket.OPEN || !state.ready) return;
+  const link = state.link;
+  if (!link || link.closed || !link.canSend() || !state.ready) return;
   if (!state.sourceKind || video.readyState < 2 || !video.videoWidth) return;
-  if (state.encoding || ws.bufferedAmount > MAX_BUFFERED_BYTES) {
+  if (link.backlogged()) {
     state.localDrops += 1; // the network or the encoder is behind: skip this frame
     return;
   }
@@ -231,16 +464,22 @@ function tick() {
     capture.height = h;
   }
   captureCtx.drawImage(video, 0, 0, w, h);
+  link.sendFrame();
+}
+
+// WebSocket: the capture canvas as one JPEG message (its id is the count of frames sent).
+function sendJpeg(link, ws) {
+  const live = () => link === state.link && !link.closed && ws.readyState === WebSocket.OPEN;
   state.encoding = true;
   capture.toBlob(async (blob) => {
     try {
-      if (!blob || ws !== state.ws || ws.readyState !== WebSocket.OPEN) return;
+      if (!blob || !live()) return;
       if (state.limits && blob.size > state.limits.max_frame_bytes) {
         showError(`A frame of ${blob.size} bytes is over the server's limit; lower the source resolution.`);
         return;
       }
       const buffer = await blob.arrayBuffer();
-      if (ws !== state.ws || ws.readyState !== WebSocket.OPEN) return;
+      if (!live()) return;
       ws.send(buffer);
       state.sentAt.set(state.sendSeq, performance.now());
       state.sendSeq += 1;
@@ -477,6 +716,9 @@ function bindControls() {
   $("use-camera").addEventListener("click", useCamera);
   $("use-screen").addEventListener("click", useScreen);
   $("file").addEventListener("change", (event) => useFile(event.target.files[0]));
+  $("transport").addEventListener("change", () => chooseTransport($("transport").value));
+  // Leaving the page ends the session at once (WebRTC: DELETE, not a 30 s consent timeout).
+  window.addEventListener("pagehide", () => { if (state.link && !state.link.closed) state.link.close(true); });
 }
 
 // --- statistics ---------------------------------------------------------------------
@@ -486,23 +728,55 @@ function median(values) {
   return sorted[Math.floor(sorted.length / 2)];
 }
 
+function currentLatency() {
+  if (state.link && state.link.kind === "webrtc") {
+    // The server's time from a frame's arrival to its output, plus a data-channel round
+    // trip; the video codecs and the jitter buffer add a little more.
+    const rtt = median(state.rtts);
+    const server = state.server.latency_ms;
+    return rtt === null || typeof server !== "number" ? null : server + rtt;
+  }
+  return median(state.latencies); // a frame's own round trip
+}
+
 function renderStats() {
   // The output rate is measured by the server (diffstream.server.engine.output_rate, right
   // at any speed and tested there); null until the first output.
   const fps = state.server.fps;
   $("stat-fps").textContent = typeof fps === "number" ? fps.toFixed(fps < 10 ? 2 : 1) : "–";
-  const latency = median(state.latencies);
+  const latency = currentLatency();
   $("stat-latency").textContent = latency === null ? "–" : `${Math.round(latency)} ms`;
   const serverDropped = state.server.dropped || 0;
   $("stat-dropped").textContent = `${serverDropped + state.localDrops}`;
   $("stat-dropped").title = `${serverDropped} replaced by newer frames on the server, ${state.localDrops} not sent (network or encoder busy)`;
   $("stat-skipped").textContent = `${state.server.skipped || 0}`;
   $("stat-frames").textContent = `${state.framesDrawn}`;
+  $("stat-received").textContent = `${state.server.received || 0}`;
   $("stat-clients").textContent = state.server.clients ? `${state.server.clients} / ${state.server.max_clients}` : "–";
 }
 
+// The transport choice is offered when the server has WebRTC (/api/info says so); the
+// page starts on the WebSocket unless its address asks for ?transport=webrtc.
+async function start() {
+  const wanted = new URLSearchParams(location.search).get("transport");
+  try {
+    const info = await (await fetch("/api/info", { cache: "no-store" })).json();
+    if (info.webrtc && typeof RTCPeerConnection === "function") {
+      $("transport-choice").hidden = false;
+      if (wanted === "webrtc") state.transport = "webrtc";
+    } else if (wanted === "webrtc") {
+      showError("WebRTC is not available (the server runs without --webrtc, or the browser lacks it): using the WebSocket.");
+    }
+  } catch (err) {
+    // The server cannot be reached yet: the WebSocket's reconnect loop says so and retries.
+  }
+  $("transport").value = state.transport;
+  connect();
+}
+
 bindControls();
-connect();
+start();
 useCamera();
 tick();
 setInterval(renderStats, 500);
+setInterval(ping, PING_MS);
