@@ -1,0 +1,403 @@
+"""Block-causal self-attention with sink chunks and a rolling KV cache: causal Wan video DiTs.
+
+Issue #18; shared/notes/field-2026-12.md Sec. 1-2. StreamDiffusionV2, Self-Forcing,
+CausVid, LongLive and their kin share one recipe: Wan 2.1's video DiT made causal over
+*chunks* of latent frames (Self-Forcing's `num_frame_per_block`: 3 latent frames per
+chunk; StreamDiffusionV2 streams 1), each chunk denoised in 1-4 steps while attending to
+the keys/values of earlier chunks, kept in a KV cache per self-attention layer. The
+cache holds the first `sink_chunks` chunks for ever (the "sink", LongLive's frame sink,
+StreamDiffusionV2's sink tokens) and a rolling window of the `window_chunks` most recent
+ones; older chunks are evicted. Chunk n's queries attend to
+
+    sinks {0, ..., S-1}  +  window {n-W, ..., n-1}  +  itself      (S = sink_chunks, W = window_chunks)
+
+(each set cut to the chunks that exist and are < n; the chunk's own frames attend to one
+another bidirectionally). Run on the whole video in one call with that block mask, the
+stock model gives exactly what the chunk-by-chunk cache gives (the proof:
+tests/attention/test_block_causal.py). In Self-Forcing's terms the cache is
+`local_attn_size = (S + W + 1) * chunk_frames` frames (their cache also holds the current
+chunk) with `sink_size = S * chunk_frames`.
+
+Choices, each where it comes from:
+
+- Positions: Wan's rotary embedding (RoPE over frame, row, column) is applied with the
+  chunk's *absolute* frame indices in the stream (chunk n: frames n*F ... n*F + F - 1),
+  and keys are cached *after* RoPE, as Self-Forcing's causal Wan model does
+  (`causal_rope_apply(..., start_frame=current_start_frame)`, roped keys written to the
+  cache) and the models built on its code (LongLive's, as Daydream Scope vendors it).
+  So a cached key never needs re-rotating, the ring can be read in any slot order
+  (attention sums over keys, and each key carries its position), and the stream equals
+  the full-sequence block-causal model exactly. Wan's `rope` module only knows the
+  frames of the current input (a chunk fed alone gets frames 0..F-1), so the processor
+  replaces the time part of the rotary table it is given by the absolute one, computed
+  as Wan's table is (`time_rotary`). No table bound: a stream past Wan's 1024 positions
+  keeps going; like every absolute-position scheme it is then past what the model saw
+  in training (Self-Forcing's users see flicker past its training length, notes Sec. 2).
+- What is recorded: a call is "attend" (read the cache; the chunk's own keys/values
+  only fill its slot, which no other chunk reads) or "record" (the same attention, and
+  the chunk joins the cache when the call ends).
+  The papers' policy (Self-Forcing's inference loop, after CausVid): denoise a chunk
+  with "attend" calls, then run its *clean* denoised latents once more at timestep 0
+  as a "record" call, so the cache holds clean keys/values, never noisy ones; that is
+  the default the pipeline should follow. Recording on the last denoising step instead
+  (saving the extra call) is the pipeline's choice too: the state only sees modes.
+- Memory: per layer one preallocated buffer of S + W + 1 chunks of keys and values
+  (sinks, the window ring, and the current chunk's slot, which is the slot the next
+  recorded chunk evicts), allocated at the stream's first chunk and never grown or
+  moved; fill counts and slots are host-side integers derived from one counter, so the
+  per-chunk path has no host sync.
+
+One call = one chunk: every row of a call is the same chunk (rows are streams or
+guidance branches, each with its own cache), `chunk_frames` latent frames of the same
+size as the stream's first chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from diffstream.attention.base import (
+    BatchLayout,
+    Mechanism,
+    compiler_opaque,
+    install_processors,
+    is_self_attention,
+)
+from diffstream.errors import ConfigError
+
+# Call modes (see BlockCausalState.begin_call): the BatchLayout phase "record" records,
+# "attend" and "stream" attend.
+MODES = ("attend", "record")
+# Wan's rotary base (diffusers' WanRotaryPosEmbed default; WanTransformer3DModel never passes another).
+WAN_ROPE_THETA = 10000.0
+
+
+@dataclass(frozen=True)
+class BlockCausalConfig:
+    """Chunking and cache policy of block-causal attention.
+
+    Defaults: the shape of LongLive's setting (Self-Forcing's 3-latent-frame blocks, one
+    sink block, a short window); set them per checkpoint (StreamDiffusionV2 streams one
+    latent frame per chunk).
+
+    Attributes:
+        chunk_frames: latent frames per chunk (Self-Forcing's `num_frame_per_block`);
+            with Wan's VAE one latent frame is 4 video frames.
+        sink_chunks: S, the stream's first chunks, kept in the cache for ever.
+        window_chunks: W, the most recent chunks kept besides the sinks (rolling).
+    """
+
+    chunk_frames: int = 3
+    sink_chunks: int = 1
+    window_chunks: int = 2
+
+    def __post_init__(self):
+        if self.chunk_frames < 1:
+            raise ConfigError(f"--chunk-frames must be >= 1, got {self.chunk_frames}")
+        if self.sink_chunks < 0 or self.window_chunks < 0:
+            raise ConfigError(f"--sink-chunks and --window-chunks must be >= 0, got {self.sink_chunks} "
+                              f"and {self.window_chunks}")
+        if self.sink_chunks + self.window_chunks < 1:
+            raise ConfigError("--sink-chunks + --window-chunks must be >= 1 (a chunk needs some past to attend to)")
+
+    @property
+    def slots(self) -> int:
+        """Chunks in a layer's buffer: the sinks, the window, and the current chunk."""
+        return self.sink_chunks + self.window_chunks + 1
+
+
+class LayerKV:
+    """The keys and values of one self-attention layer, preallocated.
+
+    `key`, `value`: (B, heads, slots * N, d), N = tokens per chunk. Slots 0..S-1 hold the
+    sink chunks, slots S..S+W a ring over the window and the current chunk (rotary
+    positions already applied to the keys, so slot order is irrelevant).
+    """
+
+    def __init__(self, like: torch.Tensor, slots: int):
+        b, heads, n, d = like.shape  # (B, heads, N, d)
+        self.key = like.new_zeros(b, heads, slots * n, d)
+        self.value = like.new_zeros(b, heads, slots * n, d)
+        self.tokens = n
+
+
+class BlockCausalState:
+    """The caches of one stream and where its current chunk sits.
+
+    Everything positional follows from one host-side counter, `recorded` (chunks whose
+    keys/values joined the cache): the current chunk is chunk `recorded`, its frames
+    start at `recorded * chunk_frames`, and its slot and the attended length are
+    `slot` and `length`. The per-layer buffers (`LayerKV`) are allocated at the first
+    chunk of a stream; `reset()` starts a new stream and keeps them (nothing is read
+    beyond what the counter says is filled), reallocating only if the new stream's
+    first chunk has another shape.
+    """
+
+    def __init__(self, config: BlockCausalConfig):
+        self.config = config
+        self.layers: dict[str, LayerKV] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """A new stream: the next chunk is chunk 0 again, with an empty cache."""
+        self.recorded = 0  # chunks recorded so far = index of the current chunk
+        self.mode: str | None = None  # "attend" | "record" while a call is open
+        self._rotary = None  # the current call's absolute rotary table (cos, sin), built once per call
+
+    def begin_call(self, mode: str) -> None:
+        """Open the next model call; the only per-call channel.
+
+        A "record" call's chunk joins the cache when the call ends, i.e. here, as the
+        next call opens (every layer has written it by then).
+
+        Args:
+            mode: "attend" (attend to the cache and the chunk itself) or "record" (the
+                same, and the chunk is then committed to the cache).
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown block-causal call mode {mode!r}; one of {', '.join(MODES)}")
+        self._commit()
+        self.mode = mode
+        self._rotary = None
+
+    def _commit(self) -> None:
+        """The last call was a record call: its chunk is now part of the cache."""
+        if self.mode == "record":
+            self.recorded += 1
+        self.mode = None
+
+    @property
+    def chunk(self) -> int:
+        """Index of the current call's chunk in the stream."""
+        return self.recorded
+
+    @property
+    def slot(self) -> int:
+        """Buffer slot of the current chunk: its sink slot while n < S, then the ring
+        slot S + (n - S) mod (W + 1), whose chunk n - W - 1 has just left the window."""
+        n, s, w = self.chunk, self.config.sink_chunks, self.config.window_chunks
+        return n if n < s else s + (n - s) % (w + 1)
+
+    @property
+    def length(self) -> int:
+        """Chunks the current chunk attends to, itself included: min(n, S + W) + 1. They
+        are always the first `length` slots (the buffer fills in order before it wraps)."""
+        return min(self.chunk, self.config.sink_chunks + self.config.window_chunks) + 1
+
+    def layer(self, name: str, like: torch.Tensor) -> LayerKV:
+        """This layer's buffers, allocated at the stream's first chunk.
+
+        Args:
+            like: (B, heads, N, d) this call's keys (shape, dtype, device).
+        """
+        kv = self.layers.get(name)
+        fits = (kv is not None and kv.key.shape[:2] == like.shape[:2] and kv.tokens == like.shape[2]
+                and kv.key.shape[3] == like.shape[3] and kv.key.dtype == like.dtype and kv.key.device == like.device)
+        if not fits:
+            if kv is not None and self.chunk > 0:
+                raise RuntimeError(f"block-causal cache of {name}: chunk {self.chunk} has keys {tuple(like.shape)}, "
+                                   f"the stream's first had {tuple(kv.key.shape[:2])} x {kv.tokens} tokens; "
+                                   "reset() to start a stream of another size")
+            kv = self.layers[name] = LayerKV(like, self.config.slots)
+        return kv
+
+    def rotary(self, rotary_emb, t_dim: int):
+        """The current chunk's rotary table with absolute frame positions (built once per call).
+
+        Args:
+            rotary_emb: (cos, sin), each (1, L, 1, D), what Wan's `rope` module computed
+                for this chunk alone: frames 0..F-1, then rows, then columns; the first
+                `t_dim` channels of each head are the time axis.
+            t_dim: rotary channels of the time axis (`rope.t_dim`).
+        Returns:
+            (cos, sin), each (1, L, 1, D): the time channels at frames n*F ... n*F + F - 1.
+        """
+        if self._rotary is None:
+            cos, sin = rotary_emb
+            frames = self.config.chunk_frames
+            length, dim = cos.shape[1], cos.shape[-1]
+            per_frame = length // frames  # tokens per latent frame
+            start = self.chunk * frames
+            # Time axis at the stream's frame indices, as WanRotaryPosEmbed builds its table.
+            t_cos, t_sin = time_rotary(torch.arange(start, start + frames, device=cos.device), t_dim)  # (F, t_dim)
+            tables = []
+            for table, time in ((cos, t_cos), (sin, t_sin)):
+                table = table.view(frames, per_frame, dim)  # (F, N/F, D)
+                time = time.to(table.dtype)[:, None, :].expand(frames, per_frame, t_dim)  # (F, N/F, t_dim)
+                tables.append(torch.cat([time, table[..., t_dim:]], dim=-1).view(1, length, 1, dim))
+            self._rotary = tuple(tables)
+        return self._rotary
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every cache tensor (tests: their storage must never change while streaming)."""
+        return [t for kv in self.layers.values() for t in (kv.key, kv.value)]
+
+    def nbytes(self) -> int:
+        """Bytes of the storage behind the caches, each distinct storage counted once, whole."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors()}
+        return sum(storages.values())
+
+
+def time_rotary(positions: torch.Tensor, dim: int):
+    """Rotary cos/sin of the given frame indices on `dim` channels, as Wan's table has them.
+
+    Adapted from diffusers `get_1d_rotary_pos_embed` (0.42.1, `use_real`,
+    `repeat_interleave_real`), which `WanRotaryPosEmbed` builds its table with: angles
+    p / theta^(2i / dim) in float64 (float32 on MPS, as there), each repeated for the
+    two channels of its pair.
+
+    Args:
+        positions: (F,) integer frame indices.
+    Returns:
+        (cos, sin), each (F, dim) float32.
+    """
+    dtype = torch.float32 if torch.backends.mps.is_available() else torch.float64
+    freqs = 1.0 / (WAN_ROPE_THETA ** (torch.arange(0, dim, 2, dtype=dtype, device=positions.device) / dim))  # (dim/2,)
+    angles = torch.outer(positions, freqs)  # (F, dim/2)
+    return (angles.cos().repeat_interleave(2, dim=1).float(), angles.sin().repeat_interleave(2, dim=1).float())
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved channel pairs (2i, 2i+1).
+
+    Adapted from diffusers WanAttnProcessor (0.42.1, its inner `apply_rotary_emb`).
+
+    Args:
+        x: (B, L, heads, d); cos, sin: (1, L, 1, d), each value repeated for both
+            channels of its pair.
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, heads, d/2) each
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class BlockCausalAttnProcessor:
+    """Self-attention (`attn1`) of one Wan transformer block over [sinks, window, own chunk].
+
+    Args:
+        state: the stream's caches and current call.
+        name: processor name (cache key).
+        t_dim: rotary channels of the time axis (the model's `rope.t_dim`).
+    """
+
+    def __init__(self, state: BlockCausalState, name: str, t_dim: int):
+        self.state = state
+        self.name = name
+        self.t_dim = t_dim
+
+    @compiler_opaque  # stateful: the compiled graphs stop here (attention.base)
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):
+        """(B, L, C) the chunk's tokens (L = chunk_frames * tokens per frame) -> (B, L, C)."""
+        state = self.state
+        if state.mode is None:
+            raise RuntimeError("block-causal attention used outside a chunk call (begin_call / before_unet first)")
+        if encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None:
+            raise RuntimeError("BlockCausalAttnProcessor is for a Wan block's self-attention (attn1)")
+        # Adapted from diffusers WanAttnProcessor (0.42.1): projections, q/k RMS norms over
+        # all heads, split into heads, rotary; then attention over the cache and the output
+        # projection. Image (I2V) keys never reach attn1.
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        # (B, L, heads * d) -> (B, L, heads, d)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        cos, sin = state.rotary(rotary_emb, self.t_dim)  # absolute frame positions
+        query = apply_rotary(query, cos, sin).transpose(1, 2)  # (B, heads, L, d)
+        key = apply_rotary(key, cos, sin).transpose(1, 2)  # (B, heads, L, d), roped: cached as is
+        value = value.transpose(1, 2)  # (B, heads, L, d)
+
+        kv = state.layer(self.name, key)
+        n = kv.tokens
+        at = state.slot * n
+        # The chunk's keys/values go to its slot (the one the oldest window chunk leaves);
+        # the attended chunks are then exactly the buffer's first `length` slots.
+        kv.key[:, :, at:at + n] = key
+        kv.value[:, :, at:at + n] = value
+        end = state.length * n
+        out = F.scaled_dot_product_attention(query, kv.key[:, :, :end], kv.value[:, :, :end])  # (B, heads, L, d)
+        out = out.transpose(1, 2).flatten(2).type_as(query)  # (B, L, heads * d)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class BlockCausal(Mechanism):
+    """Causal chunked video generation's attention as a mechanism (a Wan transformer).
+
+    `attach(transformer)` installs a `BlockCausalAttnProcessor` on every block's
+    self-attention (cross-attention stays diffusers'); `before_unet(layout)` opens each
+    chunk call, `layout.phase` "record" for a record call, "attend" (or "stream") else.
+
+    Args:
+        config: chunking and cache policy.
+    """
+
+    name = "causal-video"
+
+    def __init__(self, config: BlockCausalConfig | None = None):
+        self.config = config or BlockCausalConfig()
+        self.state = BlockCausalState(self.config)
+
+    def attach(self, transformer):
+        """Install the block-causal processors on a `WanTransformer3DModel` for the context."""
+        rope = getattr(transformer, "rope", None)
+        if rope is None or not hasattr(rope, "t_dim") or tuple(transformer.config.patch_size)[0] != 1:
+            raise ConfigError("--method causal-video needs a Wan video transformer (WanTransformer3DModel, "
+                              "temporal patch 1)")
+        check_rope(rope)
+
+        def make(name, proc):
+            return BlockCausalAttnProcessor(self.state, name, rope.t_dim) if is_self_attention(name) else None
+
+        return install_processors(transformer, make)
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def before_unet(self, layout: BatchLayout) -> None:
+        if layout.phase not in ("attend", "record", "stream"):
+            raise ValueError(f"block-causal calls are 'attend' or 'record', got phase {layout.phase!r}")
+        self.state.begin_call("record" if layout.phase == "record" else "attend")
+
+    def call_unet(self, unet, sample, timesteps, encoder_hidden_states, layout: BatchLayout, cond=None,
+                  **unet_kwargs):
+        """Run the transformer on one chunk.
+
+        Args:
+            unet: the `WanTransformer3DModel`.
+            sample: (B, C, chunk_frames, h, w) latents; timesteps: (B,); encoder_hidden_states:
+                (B, L, D) text embeddings; rows as in `layout`.
+        Returns:
+            (B, C, chunk_frames, h, w) model output.
+        """
+        assert sample.ndim == 5 and sample.shape[2] == self.config.chunk_frames, (
+            f"{sample.shape=}, chunk of {self.config.chunk_frames} latent frames")
+        rows = sample.shape[0]
+        assert rows == layout.batch_size and timesteps.shape == (rows,), f"{sample.shape=} {timesteps.shape=}"
+        assert encoder_hidden_states.shape[0] == rows, f"{encoder_hidden_states.shape=}"
+        return unet(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                    **unet_kwargs)[0]
+
+    def cache_bytes(self) -> int:
+        return self.state.nbytes()
+
+
+def check_rope(rope) -> None:
+    """Refuse a model whose time-axis rotary table is not the one `time_rotary` computes
+    (Wan's base 10000): positions would then silently differ from the model's."""
+    cos, sin = time_rotary(torch.arange(4), rope.t_dim)
+    ours = torch.cat([cos, sin], dim=-1)  # (4, 2 t_dim)
+    theirs = torch.cat([rope.freqs_cos[:4, :rope.t_dim], rope.freqs_sin[:4, :rope.t_dim]], dim=-1).cpu()
+    if not torch.allclose(ours, theirs.float(), atol=1e-6):
+        raise ConfigError("the transformer's rotary embedding is not Wan's (base 10000): causal-video cannot "
+                          "place chunks at their stream positions")

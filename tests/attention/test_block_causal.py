@@ -1,0 +1,284 @@
+"""Proofs of block-causal attention with sink chunks and a rolling KV cache (issue #18).
+
+The tiny Wan transformer (`models.wan`, diffusers' `WanTransformer3DModel`) is fed a
+video chunk by chunk through `BlockCausal`'s processors, and compared with an
+independent oracle: the *whole* video in one call of the stock model, every
+self-attention run by diffusers' own `WanAttnProcessor` with a block mask written here
+from its definition (notes field-2026-12.md Sec. 1-2; Self-Forcing, LongLive):
+
+    query chunk q sees key chunk k  iff  k == q, or k < q and (k < S or k >= q - W).
+
+The stock model gives every frame its absolute position (one call over all frames), so
+equality proves positions, eviction, sinks and the cache together. The inputs make each
+of them visible: every chunk's latents (and every row's) differ, and deliberately wrong
+oracles (no eviction, sinks evicted) miss by far more than the tolerance
+(`test_wrong_oracles_are_far`). tests/mutants/m_block_causal.py lists the bugs these
+proofs catch and which proof catches each.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanRotaryPosEmbed
+
+from diffstream.attention.base import BatchLayout
+from diffstream.attention.block_causal import (
+    BlockCausal,
+    BlockCausalAttnProcessor,
+    BlockCausalConfig,
+    BlockCausalState,
+)
+from diffstream.errors import ConfigError
+from diffstream.models.wan import TINY_WAN_TEXT_DIM, WAN_LATENT_CHANNELS, tiny_wan_transformer
+
+FRAMES = 8  # latent frames of the test video
+SIZE = 8  # latent height = width: (8/2)^2 = 16 tokens per frame
+ROWS = 2  # two streams (or guidance branches), each with its own cache
+ATOL = 1e-5
+# (chunk_frames, sink_chunks, window_chunks): the window rolls in each (chunk 7 of the
+# first sees chunks 0, 5, 6 and itself); pure rolling window; two sinks; 2-frame chunks.
+POLICIES = [(1, 1, 2), (1, 0, 3), (1, 2, 1), (2, 1, 1)]
+IDS = [f"chunk{c}-sink{s}-window{w}" for c, s, w in POLICIES]
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return tiny_wan_transformer(seed=0)
+
+
+def video(seed: int, frames: int = FRAMES) -> torch.Tensor:
+    """(ROWS, 16, frames, SIZE, SIZE) latents, different in every frame and row."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(ROWS, WAN_LATENT_CHANNELS, frames, SIZE, SIZE, generator=g)
+
+
+def text(seed: int = 7) -> torch.Tensor:
+    """(ROWS, 5, 32) text embeddings, one prompt per row."""
+    return torch.randn(ROWS, 5, TINY_WAN_TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def chunk_of_token(frames: int, chunk: int, tokens: int) -> torch.Tensor:
+    """(frames * tokens,) the chunk index of every token (tokens are frame-major in Wan)."""
+    return torch.arange(frames).repeat_interleave(tokens) // chunk
+
+
+def block_mask(frames: int, chunk: int, sinks: int, window: int, tokens: int = (SIZE // 2) ** 2,
+               evict: bool = True, keep_sinks: bool = True) -> torch.Tensor:
+    """(L, L) bool, True where a query token may attend to a key token, from the definition.
+
+    Args:
+        evict: False: an oracle that never evicts (every earlier chunk visible).
+        keep_sinks: False: an oracle whose sinks roll out with the window.
+    """
+    c = chunk_of_token(frames, chunk, tokens)
+    q, k = c[:, None], c[None, :]  # (L, 1), (1, L)
+    past = k < q
+    if not evict:
+        return (k == q) | past
+    return (k == q) | (past & (((k < sinks) & keep_sinks) | (k >= q - window)))
+
+
+class MaskedStockProcessor:
+    """diffusers' own WanAttnProcessor, called with a fixed attention mask (the oracle)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self.stock = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask=self.mask, rotary_emb=rotary_emb)
+
+
+@contextlib.contextmanager
+def stock_with_mask(model, mask):
+    """Every self-attention of `model` runs the stock processor under `mask`; restored after."""
+    original = dict(model.attn_processors)
+    model.set_attn_processor({n: MaskedStockProcessor(mask) if ".attn1." in n else p for n, p in original.items()})
+    try:
+        yield
+    finally:
+        model.set_attn_processor(original)
+
+
+def oracle(model, latents, timestep, prompt, mask) -> torch.Tensor:
+    """The stock model on the whole video in one call, self-attention masked.
+
+    Args:
+        latents: (B, 16, F, h, w); timestep: (B,) one per row, or (B, L) one per token.
+    """
+    with torch.no_grad(), stock_with_mask(model, mask):
+        return model(latents, timestep, encoder_hidden_states=prompt, return_dict=False)[0]
+
+
+def layout(phase: str) -> BatchLayout:
+    """One chunk call of ROWS rows: "attend" or "record"."""
+    return BatchLayout.branch_major(phase, 0, ("cond",), ROWS, 1)
+
+
+def stream(model, mech: BlockCausal, latents, timestep, prompt) -> torch.Tensor:
+    """Chunk by chunk through the cache: each chunk one "record" call on its latents.
+
+    Returns:
+        (B, 16, F, h, w) the chunks' outputs side by side.
+    """
+    chunk = mech.config.chunk_frames
+    outs = []
+    with torch.no_grad(), mech.attach(model):
+        for start in range(0, latents.shape[2], chunk):
+            x = latents[:, :, start:start + chunk]
+            mech.before_unet(layout("record"))
+            outs.append(mech.call_unet(model, x, timestep, prompt, layout("record")))
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_stream_equals_full_sequence_with_block_mask(wan, policy):
+    """Chunk by chunk with the cache == the stock model on the whole video under the
+    block-causal sink + window mask (positions absolute, eviction, sinks kept)."""
+    chunk, sinks, window = policy
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks, window_chunks=window))
+    latents, prompt, t = video(1), text(), torch.tensor([500, 500])
+    ours = stream(wan, mech, latents, t, prompt)
+    expected = oracle(wan, latents, t, prompt, block_mask(FRAMES, chunk, sinks, window))
+    assert (ours - expected).abs().max() < ATOL
+
+
+def test_full_window_is_plain_block_causal(wan):
+    """A window holding every past chunk (nothing evicted) == the plain block-causal mask."""
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=2, sink_chunks=1, window_chunks=FRAMES))
+    latents, prompt, t = video(2), text(), torch.tensor([300, 300])
+    ours = stream(wan, mech, latents, t, prompt)
+    c = chunk_of_token(FRAMES, 2, (SIZE // 2) ** 2)
+    expected = oracle(wan, latents, t, prompt, c[None, :] <= c[:, None])
+    assert (ours - expected).abs().max() < ATOL
+
+
+def test_attend_calls_leave_the_cache_and_record_commits(wan):
+    """Self-Forcing's loop: each chunk denoised by "attend" calls on noisy latents, then
+    its clean latents recorded at t = 0. Every call equals the stock model on [the clean
+    chunks before it at t = 0, this chunk at its timestep] (per-token timesteps) under the
+    block mask: attend calls never write the cache, record calls do, with their own inputs."""
+    chunk, sinks, window = 1, 1, 2
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks, window_chunks=window))
+    clean, noisy, prompt = video(3), video(4), text()
+    tokens = (SIZE // 2) ** 2
+    worst = 0.0
+    with torch.no_grad(), mech.attach(wan):
+        for n in range(FRAMES):
+            for x, t, phase in ((noisy, 800, "attend"), (noisy, 400, "attend"), (clean, 0, "record")):
+                mech.before_unet(layout(phase))
+                ours = mech.call_unet(wan, x[:, :, n:n + 1], torch.tensor([t, t]), prompt, layout(phase))
+                # the oracle swaps the stock processors in for its call and ours back after
+                prefix = torch.cat([clean[:, :, :n], x[:, :, n:n + 1]], dim=2)  # (B, 16, n + 1, h, w)
+                per_token = torch.tensor([0] * (n * tokens) + [t] * tokens).expand(ROWS, -1)  # (B, L)
+                expected = oracle(wan, prefix, per_token, prompt, block_mask(n + 1, chunk, sinks, window))
+                worst = max(worst, (ours - expected[:, :, n:]).abs().max().item())
+    assert worst < ATOL
+
+
+def test_wrong_oracles_are_far(wan):
+    """The inputs make the property visible: oracles with the wrong cache policy (never
+    evicting, evicting the sinks) miss the stream by > 100x the tolerance."""
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=2))
+    latents, prompt, t = video(1), text(), torch.tensor([500, 500])
+    ours = stream(wan, mech, latents, t, prompt)
+    for wrong in (block_mask(FRAMES, 1, 1, 2, evict=False), block_mask(FRAMES, 1, 1, 2, keep_sinks=False)):
+        assert (ours - oracle(wan, latents, t, prompt, wrong)).abs().max() > 100 * ATOL
+
+
+def test_reset_starts_a_new_stream(wan):
+    """After reset() the same chunks give what a fresh state gives (the buffers are kept)."""
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=1))
+    latents, prompt, t = video(5, frames=4), text(), torch.tensor([500, 500])
+    first = stream(wan, mech, video(6, frames=5), t, prompt)  # an earlier stream fills and rolls the cache
+    assert first.abs().max() > 0
+    storages = [x.untyped_storage().data_ptr() for x in mech.state.tensors()]
+    mech.reset()
+    again = stream(wan, mech, latents, t, prompt)
+    fresh = stream(wan, BlockCausal(mech.config), latents, t, prompt)
+    assert torch.equal(again, fresh)
+    assert [x.untyped_storage().data_ptr() for x in mech.state.tensors()] == storages
+
+
+# --- processor level: a long stream, cheaply --------------------------------------
+
+HEADS, HEAD_DIM = 2, 24
+DIM = HEADS * HEAD_DIM
+
+
+def rotary_for(rope: WanRotaryPosEmbed, frames: list[int], tokens: int):
+    """(cos, sin), each (1, len(frames) * tokens, 1, d): the rope table's rows at the given
+    frame indices for the time channels, Wan's row/column ones for a 2x2 grid (tokens = 4)."""
+    grid = rope(torch.zeros(1, 1, len(frames), 4, 4))  # positions 0..len-1, rows/cols of a 2x2 grid
+    t = rope.t_dim
+    out = []
+    for table, full in zip(grid, (rope.freqs_cos, rope.freqs_sin)):
+        table = table.clone().view(len(frames), tokens, HEAD_DIM)
+        table[..., :t] = full[frames, :t].float()[:, None, :]
+        out.append(table.view(1, len(frames) * tokens, 1, HEAD_DIM))
+    return tuple(out)
+
+
+def test_long_stream_memory_is_constant_and_positions_stay_absolute():
+    """1,000 chunks through one processor: the cache tensors keep their storage and size
+    from the first chunk on, and chunk 999 (the ring wrapped ~330 times) still equals the
+    stock processor over [sink chunk 0, chunks 997, 998, 999] at those frame positions."""
+    torch.manual_seed(0)
+    attn = WanAttention(dim=DIM, heads=HEADS, dim_head=HEAD_DIM, eps=1e-6, processor=WanAttnProcessor()).eval()
+    rope = WanRotaryPosEmbed(HEAD_DIM, (1, 2, 2), 1024)
+    state = BlockCausalState(BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=2))
+    proc = BlockCausalAttnProcessor(state, "blocks.0.attn1.processor", rope.t_dim)
+    local = rope(torch.zeros(1, 1, 1, 4, 4))  # what Wan's rope gives a chunk fed alone: frame 0
+    hidden = torch.randn(1000, 1, 4, DIM, generator=torch.Generator().manual_seed(1))  # (chunks, B, N, C)
+    seen = None
+    with torch.no_grad():
+        for n in range(1000):
+            state.begin_call("record")
+            out = proc(attn, hidden[n], rotary_emb=local)
+            layout_now = [(x.untyped_storage().data_ptr(), x.untyped_storage().nbytes(), tuple(x.shape))
+                          for x in state.tensors()]
+            seen = seen or layout_now
+            assert layout_now == seen, n
+        frames = [0, 997, 998, 999]
+        mask = chunk_of_token(4, 1, 4)[:, None] >= chunk_of_token(4, 1, 4)[None, :]  # the last chunk sees all 4
+        expected = WanAttnProcessor()(attn, torch.cat([hidden[f] for f in frames], dim=1), None,
+                                      attention_mask=mask, rotary_emb=rotary_for(rope, frames, 4))
+    assert (out - expected[:, -4:]).abs().max() < ATOL
+    assert state.nbytes() == 2 * (1 + 2 + 1) * 4 * DIM * 4  # K,V x slots x N tokens x C x fp32 bytes
+
+
+# --- the protocol ----------------------------------------------------------------
+
+
+def test_attach_installs_on_self_attention_and_restores(wan):
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=1))
+    before = dict(wan.attn_processors)
+    with mech.attach(wan):
+        now = wan.attn_processors
+        assert {n for n, p in now.items() if isinstance(p, BlockCausalAttnProcessor)} == {
+            n for n in before if ".attn1." in n}
+        assert all(now[n] is p for n, p in before.items() if ".attn2." in n)
+    assert all(wan.attn_processors[n] is p for n, p in before.items())
+
+
+def test_config_errors_are_one_line():
+    for bad in (dict(chunk_frames=0), dict(sink_chunks=-1), dict(sink_chunks=0, window_chunks=0)):
+        with pytest.raises(ConfigError) as e:
+            BlockCausalConfig(**bad)
+        assert "\n" not in str(e.value)
+
+
+def test_misuse_is_refused(wan):
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=1))
+    latents, prompt, t = video(1, frames=2), text(), torch.tensor([1, 1])
+    with torch.no_grad(), mech.attach(wan):
+        with pytest.raises(RuntimeError, match="outside a chunk call"):
+            wan(latents[:, :, :1], t, prompt)
+        mech.before_unet(layout("record"))
+        mech.call_unet(wan, latents[:, :, :1], t, prompt, layout("record"))
+        mech.before_unet(layout("attend"))
+        with pytest.raises(RuntimeError, match="reset"):  # another size mid-stream
+            wan(torch.zeros(2, 16, 1, 4, 4), t, prompt)
+    with pytest.raises(ValueError):
+        mech.state.begin_call("sometimes")

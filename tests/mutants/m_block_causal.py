@@ -1,0 +1,108 @@
+"""Mutants of block-causal attention (issue #18): the sink slots, the window ring and its
+length, absolute rotary positions, what a call records, per-row caches, reset; and the
+streaming Wan VAE. Their proofs are in tests/attention/test_block_causal.py (the tiny Wan
+transformer chunk by chunk against the stock model on the whole video under the block
+mask) and tests/models/test_wan_vae_stream.py."""
+
+from mutation import Patch, mutant
+
+MOD = "diffstream.attention.block_causal"
+PROC = f"{MOD}:BlockCausalAttnProcessor"
+STATE = f"{MOD}:BlockCausalState"
+VAE = "diffstream.models.wan:WanVAEStream"
+
+PROOFS = "tests/attention/test_block_causal.py"
+FULL = f"{PROOFS}::test_stream_equals_full_sequence_with_block_mask"
+ROLLING = f"{FULL}[chunk1-sink1-window2]"
+NO_SINK = f"{FULL}[chunk1-sink0-window3]"
+TWO_SINKS = f"{FULL}[chunk1-sink2-window1]"
+TWO_FRAMES = f"{FULL}[chunk2-sink1-window1]"
+PROTOCOL = f"{PROOFS}::test_attend_calls_leave_the_cache_and_record_commits"
+LONG = f"{PROOFS}::test_long_stream_memory_is_constant_and_positions_stay_absolute"
+RESET = f"{PROOFS}::test_reset_starts_a_new_stream"
+
+VAE_PROOFS = "tests/models/test_wan_vae_stream.py"
+VAE_ENCODE = f"{VAE_PROOFS}::test_streamed_encode_equals_one_shot"
+VAE_DECODE = f"{VAE_PROOFS}::test_streamed_decode_equals_one_shot"
+
+
+def _config(sinks: str = "config.sink_chunks", window: str = "config.window_chunks") -> Patch:
+    """The state built with another cache policy than the one it was given."""
+    return Patch(f"{STATE}.__init__", "self.config = config",
+                 f"self.config = type(config)(config.chunk_frames, {sinks}, {window})")
+
+
+MUTANTS = [
+    # --- the buffer: sinks, ring, length --------------------------------------------
+    mutant("bc-ring-overwrites-sinks", "the window ring starts at slot 0 instead of after the sinks, so the "
+           "first chunks past the sinks overwrite them", [ROLLING, TWO_SINKS],
+           Patch(f"{STATE}.slot", "s + (n - s) % (w + 1)", "(n - s) % (w + 1)")),
+    mutant("bc-sinks-roll-out", "no sink: the ring covers every slot, so the first chunks are evicted like "
+           "any other", [ROLLING, TWO_SINKS],
+           Patch(f"{STATE}.slot", "return n if n < s else s + (n - s) % (w + 1)", "return n % (s + w + 1)")),
+    mutant("bc-ring-one-slot-short", "the ring has W slots instead of W + 1, so the current chunk overwrites "
+           "the oldest chunk of its own window", [ROLLING, NO_SINK],
+           Patch(f"{STATE}.slot", "s + (n - s) % (w + 1)", "s + (n - s) % w")),
+    mutant("bc-ring-slot-off-by-one", "the chunk written one ring slot ahead of where it belongs",
+           [ROLLING, NO_SINK],
+           Patch(f"{STATE}.slot", "s + (n - s) % (w + 1)", "s + (n - s + 1) % (w + 1)")),
+    mutant("bc-window-one-too-large", "one chunk too many kept in the window (W + 1)", [ROLLING, NO_SINK],
+           _config(window="config.window_chunks + 1")),
+    mutant("bc-window-one-too-small", "one chunk too few kept in the window (W - 1)", [ROLLING, NO_SINK],
+           _config(window="config.window_chunks - 1")),
+    mutant("bc-unfilled-slots-attended", "while the buffer fills, the chunk attends over every slot, empty "
+           "(zero) ones included", [ROLLING, NO_SINK],
+           Patch(f"{STATE}.length", "return min(self.chunk, self.config.sink_chunks + self.config.window_chunks) + 1",
+                 "return self.config.slots")),
+    mutant("bc-own-chunk-twice", "the chunk's own keys/values attended twice (from its slot and appended "
+           "again)", [ROLLING],
+           Patch(f"{PROC}.__call__", "F.scaled_dot_product_attention(query, kv.key[:, :, :end], kv.value[:, :, :end])",
+                 "F.scaled_dot_product_attention(query, torch.cat([kv.key[:, :, :end], key], 2), "
+                 "torch.cat([kv.value[:, :, :end], value], 2))")),
+    mutant("bc-rows-share-a-cache", "every row writes row 0's keys/values: the streams (or guidance branches) "
+           "of a call share one cache", [ROLLING],
+           Patch(f"{PROC}.__call__", "kv.key[:, :, at:at + n] = key\n    kv.value[:, :, at:at + n] = value",
+                 "kv.key[:, :, at:at + n] = key[:1]\n    kv.value[:, :, at:at + n] = value[:1]")),
+    # --- positions (Self-Forcing's absolute frame positions) ---------------------------
+    mutant("bc-positions-chunk-relative", "every chunk at frames 0..F-1 (the model's own rope for a chunk fed "
+           "alone) instead of its frames in the stream", [ROLLING, TWO_FRAMES],
+           Patch(f"{STATE}.rotary", "start = self.chunk * frames", "start = 0")),
+    mutant("bc-positions-in-chunks", "positions counted in chunks instead of latent frames (chunk n at "
+           "frame n)", TWO_FRAMES,
+           Patch(f"{STATE}.rotary", "start = self.chunk * frames", "start = self.chunk")),
+    mutant("bc-query-chunk-relative", "the query rotated with the model's chunk-local table, the keys with the "
+           "absolute one", [ROLLING],
+           Patch(f"{PROC}.__call__", "query = apply_rotary(query, cos, sin)", "query = apply_rotary(query, *rotary_emb)")),
+    mutant("bc-keys-cached-unrotated", "keys attended and cached without their rotary positions", [ROLLING],
+           Patch(f"{PROC}.__call__", "key = apply_rotary(key, cos, sin).transpose(1, 2)", "key = key.transpose(1, 2)")),
+    mutant("bc-rotary-kept-across-calls", "the absolute rotary table built once and kept, so every chunk "
+           "gets the first chunk's positions", [ROLLING, LONG],
+           Patch(f"{STATE}.begin_call", "    self._rotary = None\n", "")),
+    # --- what is recorded (Self-Forcing: clean K/V from a record call) -----------------
+    mutant("bc-attend-calls-record", "attend calls also commit their chunk: the noisy keys/values of the "
+           "denoising steps enter the cache", PROTOCOL,
+           Patch(f"{STATE}._commit", 'if self.mode == "record":', "if self.mode is not None:")),
+    mutant("bc-record-never-commits", "a record call writes its slot but the counter never moves: every chunk "
+           "is chunk 0", [ROLLING, PROTOCOL],
+           Patch(f"{STATE}._commit", "self.recorded += 1", "pass")),
+    mutant("bc-reset-keeps-count", "reset() keeps the chunk counter: a new stream starts mid-window at the old "
+           "stream's positions", RESET,
+           Patch(f"{STATE}.reset", "self.recorded = 0", "self.recorded = getattr(self, 'recorded', 0)")),
+    # --- the streaming VAE ------------------------------------------------------------
+    mutant("wanvae-first-group-of-four", "the stream's first latent frame encoded from 4 frames, like the "
+           "others, instead of frame 0 alone", VAE_ENCODE,
+           Patch(f"{VAE}.frames_needed", "return 1 if self.frames_in == 0 else WAN_TEMPORAL_FACTOR",
+                 "return WAN_TEMPORAL_FACTOR")),
+    mutant("wanvae-every-latent-first-chunk", "every latent frame decoded with the decoder's first-chunk flag",
+           VAE_DECODE,
+           Patch(f"{VAE}.decode", "first_chunk=self.latents_decoded == 0", "first_chunk=True"),
+           harmless="Wan 2.1's decoder ignores `first_chunk` (only the residual up-blocks of Wan 2.2's VAE read "
+                    "it; their first latent frame is told by the empty feature cache), and WanVAEStream refuses "
+                    "Wan 2.2's VAE (patch_size); the flag is passed as diffusers' _decode passes it"),
+    mutant("wanvae-decoder-cache-dropped", "the decoder's causal feature cache dropped between latent frames",
+           VAE_DECODE,
+           Patch(f"{VAE}.decode", "feat_cache=self._dec_cache", "feat_cache=[None] * self._decoder_convs")),
+    mutant("wanvae-encoder-cache-dropped", "the encoder's causal feature cache dropped between frame groups",
+           VAE_ENCODE,
+           Patch(f"{VAE}.encode", "feat_cache=self._enc_cache", "feat_cache=[None] * self._encoder_convs")),
+]
