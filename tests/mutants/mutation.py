@@ -160,7 +160,7 @@ def mutant(name: str, bug: str, killers, *patches: Patch, harmless: str | None =
 
 
 class _Recorder:
-    """A pytest plugin that applies the mutant for the nested session and records outcomes."""
+    """A pytest plugin that records the outcomes of a nested session (`run` applies the mutant)."""
 
     def __init__(self, m: Mutant):
         self.mutant = m
@@ -168,29 +168,33 @@ class _Recorder:
         self.crashed: list[str] = []  # proofs that raised something else (not a kill)
         self.passed: list[str] = []
         self.errors: list[str] = []  # setup/collection errors
-        self._stack = contextlib.ExitStack()
-
-    def pytest_sessionstart(self, session):
-        self._stack.enter_context(self.mutant.applied())
-
-    def pytest_sessionfinish(self, session, exitstatus):
-        self._stack.close()
+        self.skipped: list[str] = []  # proofs that could not run here (a missing browser, say)
 
     def pytest_runtest_makereport(self, item, call):
+        if call.excinfo is not None and call.excinfo.errisinstance(_skip_types()):
+            self.skipped.append(item.nodeid)
+            return
         if call.when != "call":
-            if call.excinfo is not None and not call.excinfo.errisinstance(_skip_types()):
+            if call.excinfo is not None:
                 self.errors.append(f"{item.nodeid} ({call.when}): {call.excinfo.typename}")
             return
         if call.excinfo is None:
             self.passed.append(item.nodeid)
         elif call.excinfo.errisinstance((AssertionError, _failed_type())):
             self.killed_by.append(item.nodeid)
-        elif not call.excinfo.errisinstance(_skip_types()):
+        else:
             self.crashed.append(f"{item.nodeid}: {call.excinfo.typename}: {str(call.excinfo.value)[:200]}")
 
     def pytest_collectreport(self, report):
         if report.failed:
             self.errors.append(f"collecting {report.nodeid}")
+        elif report.skipped:  # a module-level importorskip
+            self.skipped.append(report.nodeid)
+
+    @property
+    def unrun(self) -> bool:
+        """Every proof was skipped (its browser or library is missing here): no verdict."""
+        return bool(self.skipped) and not (self.killed_by or self.passed or self.crashed)
 
     @property
     def killed(self) -> bool:
@@ -200,7 +204,7 @@ class _Recorder:
 
     def summary(self) -> str:
         return (f"{self.mutant.name}: killed by {self.killed_by or 'nothing'}; passed {self.passed}; "
-                f"crashed {self.crashed}; errors {self.errors}")
+                f"crashed {self.crashed}; errors {self.errors}; skipped {self.skipped}")
 
 
 def _failed_type():
@@ -226,8 +230,14 @@ def run(m: Mutant) -> _Recorder:
     import pytest
 
     recorder = _Recorder(m)
-    pytest.main([*map(node_path, m.killers), "-q", "-p", "no:cacheprovider", "--no-header",
-                 "-W", "ignore::pytest.PytestAssertRewriteWarning"], plugins=[recorder])
+    # no:unraisableexception: that plugin runs a full gc.collect() twice per session, which
+    # late in the suite (a large heap) cost seconds per mutant; the outer session keeps it.
+    # Applied out here, not in a hook of the nested session: a snippet that no longer
+    # matches the source raises here and fails the mutant's test with the reason,
+    # instead of ending the nested session before any proof ran ("survived", no errors).
+    with m.applied():
+        pytest.main([*map(node_path, m.killers), "-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
+                     "--no-header", "-W", "ignore::pytest.PytestAssertRewriteWarning"], plugins=[recorder])
     return recorder
 
 
