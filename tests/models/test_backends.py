@@ -162,6 +162,48 @@ def test_graphs_are_reused_while_state_fills(method, request):
     torch._dynamo.reset()
 
 
+def test_a_compiled_model_tells_when_it_builds_graphs_for_new_shapes(request):
+    """A compiled model builds graphs the first time it meets a UNet batch shape: the
+    stream says so once per schedule (at the start; after a steps change that brings new
+    shapes), and not for shapes it has run before (back to the old steps, or a second
+    stream on the same model). The graphs dynamo builds are counted, so each notice is
+    shown to stand for real graph building, and its absence for none."""
+    torch._dynamo.reset()
+    request.addfinalizer(torch._dynamo.reset)
+    components = _tiny("streamdiffusion")
+    backend = _CountingBackend()
+    components.unet.compile(backend=backend, dynamic=False)
+    components.backend = "compile"  # what apply_backend records; the notice reads it
+    config = StreamConfig(prompt="a cat", size=96, steps=2, strength=0.6, guidance=1.5, cfg_type="self")
+    frames = make_frames(4, 64, 96, seed=5)
+
+    def run(pipe, updates=None):
+        """(notices, graphs built) over 4 frames, `updates` applied first."""
+        notices = []
+        pipe.on_notice.append(notices.append)
+        if updates:
+            pipe.update(**updates)
+        before = backend.graphs
+        for frame in frames:
+            pipe.process(frame)
+        pipe.on_notice.remove(notices.append)
+        return notices, backend.graphs - before
+
+    with make_pipeline(components, config) as pipe:
+        notices, built = run(pipe)
+        assert len(notices) == 1 and built > 0, (notices, built)
+        assert "new batch shape" in notices[0] and "slow" in notices[0] and "\n" not in notices[0]
+        notices, built = run(pipe, dict(steps=3))  # 3 rows: a shape not met yet
+        assert len(notices) == 1 and built > 0, (notices, built)
+        notices, built = run(pipe, dict(steps=2))  # back to shapes it has run
+        assert notices == [] and built == 0, (notices, built)
+    with make_pipeline(components, config) as pipe:  # another stream on the same model
+        assert run(pipe) == ([], 0)
+    eager = _tiny("streamdiffusion")
+    with make_pipeline(eager, config) as pipe:
+        assert run(pipe)[0] == []  # eager builds nothing and says nothing
+
+
 def test_backend_option_and_its_refusals():
     """--backend is checked before anything loads; OpenVINO with a stateful method is
     refused in one line, both in the run config and where processors attach."""

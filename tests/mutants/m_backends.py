@@ -38,3 +38,19 @@ MUTANTS = [
            Patch("diffstream.models.backends:apply_backend", '"config": {"INFERENCE_PRECISION_HINT": precision}', ""),
            harmless=None if _cpu_has_bf16() else "this CPU has no bf16 units: OpenVINO computes in fp32 anyway"),
 ]
+
+# --- telling the user a compiled model builds graphs -------------------------------------------
+NOTICE = f"{TESTS}::test_a_compiled_model_tells_when_it_builds_graphs_for_new_shapes"
+NOTICES = "diffstream.pipelines.stream:StreamPipeline._notice_compiles"
+MUTANTS += [
+    mutant("compile-notice-per-shape", "a notice for every new batch shape (a line per row count while the "
+           "stream batch fills) instead of one per schedule", NOTICE,
+           Patch(NOTICES, "self._compile_noticed = True", "pass")),
+    mutant("compile-notice-shapes-forgotten", "shapes already run are not remembered: a second stream (or a "
+           "return to the old steps) is told of graph building that does not happen", NOTICE,
+           Patch(NOTICES, "seen.add(key)", "pass")),
+    mutant("compile-notice-once-per-stream", "after the first notice a steps change that brings new shapes "
+           "is not told", NOTICE,
+           Patch("diffstream.pipelines.stream:StreamPipeline._apply_pending",
+                 "self._compile_noticed = False  # new shapes may follow: say so once more", "pass")),
+]

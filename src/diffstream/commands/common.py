@@ -151,6 +151,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"preset [{presets}], 'toy' (trained offline toy model; its styles: {TOY_PROMPTS}), "
                         f"'tiny' (random offline test model: produces noise), 'tiny-sdxl' (the same for SDXL), "
+                        f"'tiny-wan' (a random Wan video model for --method causal-video), a Wan diffusers folder, "
                         f"a hub id, a local diffusers folder, or a .safetensors file (default: {DEFAULT_MODEL})")
     g.add_argument("--lcm-lora", default=None,
                    help="LCM-LoRA to fuse (hub id, folder, file) or 'none' (default: the preset's)")
@@ -340,7 +341,7 @@ def loading_message(config: ModelConfig) -> str:
     name = str(resolved.model)
     where = "" if config.device == "auto" else f" on {config.device}"
     local = (os.path.exists(os.path.expanduser(name)) or name.startswith(("/", ".", "~"))
-             or name.endswith((".safetensors", ".ckpt")) or name in ("tiny", "tiny-sdxl", "toy"))
+             or name.endswith((".safetensors", ".ckpt")) or name in ("tiny", "tiny-sdxl", "tiny-wan", "toy"))
     return f"loading model {name}{where}" + ("" if local else " (downloaded on first use, with progress)")
 
 
@@ -352,6 +353,13 @@ def iter_with_close(outputs) -> Iterator:
         close = getattr(outputs, "close", None)
         if close is not None:
             close()
+
+
+def say_above_bar(line: str) -> None:
+    """`say` while a progress bar draws (from any thread): tqdm.write keeps the bar intact."""
+    from tqdm import tqdm
+
+    tqdm.write(f"diffstream: {line}", file=sys.stderr)
 
 
 def add_osc_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -397,15 +405,7 @@ def open_osc(host: str, port: int, progress: bool = False, addresses: list[str] 
     """
     from diffstream.server.osc import ADDRESSES, RESET, OSCControl, host_warning
 
-    report = None
-    if progress:
-        from tqdm import tqdm
-
-        def report(line: str) -> None:
-            # From the OSC thread while the bar draws: tqdm.write keeps the bar intact.
-            tqdm.write(f"diffstream: {line}", file=sys.stderr)
-
-    control = OSCControl(port, host, say=report)
+    control = OSCControl(port, host, say=say_above_bar if progress else None)
     warning = host_warning(host)
     if warning:
         warn(warning)

@@ -19,7 +19,17 @@ import time
 
 from diffstream.attention.causal_temporal import CausalTemporalConfig
 from diffstream.commands import common
-from diffstream.config import CFG_TYPES, METHODS, NOISE_MODES, VAE_ENCODINGS, IOConfig, RunConfig, StreamConfig
+from diffstream.config import (
+    CFG_TYPES,
+    METHOD_DEFAULTS,
+    METHODS,
+    NOISE_MODES,
+    VAE_ENCODINGS,
+    CausalVideoConfig,
+    IOConfig,
+    RunConfig,
+    StreamConfig,
+)
 
 
 def add_arguments(run: argparse.ArgumentParser) -> None:
@@ -52,9 +62,10 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
                    help="unconditional text for --cfg-type initialize/full (default: empty)")
     g.add_argument("--method", default="streamdiffusion", choices=METHODS,
                    help="temporal-consistency method (default: streamdiffusion)")
-    g.add_argument("--strength", type=float, default=0.4,
-                   help="SDEdit noise strength in (0, 1]; StreamV2V's default 0.4 (default: 0.4)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4, turbo: 1)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="SDEdit noise strength in (0, 1] (default: 0.4, StreamV2V's; causal-video 0.7, "
+                        "StreamDiffusionV2's noise scale)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4, turbo: 1, causal-video: 2)")
     g.add_argument("--t-index-list", type=common.int_list, default=None, metavar="I,J,...",
                    help="explicit indices into the 50-step LCM table, e.g. 32,45 (overrides --strength/--steps)")
     g.add_argument("--guidance", type=float, default=None,
@@ -109,6 +120,20 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--depth-model", default="Intel/dpt-hybrid-midas",
                    help="transformers depth-estimation model for --depth: hub id or folder (default: "
                         "Intel/dpt-hybrid-midas; 'tiny' = random, for tests)")
+    v = p.add_argument_group("causal video (--method causal-video, a Wan model: --model tiny-wan or a Wan folder)")
+    v.add_argument("--chunk-frames", type=int, default=1,
+                   help="latent frames per chunk, 4 video frames each; the first chunk is 1 + 4 (N - 1) frames "
+                        "(default: 1, StreamDiffusionV2's)")
+    v.add_argument("--sink-chunks", type=int, default=3, help="first chunks kept in the KV cache for ever (default: 3)")
+    v.add_argument("--window-chunks", type=int, default=2,
+                   help="most recent chunks kept in the KV cache besides the sinks (default: 2)")
+    v.add_argument("--video-timesteps", type=common.int_list, default=None, metavar="T,T,...",
+                   help="model timesteps of the denoising steps, decreasing in (0, 1000], e.g. 700,500 "
+                        "(StreamDiffusionV2's 2 steps); overrides --strength/--steps (default: --steps levels "
+                        "evenly spaced from --strength down)")
+    v.add_argument("--warp-timesteps", action="store_true",
+                   help="shift the steps' noise levels by the model's timestep shift (Self-Forcing's "
+                        "warp_denoising_step; StreamDiffusionV2 runs without)")
 
 
 def feature_bank_config(args):
@@ -127,8 +152,15 @@ def feature_bank_config(args):
 
 def stream_config(args) -> StreamConfig:
     """The StreamConfig of parsed engine options (raises ConfigError)."""
+    from diffstream.attention.block_causal import BlockCausalConfig
+
+    strength = args.strength if args.strength is not None else METHOD_DEFAULTS.get(args.method, {}).get("strength", 0.4)
+    video = CausalVideoConfig(
+        block_causal=BlockCausalConfig(chunk_frames=args.chunk_frames, sink_chunks=args.sink_chunks,
+                                       window_chunks=args.window_chunks),
+        timesteps=tuple(args.video_timesteps) if args.video_timesteps else None, warp=args.warp_timesteps)
     return StreamConfig(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, strength=args.strength, steps=args.steps,
+        prompt=args.prompt, negative_prompt=args.negative_prompt, strength=strength, steps=args.steps,
         t_index_list=args.t_index_list, guidance=args.guidance, delta=args.delta, cfg_type=args.cfg_type,
         noise=args.noise, vae_encode=args.vae_encode,
         seed=common.resolve_seed(args.seed), similarity_threshold=args.similarity_filter, max_skip=args.max_skip,
@@ -136,6 +168,7 @@ def stream_config(args) -> StreamConfig:
         feature_bank=feature_bank_config(args),
         causal=CausalTemporalConfig(warmup_frames=args.warmup_frames, window=args.window, depth=args.depth,
                                     depth_model=args.depth_model),
+        video=video,
         control_scales=common.control_scales(args),
         ip_adapter_image=common.image_prompt(args), ip_adapter_scale=args.ip_adapter_scale,
         prompt_blend=tuple(args.prompt_blend) or None, blend=args.blend, seed_blend=tuple(args.seed_blend) or None,
@@ -187,6 +220,7 @@ def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None) -> int:
         components = load_components(config.model)
         common.warn_long_prompts(components, config.stream.prompt, config.stream.negative_prompt)
         pipe = make_pipeline(components, config.stream)
+        pipe.on_notice.append(common.say_above_bar if io.progress else common.say)
         work_size = pipe.processing_size(source.width, source.height)
         out_size = (source.width, source.height) if io.keep_size else work_size
         sink = open_sink(io.output, fps=source.fps, size=out_size, audio_path=source.audio_path)

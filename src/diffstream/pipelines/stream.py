@@ -67,6 +67,10 @@ class StreamPipeline:
         self._check_ip(config)
         self.on_push: list[Callable[[int], None]] = []
         self.on_output: list[Callable[[int], None]] = []
+        # One-line notices for the user (not per frame): a compiled model building graphs
+        # for batch shapes it has not run yet (`_notice_compiles`).
+        self.on_notice: list[Callable[[str], None]] = []
+        self._compile_noticed = False
         self._prompt_key = None
         self._schedule_key = None
         self._pending: dict = {}
@@ -221,6 +225,34 @@ class StreamPipeline:
         return out
 
     # --- internals ----------------------------------------------------------------
+    def _notice_compiles(self, shape: torch.Size) -> None:
+        """Tell `on_notice` once that the compiled UNet builds graphs for new batch shapes.
+
+        A compiled model (`models.backends`, static shapes) builds its graphs the first
+        time it meets each UNet batch shape: at a stream's first frames (the stream batch
+        grows row by row) and after a change of steps, strength or guidance type. Those
+        frames are slow (seconds to minutes); later ones, and any shape met before in this
+        process, are not; the kernels are cached on disk for the next start. The shapes
+        met are kept on the shared model, so streams sharing it are told only about
+        shapes new to all of them; one notice per schedule, not one per shape.
+
+        Args:
+            shape: (B, C, h, w) the batch about to run.
+        """
+        seen = self.components.__dict__.setdefault("_compiled_shapes", set())
+        key = tuple(shape)
+        if key in seen:
+            return
+        seen.add(key)
+        self._compile_noticed = True
+        from diffstream.models.backends import cache_root
+
+        message = (f"the {self.components.backend} backend is building graphs for a new batch shape "
+                   f"({key[0]} rows of {key[2]}x{key[3]} latents): this and the next frames are slow, once "
+                   f"per shape (kernels cached under {cache_root()})")
+        for callback in self.on_notice:
+            callback(message)
+
     def _apply_pending(self) -> None:
         if self._pending:
             old = self.config
@@ -261,6 +293,7 @@ class StreamPipeline:
         rewarm = (bool(self.mechanism.warmup_frames) and getattr(self, "_warmed", False)
                   and uncond > getattr(self, "_warm_uncond", 0))
         if schedule_key != self._schedule_key or rewarm:
+            self._compile_noticed = False  # new shapes may follow: say so once more
             if getattr(self, "_batch", None) is not None and self._batch.in_flight:
                 self._drain()  # finish in-flight frames under the schedule they started with
             if (self._schedule_key is not None and self.mechanism.warmup_frames) or rewarm:
@@ -425,6 +458,8 @@ class StreamPipeline:
             added["image_embeds"] = [self._ip_embeds(u, m)]
         if added:
             extra["added_cond_kwargs"] = added
+        if not self._compile_noticed and self.components.backend != "eager":
+            self._notice_compiles(x_in.shape)
         self.mechanism.before_unet(layout)
         out = self.mechanism.call_unet(self.components.unet, x_in, t_in, emb, layout, mechanism_cond, **extra)
         self.mechanism.after_unet(layout)

@@ -518,6 +518,9 @@ class Engine:
             return
         if session.pipe is None:
             session.pipe = self._pipeline_factory(self.components, session.applied)
+            notices = getattr(session.pipe, "on_notice", None)
+            if notices is not None:  # e.g. a compiled model building graphs: this client's next frames are slow
+                notices.append(lambda line: session.deliver({"type": "warning", "message": line}))
         pipe = session.pipe
         session.inputs[pipe.frames_in] = frame
         try:
