@@ -10,6 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from diffstream.attention.block_causal import BlockCausalConfig
 from diffstream.attention.causal_temporal import CausalTemporalConfig
 from diffstream.attention.feature_bank import FeatureBankConfig
 from diffstream.errors import ConfigError
@@ -35,7 +36,12 @@ DEFAULT_MODEL = "sd15-lcm"
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 TINY_VAE_PRESETS = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
 
-METHODS = ("streamdiffusion", "streamv2v", "live2diff")
+# causal-video runs on a Wan video model (`--model tiny-wan` or a Wan folder), the others on SD models.
+METHODS = ("streamdiffusion", "streamv2v", "live2diff", "causal-video")
+# Models that are Wan video models by name (a folder is known only once it is read).
+WAN_MODELS = ("tiny-wan",)
+# Models that are Stable Diffusion models by name.
+SD_MODELS = ("tiny", "tiny-sdxl", "toy")
 CFG_TYPES = ("none", "self", "initialize", "full")
 NOISE_MODES = ("fixed", "per-frame")
 VAE_ENCODINGS = ("mean", "sample")
@@ -51,6 +57,10 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "streamdiffusion": dict(guidance=1.2, noise="fixed"),
     "streamv2v": dict(guidance=1.0, noise="fixed"),
     "live2diff": dict(guidance=1.0, noise="per-frame"),
+    # StreamDiffusionV2 (and the Self-Forcing family): distilled few-step models, no
+    # guidance, fresh noise at every step of every chunk; SDEdit at noise scale 0.7 (its
+    # single-GPU script's --noise_scale default; the CLI takes the strength from here).
+    "causal-video": dict(guidance=1.0, noise="per-frame", strength=0.7),
 }
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 # Execution backends (`models.backends`): eager PyTorch, inductor, OpenVINO, or the best
@@ -188,6 +198,52 @@ def uses_turbo(model: ModelConfig) -> bool:
 
 
 @dataclass(frozen=True)
+class CausalVideoConfig:
+    """Chunking, cache and schedule of `--method causal-video` (`pipelines.causal_video`).
+
+    Attributes:
+        block_causal: chunk size in latent frames and the KV cache policy (sink chunks,
+            rolling window). Default: StreamDiffusionV2's 1 latent frame per chunk (4
+            video frames; the stream's first chunk is its first frame alone), 3 sink
+            chunks and a window of 2 (its `num_kv_cache 6` slots with `num_sink_tokens 3`).
+        timesteps: the model timesteps of the denoising steps, in (0, 1000], decreasing
+            (StreamDiffusionV2's `denoising_step_list` without its final 0, e.g. (700, 500));
+            None: from `StreamConfig.strength` and `steps` (see `sigmas`).
+        warp: shift every sigma by the scheduler's timestep shift s, s u / (1 + (s - 1) u)
+            (Self-Forcing's `warp_denoising_step`); False: sigma = t / 1000, as
+            StreamDiffusionV2 runs (`warp_denoising_step: false`).
+    """
+
+    block_causal: BlockCausalConfig = field(default_factory=lambda: BlockCausalConfig(chunk_frames=1, sink_chunks=3,
+                                                                                      window_chunks=2))
+    timesteps: tuple[int, ...] | None = None
+    warp: bool = False
+
+    def __post_init__(self):
+        if self.timesteps is not None:
+            ts = tuple(self.timesteps)
+            if not ts or any(not 0 < t <= 1000 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
+                raise ConfigError(f"--video-timesteps must be decreasing timesteps in (0, 1000], got {list(ts)}")
+            object.__setattr__(self, "timesteps", tuple(int(t) for t in ts))
+
+    def sigmas(self, strength: float, steps: int | None, shift: float = 1.0) -> tuple[float, ...]:
+        """The noise level of each denoising step (flow matching: x_t = (1 - sigma) x0 + sigma noise).
+
+        From `timesteps` when given (sigma = t / 1000); else `steps` (None: 2, StreamDiffusionV2's
+        1.3B default) levels evenly spaced from `strength` down: strength (n - k) / n, k = 0..n-1
+        (0.7 and 2 steps: 0.7, 0.35). With `warp`, each is then shifted by `shift`.
+        """
+        if self.timesteps is not None:
+            sigmas = [t / 1000.0 for t in self.timesteps]
+        else:
+            n = 2 if steps is None else int(steps)
+            sigmas = [float(strength) * (n - k) / n for k in range(n)]
+        if self.warp:  # diffusers FlowMatchEulerDiscreteScheduler's static shift
+            sigmas = [shift * u / (1 + (shift - 1) * u) for u in sigmas]
+        return tuple(sigmas)
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     """How frames are denoised (StreamDiffusion: SDEdit on a few-step schedule).
 
@@ -224,6 +280,7 @@ class StreamConfig:
             or "streamv2v" (feature bank).
         feature_bank: settings of the streamv2v feature bank.
         causal: settings of live2diff's causal temporal attention.
+        video: settings of causal-video (chunks, KV cache, denoising steps).
         control_scales: one conditioning scale per loaded ControlNet (`ModelConfig.controlnets`),
             0 switches one off; None: 1.0 each.
         ip_adapter_image: the image prompt of the loaded IP-Adapter (`ModelConfig.ip_adapter`):
@@ -254,6 +311,7 @@ class StreamConfig:
     method: str = "streamdiffusion"
     feature_bank: FeatureBankConfig = field(default_factory=FeatureBankConfig)
     causal: CausalTemporalConfig = field(default_factory=CausalTemporalConfig)
+    video: CausalVideoConfig = field(default_factory=CausalVideoConfig)
     control_scales: tuple[float, ...] | None = None
     ip_adapter_image: str | None = None
     ip_adapter_scale: float = 1.0
@@ -310,6 +368,22 @@ class StreamConfig:
             raise ConfigError(f"--size must be at least 64, got {self.size}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method == "causal-video":
+            self._check_causal_video()
+
+    def _check_causal_video(self) -> None:
+        """Refuse, in one line, the image engine's options that causal-video does not have."""
+        refused = [flag for flag, given in (
+            ("--guidance above 1", self.resolved_guidance > 1.0), ("--cfg-type", self.cfg_type not in (None, "none")),
+            ("--t-index-list", self.t_index_list is not None), ("--noise fixed", self.resolved_noise == "fixed"),
+            ("--vae-encode sample", self.vae_encode == "sample"),
+            ("--similarity-filter", self.similarity_threshold is not None), ("--seed-blend", self.seed_blend),
+            ("--controlnet scales", self.control_scales), ("--ip-adapter-image", self.ip_adapter_image))
+            if given]
+        if refused:
+            raise ConfigError(f"--method causal-video does not take {', '.join(refused)} (a distilled few-step "
+                              f"video model: no guidance, fresh noise per step; steps via --strength/--steps or "
+                              f"--video-timesteps): leave {'them' if len(refused) > 1 else 'it'} out")
 
     def t_indices(self, turbo: bool = False) -> tuple[int, ...]:
         """Indices into the 50-entry timestep table, one per denoising step
@@ -390,6 +464,13 @@ class RunConfig:
             raise ConfigError("--ip-adapter does not run with --motion-adapter (live2diff) yet: leave one out")
         if self.stream.ip_adapter_image is not None and not self.model.ip_adapter:
             raise ConfigError("--ip-adapter-image needs an IP-Adapter: pass --ip-adapter sd15 (or plus-sd15, a file)")
+        wan = self.model.model in WAN_MODELS
+        sd = self.model.model in SD_MODELS or self.model.model in MODEL_PRESETS
+        if self.stream.method == "causal-video" and sd:
+            raise ConfigError(f"--method causal-video runs on a Wan video model, not --model {self.model.model}: "
+                              f"pass --model tiny-wan or a Wan diffusers folder")
+        if wan and self.stream.method != "causal-video":
+            raise ConfigError(f"--model {self.model.model} is a Wan video model: it runs --method causal-video only")
         if self.model.motion_adapter and self.stream.method != "live2diff":
             raise ConfigError(f"--motion-adapter is for --method live2diff (motion modules turn the UNet into a "
                               f"video UNet); --method {self.stream.method} runs without it: leave it out")

@@ -106,7 +106,7 @@ def test_unknown_method_is_one_line_exit_2_before_any_model_loads(clip_video, mo
     assert bench_command(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("diffstream: error: unknown method 'nope'")
-    assert "streamdiffusion, streamv2v, live2diff, fairy, fatezero" in err[0]
+    assert "streamdiffusion, streamv2v, live2diff, causal-video, fairy, fatezero" in err[0]
 
 
 def test_method_not_available_yet_is_one_line_naming_it(clip_video, monkeypatch, capsys):

@@ -589,3 +589,21 @@ def test_an_image_prompt_from_the_page_changes_the_stream(make_client, adapted, 
     plain = connect(make_client(model=tiny))
     plain.send(type="image_prompt", data=uri)
     assert "has no IP-Adapter" in plain.wait_for("error")["message"]
+
+
+def test_a_wan_model_serves_causal_video_one_output_per_frame(make_client):
+    """`serve --model tiny-wan` (its base settings on causal-video, as the serve command
+    makes them): causal-video is the one method offered, and every frame comes back (the
+    first alone, then a chunk of 4 at once)."""
+    from diffstream.config import ModelConfig
+    from diffstream.models.loading import load_components
+
+    http = make_client(model=load_components(ModelConfig(model="tiny-wan", device="cpu")),
+                       base_config=StreamConfig(method="causal-video"))
+    assert http.get("/api/info").json()["methods"] == ["causal-video"]
+    client = connect(http)
+    assert client.ready["params"]["method"] == "causal-video"
+    stats = client.frames(5)
+    assert [frame_id for frame_id, _ in client.outputs] == [0, 1, 2, 3, 4]
+    assert all(decode_image_bytes(jpeg).shape == (48, 64, 3) for _, jpeg in client.outputs)
+    assert (stats["received"], stats["outputs"]) == (5, 5) and client.errors() == []

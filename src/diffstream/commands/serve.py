@@ -180,6 +180,8 @@ def command(args) -> int:
             torch.set_num_threads(args.threads)
         common.say(common.loading_message(config))
         components = load_components(config)
+        if getattr(components, "is_wan", False):  # a Wan video model runs causal-video only
+            base_config = base_config.replace(method="causal-video")
         app = create_app(components, size=args.size, max_clients=args.max_clients, limits=limits,
                          idle_timeout=args.idle_timeout or None,
                          jpeg_quality=args.jpeg_quality, allowed_origins=tuple(args.allow_origin),

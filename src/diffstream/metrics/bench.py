@@ -133,6 +133,7 @@ def register_method(method: BenchMethod) -> None:
 register_method(BenchMethod("streamdiffusion", STREAM))
 register_method(BenchMethod("streamv2v", STREAM))
 register_method(BenchMethod("live2diff", STREAM))
+register_method(BenchMethod("causal-video", STREAM))  # on a Wan model (--model tiny-wan)
 
 
 def fairy_adapter(components, frames, *, prompt, seed, size, progress=None):

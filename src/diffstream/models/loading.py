@@ -253,7 +253,8 @@ def fuse_loras(modules: dict, loras: list[tuple[str, float]], num_lcm: int = 0) 
 
 
 def load_components(config: ModelConfig) -> Components:
-    """Load (or build) a model as described by `config`.
+    """Load (or build) a model as described by `config`: `Components` for Stable Diffusion
+    models, `models.wan.WanComponents` for a Wan video model (`tiny-wan`, a Wan folder).
 
     Raises:
         ModelLoadError: one line saying what to pass instead.
@@ -261,6 +262,10 @@ def load_components(config: ModelConfig) -> Components:
     config = config.resolved()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    from diffstream.models.wan import is_wan_checkpoint
+
+    if config.model == "tiny-wan" or (not _is_single_file(config.model) and is_wan_checkpoint(config.model)):
+        return load_wan_components(config, device, dtype)
     if config.controlnets:  # a missing ControlNet file fails now, not after the base model loaded
         from diffstream.models.controlnet import precheck
 
@@ -340,3 +345,41 @@ def load_components(config: ModelConfig) -> Components:
 
     apply_backend(components, config.backend)  # in place: the modules stay the same objects
     return components
+
+
+def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """A Wan video model (`--model tiny-wan`, or a Wan diffusers folder or hub id) as
+    `models.wan.WanComponents`; the options of image models are refused in one line.
+
+    The VAE stays in fp32 (as diffusers' Wan pipelines keep it); the transformer and the
+    text encoder take `dtype`.
+    """
+    from diffstream.errors import ConfigError
+    from diffstream.models.wan import WanComponents, load_wan_modules, tiny_wan_modules
+
+    extras = [flag for flag, given in (
+        ("--lcm-lora", config.lcm_lora and config.lcm_lora.lower() != "none"), ("--lora", config.loras),
+        ("--tiny-vae", config.tiny_vae), ("--controlnet", config.controlnets), ("--ip-adapter", config.ip_adapter),
+        ("--motion-adapter", config.motion_adapter), ("--video-model", config.video_model),
+        ("--instruct", config.instruct)) if given]
+    if extras:
+        raise ConfigError(f"{', '.join(extras)} are for Stable Diffusion models, not a Wan video model: leave "
+                          f"{'them' if len(extras) > 1 else 'it'} out")
+    if config.backend != "eager":
+        raise ConfigError("a Wan video model runs on --backend eager only, for now")
+    if config.model == "tiny-wan":
+        modules = tiny_wan_modules()
+    else:
+        local = Path(config.model).expanduser().is_dir()
+        try:
+            modules = load_wan_modules(str(Path(config.model).expanduser()) if local else config.model, dtype,
+                                       local_files_only=local or hub._offline() or not hub.hub_reachable())
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the Wan model {config.model!r} ({type(exc).__name__}: "
+                                 f"{one_line(exc, 160)}): pass a Wan diffusers folder (transformer/, vae/, "
+                                 f"text_encoder/, tokenizer/), or --model tiny-wan to try the machinery offline"
+                                 ) from None
+    for key in ("transformer", "text_encoder", "vae"):
+        module = modules[key].to(device=device, dtype=torch.float32 if key == "vae" else dtype)
+        modules[key] = module.eval().requires_grad_(False)
+    return WanComponents(name=config.model, device=device, dtype=dtype, **modules)

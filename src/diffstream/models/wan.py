@@ -14,9 +14,15 @@ fast on a CPU at 32x32 px. Their outputs are noise: they exist to prove the mach
 - `WanVAEStream`: that VAE's encoder and decoder driven chunk by chunk through their own
   causal feature caches, as StreamDiffusionV2's streaming VAE does (notes Sec. 5: "a thin
   wrapper over diffusers' own feature cache"); equal to one-shot encode/decode.
+- `WanComponents`: the loaded bundle (transformer, VAE, UMT5 text encoder and tokenizer,
+  flow-matching scheduler) of `--model tiny-wan` (`tiny_wan_modules`) or of a Wan
+  diffusers folder (`load_wan_modules`), with the text encoding and latent normalisation
+  of diffusers' Wan pipelines.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -185,3 +191,198 @@ class WanVAEStream:
         out = vae.decoder(x, feat_cache=self._dec_cache, feat_idx=[0], first_chunk=self.latents_decoded == 0)
         self.latents_decoded += 1
         return torch.clamp(out, min=-1.0, max=1.0)
+
+
+# --- the model bundle (`--model tiny-wan`, a Wan diffusers folder) ------------------
+
+# Text tokens the DiT sees: Wan's pipelines pad (with zeros) or cut UMT5's output to 512.
+WAN_MAX_TEXT_TOKENS = 512
+# StreamDiffusionV2's `timestep_shift` (its configs/wan_causal_dmd_v2v.yaml): the tiny
+# scheduler's shift, used only when a schedule asks for warped timesteps.
+SDV2_TIMESTEP_SHIFT = 8.0
+
+
+@dataclass
+class WanComponents:
+    """The modules of a Wan 2.1 text-to-video model and what the causal-video pipeline needs of them.
+
+    Loaded by `models.loading.load_components` (`--model tiny-wan`, or a Wan diffusers
+    folder: `transformer/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+
+    Attributes:
+        transformer: `WanTransformer3DModel` (also `unet`: the name the mechanism protocol,
+            `ProcessorLease` and the server's method probe use for the denoiser).
+        vae: `AutoencoderKLWan`.
+        text_encoder, tokenizer: UMT5 and its tokenizer (the tiny model: a tiny UMT5 over
+            the CLIP BPE vocabulary the package ships, with the CLIP tokenizer).
+        scheduler: `FlowMatchEulerDiscreteScheduler` (its `shift` is the timestep shift).
+        name: what the user asked for.
+        device, dtype: where the modules live.
+    """
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    name: str
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    backend: str = "eager"
+    # What the image-model code paths ask of any components (none of it exists here).
+    turbo: bool = False
+    controlnets: tuple = ()
+    ip_adapter: object | None = None
+    is_video_unet: bool = False
+    is_wan: bool = True
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser (the transformer), under the name every mechanism attaches to."""
+        return self.transformer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8, Wan's VAE)."""
+        return WAN_SPATIAL_FACTOR
+
+    @property
+    def size_multiple(self) -> int:
+        """Frame sides must be multiples of this: the VAE's 8 x the DiT's spatial patch."""
+        return WAN_SPATIAL_FACTOR * int(self.transformer.config.patch_size[1])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.out_channels)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def shift(self) -> float:
+        """The scheduler's timestep shift."""
+        return float(self.scheduler.config.shift)
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Text tokens per prompt: Wan's 512, or fewer if the tokenizer has fewer positions (CLIP: 77)."""
+        return int(min(WAN_MAX_TEXT_TOKENS, self.tokenizer.model_max_length))
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Text to the DiT's text conditioning, as diffusers' Wan pipelines compute it.
+
+        Adapted from diffusers WanVideoToVideoPipeline._get_t5_prompt_embeds (0.42.1):
+        UMT5's last hidden states with the padding positions zeroed.
+
+        Returns:
+            (N, L, D) on device/dtype, L = `max_text_tokens`.
+        """
+        length = self.max_text_tokens
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # (N, L) each
+        hidden = self.text_encoder(ids, mask).last_hidden_state  # (N, L, D)
+        return (hidden * mask[..., None].to(hidden.dtype)).to(self.dtype)
+
+    def _latent_stats(self, like: torch.Tensor):
+        config = self.vae.config
+        shape = (1, int(config.z_dim), 1, 1, 1)
+        mean = torch.tensor(config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+        std = torch.tensor(config.latents_std, device=like.device, dtype=like.dtype).view(shape)
+        return mean, std
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents (B, 16, F, h, w) to the DiT's: (z - mean) / std per channel (Wan's pipelines)."""
+        mean, std = self._latent_stats(latents)
+        return (latents - mean) / std
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The DiT's latents (B, 16, F, h, w) back to the VAE's: z * std + mean."""
+        mean, std = self._latent_stats(latents)
+        return latents * std + mean
+
+
+def tiny_wan_text_encoder(seed: int = 0):
+    """A 2-layer `UMT5EncoderModel` of width `TINY_WAN_TEXT_DIM` over the CLIP BPE
+    vocabulary (the tiny model tokenises with the CLIP tokenizer the package ships; real
+    Wan uses UMT5's own sentencepiece tokenizer)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from diffstream.models.tokenizer import VOCAB_SIZE
+
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=VOCAB_SIZE, d_model=TINY_WAN_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2,
+                        num_heads=4, dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
+                        pad_token_id=49407, eos_token_id=49407)
+    return UMT5EncoderModel(config).eval().requires_grad_(False)
+
+
+def flow_scheduler(shift: float = SDV2_TIMESTEP_SHIFT, num_train_timesteps: int = 1000):
+    """diffusers' `FlowMatchEulerDiscreteScheduler` with a static timestep shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+
+
+def tiny_wan_modules(seed: int = 0) -> dict:
+    """Every module of `--model tiny-wan`, as a dict ready for `WanComponents`."""
+    from diffstream.models.tokenizer import clip_tokenizer
+
+    return dict(transformer=tiny_wan_transformer(seed=seed), vae=tiny_wan_vae(seed=seed + 1),
+                text_encoder=tiny_wan_text_encoder(seed=seed + 2), tokenizer=clip_tokenizer(),
+                scheduler=flow_scheduler())
+
+
+def is_wan_checkpoint(spec: str) -> bool:
+    """Whether `spec` names a Wan diffusers model: a folder whose `transformer/config.json`
+    is a `WanTransformer3DModel` (or whose `model_index.json` is a Wan pipeline), or a hub
+    id with a word starting "wan" in it, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers (the hub is
+    not asked: its loader says what is wrong)."""
+    import json
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for config, wanted in (("transformer/config.json", "WanTransformer3DModel"), ("model_index.json", "Wan")):
+            try:
+                name = json.loads((path / config).read_text()).get("_class_name", "")
+            except (OSError, ValueError):
+                continue
+            if name.startswith(wanted):
+                return True
+        return False
+    import re
+
+    return (spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+            and re.search(r"(^|[/_.-])wan", spec.lower()) is not None)
+
+
+def load_wan_modules(spec: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+    """The modules of a Wan diffusers folder or hub id, each through its `from_pretrained`.
+
+    The scheduler is a `FlowMatchEulerDiscreteScheduler` with the folder's shift (Wan's
+    folders ship a UniPC config whose `flow_shift` is that shift).
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    kwargs = dict(local_files_only=local_files_only)
+    scheduler_config = {}
+    try:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(spec, subfolder="scheduler", **kwargs)
+    except Exception:  # no scheduler/ folder: Wan's default shift
+        pass
+    shift = scheduler_config.get("shift", scheduler_config.get("flow_shift", 3.0))
+    return dict(
+        transformer=WanTransformer3DModel.from_pretrained(spec, subfolder="transformer", torch_dtype=dtype, **kwargs),
+        # Wan's pipelines keep the VAE in fp32 (its decoder is fragile in half precision); so do we.
+        vae=AutoencoderKLWan.from_pretrained(spec, subfolder="vae", torch_dtype=torch.float32, **kwargs),
+        text_encoder=UMT5EncoderModel.from_pretrained(spec, subfolder="text_encoder", torch_dtype=dtype, **kwargs),
+        tokenizer=AutoTokenizer.from_pretrained(spec, subfolder="tokenizer", **kwargs),
+        scheduler=flow_scheduler(shift=float(shift),
+                                 num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000))),
+    )

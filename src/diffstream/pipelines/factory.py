@@ -12,8 +12,16 @@ def make_mechanism(config: StreamConfig, components: Components | None = None):
 
     Raises:
         ConfigError: `components` has motion modules (a video UNet) and the method is a
-            per-frame image method, which cannot run on one.
+            per-frame image method, which cannot run on one; or the method and the model
+            do not go together (causal-video runs on a Wan video model, and only it does).
     """
+    if components is not None and getattr(components, "is_wan", False) != (config.method == "causal-video"):
+        from diffstream.errors import ConfigError
+
+        if config.method == "causal-video":
+            raise ConfigError("--method causal-video runs on a Wan video model: pass --model tiny-wan or a Wan "
+                              "diffusers folder")
+        raise ConfigError(f"this model is a Wan video model: it runs --method causal-video, not {config.method}")
     if components is not None and getattr(components, "is_video_unet", False) and config.method != "live2diff":
         from diffstream.errors import ConfigError
 
@@ -28,6 +36,10 @@ def make_mechanism(config: StreamConfig, components: Components | None = None):
 
         # The bank's random split follows the stream's seed, so runs are reproducible.
         return FeatureBank(dataclasses.replace(config.feature_bank, seed=config.seed))
+    if config.method == "causal-video":
+        from diffstream.attention.block_causal import BlockCausal
+
+        return BlockCausal(config.video.block_causal)
     if config.method == "live2diff":
         from diffstream.attention.causal_temporal import CausalTemporal
 
@@ -68,6 +80,12 @@ def _depth_parts(components: Components, depth_model: str):
     return DepthConditioner(estimator, components.encode_image), prior.eval().requires_grad_(False)
 
 
-def make_pipeline(components: Components, config: StreamConfig) -> StreamPipeline:
-    """A StreamPipeline running `config.method` on `components`."""
-    return StreamPipeline(components, config, make_mechanism(config, components))
+def make_pipeline(components: Components, config: StreamConfig):
+    """The stream pipeline running `config.method` on `components`: a `StreamPipeline`, or
+    for causal-video (a Wan model) a `CausalVideoPipeline`, which has the same interface."""
+    mechanism = make_mechanism(config, components)
+    if config.method == "causal-video":
+        from diffstream.pipelines.causal_video import CausalVideoPipeline
+
+        return CausalVideoPipeline(components, config, mechanism)
+    return StreamPipeline(components, config, mechanism)

@@ -1,0 +1,324 @@
+"""Causal video-to-video on a Wan DiT: StreamDiffusionV2's loop behind the stream API.
+
+    pipe = make_pipeline(load_components(ModelConfig(model="tiny-wan")), StreamConfig(method="causal-video", ...))
+    for frame in frames:
+        for out in pipe.process(frame): write(out)   # [] until a chunk completes
+    for out in pipe.flush(): write(out)
+
+Issue #18; shared/notes/field-2026-12.md Sec. 1, 2, 5. Frames come in one at a time and
+are grouped as Wan's causal VAE takes them: frame 0 alone, then 4 frames per latent
+frame. A chunk is `chunk_frames` latent frames (StreamDiffusionV2: 1), so chunk 0 is
+1 + 4 (F - 1) frames and every later chunk 4 F frames. Per chunk (StreamDiffusionV2's
+`inference_wo_batch`, Self-Forcing's inference loop):
+
+1. VAE-encode the chunk's frames through the stream's own VAE feature caches
+   (`models.wan.WanVAEStream`), normalised as Wan's pipelines do: z0 (1, 16, F, h, w);
+2. SDEdit for flow matching: x = (1 - sigma_0) z0 + sigma_0 noise_0;
+3. each denoising step k: one "attend" call of the block-causal transformer at timestep
+   1000 sigma_k predicts the flow v; x0 = x - sigma_k v; before the next step the
+   prediction is noised again with fresh noise, x = (1 - sigma_k+1) x0 + sigma_k+1 noise_k+1
+   (the few-step DMD sampler of CausVid / Self-Forcing / StreamDiffusionV2);
+4. one "record" call on the clean x0 at timestep 0 puts the chunk's keys/values in the
+   KV cache (sinks + rolling window, `attention.block_causal`);
+5. VAE-decode x0 one latent frame at a time through the decoder's caches; the chunk's
+   frames are emitted in input order.
+
+Outputs are 1:1 with inputs: `push` returns None (and `process` []) until the chunk
+completes; `flush` finishes a partial last chunk by repeating its last frame up to a
+whole chunk and drops the padded frames' outputs (the caches then hold the padding, so
+the next frame after such a flush starts a new stream). The noise of a stream comes from
+one CPU generator seeded by the stream's seed, drawn once per chunk in a fixed order
+(steps x latent shape), so two runs give the same frames; `reset` seeds it again.
+
+Deliberate deviations from StreamDiffusionV2: its first chunk is 1 + 4 frames (2 latent
+frames) and later ones 1; ours are all `chunk_frames` latent frames (the block-causal
+cache's chunks are uniform), so the first output comes after the first frame. Its stream
+batch over denoising steps (every step slot in one transformer call) is not done yet:
+each step is its own call. Its motion-aware noise scale and adaptive sink are not done.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+import numpy as np
+import torch
+
+from diffstream import frames as F
+from diffstream.attention.base import BatchLayout, ProcessorLease
+from diffstream.attention.block_causal import BlockCausal
+from diffstream.config import StreamConfig
+from diffstream.errors import ConfigError
+from diffstream.models.wan import WAN_TEMPORAL_FACTOR, WanComponents, WanVAEStream
+from diffstream.schedule.blend import blend_embeddings
+
+# One chunk call of one stream (one row): the mechanism's per-call channel.
+ATTEND = BatchLayout.branch_major("attend", 0, ("cond",), 1, 1)
+RECORD = BatchLayout.branch_major("record", 0, ("cond",), 1, 1)
+# What `update` may change (from the next chunk).
+UPDATABLE = ("prompt", "negative_prompt", "strength", "steps", "seed", "guidance", "prompt_blend", "blend", "noise",
+             "cfg_type", "delta")
+
+
+class CausalVideoPipeline:
+    """Restyles a stream of frames chunk by chunk with a block-causal Wan DiT; one instance per stream.
+
+    The same interface as `pipelines.stream.StreamPipeline` (`push` / `pop` / `process` /
+    `flush` / `reset` / `update` / `close`, `processing_size`, counters, callbacks), so
+    `diffstream run`, the server and the bench treat it alike.
+
+    Args:
+        components: a Wan model (`models.wan.WanComponents`).
+        config: the stream's settings (`config.video`: chunks, cache, steps).
+        mechanism: the block-causal attention (`pipelines.factory.make_mechanism`).
+    Attributes:
+        on_push, on_output: callbacks called with the frame index when a frame enters /
+            leaves the pipeline.
+        on_notice: callbacks for one-line notices (StreamPipeline's interface; none sent yet).
+        frames_in, frames_out, unet_calls, chunks: counters since the last reset.
+    """
+
+    def __init__(self, components: WanComponents, config: StreamConfig, mechanism: BlockCausal | None = None):
+        if not getattr(components, "is_wan", False):
+            raise ConfigError("--method causal-video runs on a Wan video model: pass --model tiny-wan or a Wan "
+                              "diffusers folder")
+        if config.method != "causal-video":
+            raise ConfigError(f"a Wan video model runs --method causal-video only, not {config.method}")
+        self.components = components
+        self.config = config
+        self.mechanism = mechanism or BlockCausal(config.video.block_causal)
+        self.vae = WanVAEStream(components.vae)
+        self.on_push: list[Callable[[int], None]] = []
+        self.on_output: list[Callable[[int], None]] = []
+        # Notices for the person watching (StreamPipeline's: compiled graphs being built); eager only here, none yet.
+        self.on_notice: list[Callable[[str], None]] = []
+        self._pending: dict = {}
+        self._prompt_key = None
+        self._schedule_key = None
+        self._seed = None
+        self.reset()
+
+    # --- lifecycle ----------------------------------------------------------------
+    def close(self) -> None:
+        """Restore the transformer's original attention processors (if this stream's are on it)."""
+        ProcessorLease.release(self.components.unet, self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _own_model(self) -> None:
+        """This stream's processors on the (possibly shared) transformer (see StreamPipeline)."""
+        ProcessorLease.acquire(self.components.unet, self, self.mechanism.attach)
+
+    def reset(self) -> None:
+        """Start a new stream: drop buffered frames and queued outputs, clear the KV cache,
+        the VAE's caches and the noise generator."""
+        self._apply_pending()
+        self._ready: deque = deque()  # (index, frame) ready to return, in order
+        self.frames_in = 0
+        self.frames_out = 0
+        self.unet_calls = 0
+        self._new_stream()
+
+    def _new_stream(self) -> None:
+        """Temporal state of a new stream: chunk 0 next, empty caches, the seed's first noise."""
+        self._frames: list[tuple[int, np.ndarray]] = []  # (index, frame) of the chunk being filled
+        self._size: tuple[int, int] | None = None  # (width, height) of the stream's frames
+        self.chunks = 0
+        self.vae.reset()
+        self.mechanism.reset()
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+        self._seed = self.config.seed
+
+    @property
+    def skipped(self) -> int:
+        """Frames skipped by a similarity filter: causal-video has none."""
+        return 0
+
+    @property
+    def chunk_frames(self) -> int:
+        """Latent frames per chunk."""
+        return self.config.video.block_causal.chunk_frames
+
+    def frames_per_chunk(self, chunk: int) -> int:
+        """Video frames of chunk `chunk`: 1 + 4 (F - 1) for the first, 4 F after."""
+        f = self.chunk_frames
+        return 1 + WAN_TEMPORAL_FACTOR * (f - 1) if chunk == 0 else WAN_TEMPORAL_FACTOR * f
+
+    @property
+    def latency_frames(self) -> int:
+        """Pushes a frame can wait for its output: the frames after it in a steady chunk (4 F - 1);
+        the stream's first output comes after 1 + 4 (F - 1) frames."""
+        return WAN_TEMPORAL_FACTOR * self.chunk_frames - 1
+
+    @property
+    def num_steps(self) -> int:
+        return len(self._sigmas)
+
+    def processing_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) at which an input of that size is processed."""
+        return F.fit_size(width, height, self.config.size, self.components.size_multiple)
+
+    def update(self, **changes) -> None:
+        """Change prompt, negative_prompt, strength, steps, seed, prompt_blend, blend (and
+        the guidance / noise / cfg type / delta / size values causal-video accepts) from the
+        next chunk: a chunk already begun finishes under the settings it began with. A new
+        prompt is encoded once and keeps the KV cache (LongLive's recache is not done); a
+        new seed reseeds the stream's noise. Invalid values raise ConfigError now.
+        """
+        unknown = sorted(set(changes) - set(UPDATABLE))
+        if unknown:
+            raise ConfigError(f"causal-video cannot change {', '.join(unknown)} while streaming "
+                              f"(it can: {', '.join(UPDATABLE)}); start a new pipeline")
+        self.config.replace(**{**self._pending, **changes})  # validates
+        self._pending.update(changes)
+
+    # --- the stream API -------------------------------------------------------------
+    def push(self, frame: np.ndarray) -> np.ndarray | None:
+        """Feed one frame; return the oldest finished output frame, or None.
+
+        Args:
+            frame: (H, W, C) uint8 RGB/RGBA/gray image of any size.
+        Returns:
+            (h, w, 3) uint8 output at processing size, or None until its chunk completes.
+        """
+        assert frame.ndim in (2, 3) and frame.shape[0] > 0 and frame.shape[1] > 0, f"{frame.shape=}"
+        if not self._frames and self._pending:
+            self._apply_pending()  # changes apply from the next chunk
+        index = self.frames_in
+        self.frames_in += 1
+        for callback in self.on_push:
+            callback(index)
+        frame = F.to_rgb(frame)
+        if self._size is None:  # every frame of a stream at its first frame's processing size (the caches' size)
+            self._size = self.processing_size(frame.shape[1], frame.shape[0])
+        self._frames.append((index, F.resize(frame, self._size)))
+        if len(self._frames) == self.frames_per_chunk(self.chunks):
+            self._own_model()
+            self._run_chunk()
+        return self._pop()
+
+    def pop(self) -> np.ndarray | None:
+        """The next ready output without pushing a frame, or None (a chunk finishes 4 F at once)."""
+        return self._pop()
+
+    def process(self, frame: np.ndarray) -> list[np.ndarray]:
+        """Push one frame and return every output that is ready, oldest first."""
+        out = self.push(frame)
+        if out is None:
+            return []
+        ready = [out]
+        while self._ready:
+            ready.append(self._pop())
+        return ready
+
+    def flush(self) -> list[np.ndarray]:
+        """Finish a partial last chunk and return every remaining output, in order.
+
+        The chunk is completed by repeating its last frame; the padded frames' outputs are
+        dropped. The caches then hold the padding, so the next pushed frame starts a new
+        stream (as after `reset`, counters kept).
+        """
+        if self._frames:
+            last = self._frames[-1][1]
+            while len(self._frames) < self.frames_per_chunk(self.chunks):
+                self._frames.append((-1, last))  # index -1: padding, never emitted
+            self._own_model()
+            self._run_chunk()
+            self._new_stream()
+        out = []
+        while self._ready:
+            out.append(self._pop())
+        return out
+
+    # --- internals ----------------------------------------------------------------
+    def _apply_pending(self) -> None:
+        if self._pending:
+            self.config = self.config.replace(**self._pending)
+            self._pending = {}
+            if self.config.seed != self._seed:  # a new seed: the stream's noise from this chunk on
+                self._generator = torch.Generator().manual_seed(self.config.seed)
+                self._seed = self.config.seed
+        c = self.config
+        prompt_key = (c.prompt, c.prompt_blend, c.blend)
+        if prompt_key != self._prompt_key:
+            # Encoded once per prompt, never per chunk.
+            prompts = [p for p, _ in c.prompt_blend] if c.prompt_blend else [c.prompt]
+            emb = self.components.encode_text(prompts)  # (K, L, D)
+            self._text = emb if not c.prompt_blend else blend_embeddings(emb, [w for _, w in c.prompt_blend], c.blend)
+            self._text = self._text[:1].contiguous()  # (1, L, D)
+            self._prompt_key = prompt_key
+        schedule_key = (c.strength, c.steps, c.video)
+        if schedule_key != self._schedule_key:
+            comp = self.components
+            self._sigmas = c.video.sigmas(c.strength, c.steps, comp.shift)  # host floats: no sync per chunk
+            scale = float(comp.num_train_timesteps)
+            # (steps, 1) model timesteps of the attend calls and (1,) the record call's 0, preallocated
+            self._timesteps = torch.tensor([[s * scale] for s in self._sigmas], device=comp.device, dtype=comp.dtype)
+            self._record_t = torch.zeros(1, device=comp.device, dtype=comp.dtype)
+            self._schedule_key = schedule_key
+
+    @torch.no_grad()
+    def _run_chunk(self) -> None:
+        """Encode, denoise, record and decode the buffered chunk; queue its outputs."""
+        comp = self.components
+        indices = [i for i, _ in self._frames]
+        vae_dtype = next(comp.vae.parameters()).dtype
+        pixels = F.frames_to_tensor([f for _, f in self._frames], device=comp.device, dtype=vae_dtype)  # (n, 3, H, W)
+        self._frames = []
+        video = pixels.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, n, H, W)
+        groups, start = [], 0
+        while start < video.shape[2]:  # the VAE's groups: frame 0 alone, then 4 per latent frame
+            size = self.vae.frames_needed
+            groups.append(self.vae.encode(video[:, :, start:start + size]))  # (1, 16, 1, h, w)
+            start += size
+        z0 = comp.normalize_latents(torch.cat(groups, dim=2)).to(comp.dtype)  # (1, 16, F, h, w)
+        x0 = self._denoise(z0)
+        latents = comp.denormalize_latents(x0).to(vae_dtype)  # (1, 16, F, h, w)
+        decoded = torch.cat([self.vae.decode(latents[:, :, i:i + 1]) for i in range(latents.shape[2])], dim=2)
+        outputs = F.tensor_to_frames(decoded[0].permute(1, 0, 2, 3))  # n frames (H, W, 3)
+        for index, frame in zip(indices, outputs):
+            if index >= 0:
+                self._ready.append((index, frame))
+        self.chunks += 1
+
+    def _denoise(self, z0: torch.Tensor) -> torch.Tensor:
+        """SDEdit-noise a chunk's latents, denoise them with the block-causal DiT, record the result.
+
+        Args:
+            z0: (1, 16, F, h, w) the chunk's normalised latents.
+        Returns:
+            (1, 16, F, h, w) the denoised latents (what the cache recorded).
+        """
+        comp, mech = self.components, self.mechanism
+        sigmas = self._sigmas
+        # The chunk's noise in one draw, in a fixed order: (steps, 1, 16, F, h, w) on the CPU
+        # generator (the same numbers on every device), then moved.
+        noise = torch.randn((len(sigmas), *z0.shape), generator=self._generator)
+        noise = noise.to(device=comp.device, dtype=comp.dtype)
+        x = (1 - sigmas[0]) * z0 + sigmas[0] * noise[0]
+        x0 = x
+        for k, sigma in enumerate(sigmas):
+            mech.before_unet(ATTEND)
+            flow = mech.call_unet(comp.unet, x, self._timesteps[k], self._text, ATTEND)  # v = noise - x0
+            self.unet_calls += 1
+            x0 = x - sigma * flow
+            if k + 1 < len(sigmas):
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * noise[k + 1]
+        mech.before_unet(RECORD)  # the clean chunk joins the cache at t = 0
+        mech.call_unet(comp.unet, x0, self._record_t, self._text, RECORD)
+        self.unet_calls += 1
+        return x0
+
+    def _pop(self) -> np.ndarray | None:
+        if not self._ready:
+            return None
+        index, frame = self._ready.popleft()
+        self.frames_out += 1
+        for callback in self.on_output:
+            callback(index)
+        return frame

@@ -1,0 +1,313 @@
+"""`--method causal-video` on `--model tiny-wan` (issue #18): the chunked, block-causal
+stream pipeline against an independent reference, frames 1:1, reset, update, the CLI,
+and the refusals.
+
+The reference (`reference_latents`) is written here from the formulas alone: the whole
+clip VAE-encoded in one shot (diffusers' `AutoencoderKLWan.encode`), normalised as
+Wan's pipelines do; each chunk noised SDEdit-style for flow matching, x = (1 - s) z0 + s e;
+each denoising step the *stock* transformer (diffusers' own `WanAttnProcessor`, no KV
+cache) over [the clean chunks before it at t = 0, this chunk at its timestep] under the
+sink + window block mask; x0 = x - s v, re-noised with fresh noise for the next step;
+the noise of every chunk drawn from one generator seeded by the seed, (steps, 1, 16, F,
+h, w) per chunk. Then the latents decoded in one shot. The pipeline streams frames
+one at a time through the streamed VAE, the KV cache and its record calls: it must
+give the reference's latents and frames.
+"""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from diffstream.attention.block_causal import BlockCausalConfig
+from diffstream.config import CausalVideoConfig, ModelConfig, RunConfig, StreamConfig
+from diffstream.errors import ConfigError
+from diffstream.pipelines.factory import make_mechanism, make_pipeline
+from diffstream.testing import make_frames
+
+SEED = 5
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def wan():
+    from diffstream.models.loading import load_components
+
+    return load_components(ModelConfig(model="tiny-wan", device="cpu"))
+
+
+def config(prompt="a watercolor", chunk=1, sinks=1, window=1, **kw) -> StreamConfig:
+    video = CausalVideoConfig(block_causal=BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks,
+                                                             window_chunks=window))
+    kw = {"strength": 0.7, "steps": 2, "size": 64, "seed": SEED, **kw}
+    return StreamConfig(prompt=prompt, method="causal-video", video=video, **kw)
+
+
+def clip(n: int, seed: int = 0) -> list[np.ndarray]:
+    """n frames of 48 x 64 (the processing size at --size 64: latents 6 x 8, 12 tokens per frame)."""
+    return make_frames(n, 48, 64, seed=seed)
+
+
+def stream(pipe, frames, flush=True) -> list[np.ndarray]:
+    out = []
+    for f in frames:
+        out.extend(pipe.process(f))
+    if flush:
+        out.extend(pipe.flush())
+    return out
+
+
+# --- the reference ------------------------------------------------------------------
+
+
+class MaskedStock:
+    """diffusers' WanAttnProcessor under a fixed attention mask."""
+
+    def __init__(self, mask):
+        self.mask, self.stock = mask, WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask=self.mask, rotary_emb=rotary_emb)
+
+
+@contextlib.contextmanager
+def masked(model, mask):
+    original = dict(model.attn_processors)
+    model.set_attn_processor({n: MaskedStock(mask) if ".attn1." in n else p for n, p in original.items()})
+    try:
+        yield
+    finally:
+        model.set_attn_processor(original)
+
+
+def block_mask(frames: int, chunk: int, sinks: int, window: int, tokens: int) -> torch.Tensor:
+    """(L, L): query chunk q sees key chunk k iff k == q, or k < q and (k < S or k >= q - W)."""
+    c = torch.arange(frames).repeat_interleave(tokens) // chunk
+    q, k = c[:, None], c[None, :]
+    return (k == q) | ((k < q) & ((k < sinks) | (k >= q - window)))
+
+
+def text(wan, prompt: str) -> torch.Tensor:
+    """(1, 77, 32): UMT5's last hidden states, padding positions zeroed (diffusers' Wan pipelines)."""
+    tokens = wan.tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = wan.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    return hidden * tokens.attention_mask[..., None]
+
+
+def latent_stats(vae):
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    return torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
+
+
+def reference_latents(wan, frames, cfg: StreamConfig) -> torch.Tensor:
+    """The clip's denoised latents (1, 16, T, h, w), T = its latent frames, from the formulas (module docstring)."""
+    policy = cfg.video.block_causal
+    chunk, sinks, window = policy.chunk_frames, policy.sink_chunks, policy.window_chunks
+    sigmas = [cfg.strength * (cfg.steps - k) / cfg.steps for k in range(cfg.steps)]
+    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, N, H, W)
+    mean, std = latent_stats(wan.vae)
+    with torch.no_grad():
+        z = (wan.vae.encode(video).latent_dist.mode() - mean) / std  # (1, 16, T, h, w)
+    emb = text(wan, cfg.prompt)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    tokens = (z.shape[3] // 2) * (z.shape[4] // 2)
+    clean = z[:, :, :0]
+    for n in range(z.shape[2] // chunk):
+        z0 = z[:, :, n * chunk:(n + 1) * chunk]
+        noise = torch.randn((len(sigmas), *z0.shape), generator=generator)
+        x = (1 - sigmas[0]) * z0 + sigmas[0] * noise[0]
+        prefix = n * chunk
+        mask = block_mask(prefix + chunk, chunk, sinks, window, tokens)
+        for k, s in enumerate(sigmas):
+            t = torch.tensor([0.0] * (prefix * tokens) + [1000 * s] * (chunk * tokens))[None]  # (1, L)
+            with torch.no_grad(), masked(wan.transformer, mask):
+                v = wan.transformer(torch.cat([clean, x], dim=2), t, encoder_hidden_states=emb,
+                                    return_dict=False)[0][:, :, prefix:]
+            x0 = x - s * v
+            if k + 1 < len(sigmas):
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * noise[k + 1]
+        clean = torch.cat([clean, x0], dim=2)
+    return clean
+
+
+def reference_frames(wan, latents) -> np.ndarray:
+    """(N, H, W, 3) uint8: the latents decoded in one shot."""
+    mean, std = latent_stats(wan.vae)
+    with torch.no_grad():
+        pixels = wan.vae.decode(latents * std + mean).sample.clamp(-1, 1)  # (1, 3, N, H, W)
+    return ((pixels[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+# --- proofs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 2], ids=["chunk1", "chunk2"])
+def test_stream_equals_reference(wan, chunk):
+    """Frames pushed one at a time == the reference loop: latents of every chunk (the
+    window rolls: with 1 sink and a window of 1, chunk 3 sees chunks 0 and 2, chunk 4
+    chunks 0 and 3) and the decoded frames, in order."""
+    chunks = 5 if chunk == 1 else 4
+    n = 1 + 4 * (chunk * chunks - 1)  # 17 or 29 frames: whole chunks
+    cfg = config(chunk=chunk)
+    frames = clip(n)
+    pipe = make_pipeline(wan, cfg)
+    latents = []
+    denoise = pipe._denoise
+    pipe._denoise = lambda z0: latents.append(denoise(z0)) or latents[-1]
+    out = stream(pipe, frames)
+    pipe.close()
+    ours = torch.cat(latents, dim=2)
+    expected = reference_latents(wan, frames, cfg)
+    assert ours.shape == expected.shape and len(latents) == chunks
+    assert (ours - expected).abs().max() < ATOL
+    decoded = reference_frames(wan, expected)
+    assert len(out) == n
+    assert max(int(np.abs(o.astype(int) - e.astype(int)).max()) for o, e in zip(out, decoded)) <= 1
+
+
+def test_frames_one_to_one_in_order_with_a_partial_last_chunk(wan):
+    """15 frames (not whole chunks: 1 + 4 + 4 + 4 + 2) of another size in -> 15 out at the
+    processing size, in input order; outputs arrive when a chunk completes (after frame
+    0, then every 4th), and flush finishes the 2-frame tail."""
+    pipe = make_pipeline(wan, config())
+    done = []
+    pipe.on_output.append(done.append)
+    sizes = [len(pipe.process(f)) for f in make_frames(15, 60, 80)]
+    assert sizes == [1, 0, 0, 0, 4, 0, 0, 0, 4, 0, 0, 0, 4, 0, 0]
+    tail = pipe.flush()
+    pipe.close()
+    assert len(tail) == 2 and done == list(range(15))
+    assert pipe.frames_in == pipe.frames_out == 15
+    assert all(o.shape == (48, 64, 3) and o.dtype == np.uint8 for o in tail)
+    assert pipe.flush() == []
+
+
+def test_flush_pads_and_the_padding_never_shows(wan):
+    """The flushed tail's outputs are those of a run where the padding frames were real
+    inputs (the last frame repeated), and the stream after such a flush starts afresh."""
+    frames = clip(11)  # 1 + 4 + 4 + 2
+    pipe = make_pipeline(wan, config())
+    flushed = stream(pipe, frames)
+    padded = stream(pipe, frames[:11] + [frames[10]] * 2, flush=False)  # a new stream after the padded flush
+    pipe.close()
+    assert len(flushed) == 11 and len(padded) == 13
+    assert all(np.array_equal(a, b) for a, b in zip(flushed, padded[:11]))
+
+
+def test_reset_gives_a_fresh_stream(wan):
+    """After part of another clip and a reset, a clip comes out as from a new pipeline
+    (KV cache, VAE caches, chunk count and noise all start again)."""
+    pipe = make_pipeline(wan, config())
+    stream(pipe, clip(7, seed=3), flush=False)
+    pipe.reset()
+    again = stream(pipe, clip(9))
+    pipe.close()
+    fresh_pipe = make_pipeline(wan, config())
+    fresh = stream(fresh_pipe, clip(9))
+    fresh_pipe.close()
+    assert len(again) == len(fresh) == 9
+    assert all(np.array_equal(a, b) for a, b in zip(again, fresh))
+
+
+def test_update_prompt_applies_from_the_next_chunk(wan):
+    """update(prompt) in the middle of chunk 2 (frames 5-8) leaves it alone and changes
+    chunk 3 on (frames 9-12): the same frames as an update right after chunk 2 ends."""
+    frames = clip(13)
+
+    def run(update_after: int | None):
+        pipe = make_pipeline(wan, config(prompt="a watercolor"))
+        out = []
+        for i, f in enumerate(frames):
+            out.extend(pipe.process(f))
+            if i == update_after:
+                pipe.update(prompt="a pencil sketch")
+        out.extend(pipe.flush())
+        pipe.close()
+        return out
+
+    mid, boundary, never = run(6), run(8), run(None)
+    assert len(mid) == len(boundary) == len(never) == 13
+    assert all(np.array_equal(a, b) for a, b in zip(mid, boundary))
+    assert all(np.array_equal(a, b) for a, b in zip(mid[:9], never[:9]))
+    assert all(not np.array_equal(a, b) for a, b in zip(mid[9:], never[9:]))
+
+
+def test_same_seed_same_frames_and_seed_changes_noise(wan):
+    a, b, c = (make_pipeline(wan, config(seed=s)) for s in (SEED, SEED, SEED + 1))
+    outs = [stream(p, clip(5)) for p in (a, b, c)]
+    for p in (a, b, c):
+        p.close()
+    assert all(np.array_equal(x, y) for x, y in zip(outs[0], outs[1]))
+    assert not all(np.array_equal(x, y) for x, y in zip(outs[0], outs[2]))
+
+
+def test_sigmas():
+    """Default: --steps levels evenly spaced from the strength down; explicit timesteps /
+    1000 (StreamDiffusionV2's); warped by the shift as FlowMatchEulerDiscreteScheduler."""
+    assert CausalVideoConfig().sigmas(0.7, None) == pytest.approx((0.7, 0.35))
+    assert CausalVideoConfig(timesteps=(700, 500)).sigmas(0.3, 4) == pytest.approx((0.7, 0.5))
+    assert CausalVideoConfig(timesteps=(500,), warp=True).sigmas(0.3, 4, shift=3.0) == pytest.approx((0.75,))
+    with pytest.raises(ConfigError):
+        CausalVideoConfig(timesteps=(500, 700))
+
+
+# --- the CLI, the model bundle and the refusals ---------------------------------------
+
+
+def test_cli_run_causal_video_end_to_end(tmp_path, capsys):
+    import av
+
+    from diffstream.cli import main
+    from diffstream.testing import write_video
+
+    path = write_video(tmp_path / "clip.mp4", make_frames(11, 48, 64), fps=25)
+    out = tmp_path / "out.mp4"
+    assert main(["run", path, "-o", str(out), "--method", "causal-video", "--model", "tiny-wan", "--prompt", "x",
+                 "--size", "64", "--no-progress"]) == 0
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 11
+    assert "wrote 11 frames" in capsys.readouterr().err
+
+
+def test_saved_folder_loads_by_path(wan, tmp_path):
+    """The tiny model saved as a Wan diffusers folder (save_pretrained of each part) loads
+    through `load_components` by path, every part by its from_pretrained, equal weights."""
+    import json
+
+    from diffstream.models.loading import load_components
+    from diffstream.models.wan import WanComponents
+
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        getattr(wan, part).save_pretrained(tmp_path / part)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    loaded = load_components(ModelConfig(model=str(tmp_path), device="cpu"))
+    assert isinstance(loaded, WanComponents) and loaded.shift == wan.shift
+    for part in ("transformer", "vae", "text_encoder"):
+        ours, theirs = getattr(wan, part).state_dict(), getattr(loaded, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    assert torch.equal(loaded.encode_text(["a cat"]), wan.encode_text(["a cat"]))
+
+
+def test_methods_and_models_refuse_each_other(wan, tiny):
+    from diffstream.server.engine import probe_methods
+
+    assert probe_methods(wan, StreamConfig(prompt="x"))[0] == ("causal-video",)
+    usable, reasons = probe_methods(tiny, StreamConfig(prompt="x"))
+    assert "causal-video" not in usable and "Wan" in reasons["causal-video"]
+    for bad in (lambda: make_pipeline(tiny, config()), lambda: make_mechanism(StreamConfig(method="streamv2v"), wan),
+                lambda: RunConfig(model=ModelConfig(model="tiny-wan"), stream=StreamConfig()),
+                lambda: RunConfig(model=ModelConfig(model="tiny"), stream=config()),
+                lambda: StreamConfig(method="causal-video", guidance=2.0),
+                lambda: StreamConfig(method="causal-video", noise="fixed"),
+                lambda: StreamConfig(method="causal-video", similarity_threshold=0.9),
+                lambda: make_pipeline(wan, config()).update(video=CausalVideoConfig())):
+        with pytest.raises(ConfigError) as e:
+            bad()
+        assert "\n" not in str(e.value)
+    from diffstream.models.loading import load_components
+
+    with pytest.raises(ConfigError):
+        load_components(ModelConfig(model="tiny-wan", device="cpu", controlnets=(("canny", "tiny"),)))
