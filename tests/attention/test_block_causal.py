@@ -16,8 +16,10 @@ oracles (no eviction, sinks evicted) miss by far more than the tolerance
 proofs catch and which proof catches each.
 """
 
+import collections
 import contextlib
 
+import diffusers.models.transformers.transformer_wan as transformer_wan
 import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanRotaryPosEmbed
@@ -263,7 +265,9 @@ def test_attach_installs_on_self_attention_and_restores(wan):
 
 
 def test_config_errors_are_one_line():
-    for bad in (dict(chunk_frames=0), dict(sink_chunks=-1), dict(sink_chunks=0, window_chunks=0)):
+    for bad in (dict(chunk_frames=0), dict(sink_chunks=-1), dict(sink_chunks=0, window_chunks=0),
+                dict(sink_policy="sometimes"), dict(sink_policy="adaptive", adapt_sink_threshold=1.5),
+                dict(sink_policy="adaptive", sink_chunks=0, window_chunks=2)):
         with pytest.raises(ConfigError) as e:
             BlockCausalConfig(**bad)
         assert "\n" not in str(e.value)
@@ -282,3 +286,240 @@ def test_misuse_is_refused(wan):
             wan(torch.zeros(2, 16, 1, 4, 4), t, prompt)
     with pytest.raises(ValueError):
         mech.state.begin_call("sometimes")
+
+
+# --- the adaptive sink (StreamDiffusionV2) ----------------------------------------
+#
+# The policy from its definition (BlockCausalConfig.sink_policy "adaptive"), per row: the
+# kept chunks are `sink` (S chunk ids) and `ring` (the W most recent chunks that did not
+# become sinks); chunk q attends to sink + ring + itself; then q < S becomes sink q; else,
+# once q >= S + W, with score(s) = mean over layers of (cos(mean K_q, mean K_s) + cos(mean
+# V_q, mean V_s)) / 2 (keys after rotary, means over the chunk's tokens, vectors over heads x
+# d), if min_s score(s) < threshold the lowest-scoring sink is replaced by q; else q joins
+# the ring (its oldest chunk leaves). The keys and values are the stock model's own, taken
+# from its attention calls on the video so far under the masks of the chunks so far.
+
+DRIFT_CHUNK = 5  # the chunk made dissimilar (row 0 only: row 1 stays a plain stream)
+
+
+@contextlib.contextmanager
+def captured_kv():
+    """[(key, value), ...] of every masked (self-)attention call of the stock processor, in
+    block order, each (B, L, heads, d): the keys after rotary, as diffusers computes them."""
+    seen, original = [], transformer_wan.dispatch_attention_fn
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        if attn_mask is not None:
+            seen.append((key, value))
+        return original(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    transformer_wan.dispatch_attention_fn = spy
+    try:
+        yield seen
+    finally:
+        transformer_wan.dispatch_attention_fn = original
+
+
+def drifting_video(seed: int = 1) -> torch.Tensor:
+    """video(seed) with row 0's chunk DRIFT_CHUNK replaced by very different latents."""
+    latents = video(seed)
+    latents[0, :, DRIFT_CHUNK] = 4.0 - 3.0 * latents[0, :, DRIFT_CHUNK].abs()
+    return latents
+
+
+def adaptive_reference(model, latents, t, prompt, sinks: int, window: int, threshold: float):
+    """The adaptive policy written from its definition (above) on the stock model.
+
+    Returns:
+        (outputs (B, 16, F, h, w), {q: (B, S) scores}, {q: [replaced sink or -1, per row]}).
+    """
+    rows, frames, tokens = latents.shape[0], latents.shape[2], (SIZE // 2) ** 2
+    sink = [[] for _ in range(rows)]
+    ring = [collections.deque(maxlen=window) for _ in range(rows)]
+    visible = [[] for _ in range(rows)]  # visible[b][q]: the chunks chunk q attends to
+
+    def mask(chunks: int) -> torch.Tensor:  # (B, 1, L, L) over chunks 0..chunks-1
+        c = chunk_of_token(chunks, 1, tokens)
+        m = torch.zeros(rows, 1, len(c), len(c), dtype=torch.bool)
+        for b in range(rows):
+            for q in range(chunks):
+                m[b, 0, c == q] = torch.isin(c, torch.tensor(sorted(visible[b][q])))
+        return m
+
+    scores, replaced = {}, {}
+    for q in range(frames):
+        for b in range(rows):
+            visible[b].append(set(sink[b]) | set(ring[b]) | {q})
+        if q < sinks:
+            for b in range(rows):
+                sink[b].append(q)
+            continue
+        if q < sinks + window:
+            for b in range(rows):
+                ring[b].append(q)
+            continue
+        with captured_kv() as layers:
+            oracle(model, latents[:, :, :q + 1], t, prompt, mask(q + 1))
+        score = torch.zeros(rows, sinks)
+        for key, value in layers:
+            for x in (key, value):
+                pooled = x.reshape(rows, q + 1, tokens, -1).mean(2)  # (B, chunks, heads * d)
+                for b in range(rows):
+                    for j, c in enumerate(sink[b]):
+                        score[b, j] += torch.nn.functional.cosine_similarity(pooled[b, q], pooled[b, c], dim=0)
+        score /= 2 * len(layers)
+        scores[q], replaced[q] = score, []
+        for b in range(rows):
+            j = int(score[b].argmin())
+            if score[b, j] < threshold:
+                sink[b][j] = q
+                replaced[q].append(j)
+            else:
+                ring[b].append(q)
+                replaced[q].append(-1)
+    return oracle(model, latents, t, prompt, mask(frames)), scores, replaced
+
+
+def stream_policy(model, config: BlockCausalConfig, latents, t, prompt):
+    """Chunk by chunk (record calls) with `config`; every commit's scores and decisions, and
+    whether the cache tensors kept their storage from the first chunk on.
+
+    Returns:
+        (outputs, {q: (B, S) scores}, {q: replaced per row}, storage unchanged).
+    """
+    mech = BlockCausal(config)
+    outs, scores, replaced, storages, same = [], {}, {}, None, True
+    with torch.no_grad(), mech.attach(model):
+        for q in range(latents.shape[2] + 1):
+            mech.before_unet(layout("record" if q < latents.shape[2] else "attend"))  # commits chunk q - 1
+            if mech.state.sink_score is not None and q - 1 >= config.sink_chunks + config.window_chunks:
+                scores[q - 1], replaced[q - 1] = mech.state.sink_score.clone(), mech.state.sink_replaced.tolist()
+            now = [x.untyped_storage().data_ptr() for x in mech.state.tensors()]
+            storages = storages or now
+            same = same and now == storages
+            if q < latents.shape[2]:
+                outs.append(mech.call_unet(model, latents[:, :, q:q + 1], t, prompt, layout("record")))
+    return torch.cat(outs, dim=2), scores, replaced, same
+
+
+@pytest.mark.parametrize("sinks,window", [(1, 2), (2, 1)], ids=["sink1-window2", "sink2-window1"])
+def test_adaptive_sink_replaces_the_drifted_sink(wan, sinks, window):
+    """Row 0's chunk 5 made dissimilar: the stream's scores, replaced sinks and outputs ==
+    the policy's definition on the stock model (its own keys/values, a per-row block mask
+    from the chunks the policy keeps); row 1 (no drift) never replaces; memory constant.
+    The threshold sits between the drifted chunk's scores (every sink below it) and every
+    other chunk's, read off the definition with no replacement."""
+    latents, prompt, t = drifting_video(), text(), torch.tensor([500, 500])
+    _, plain, _ = adaptive_reference(wan, latents, t, prompt, sinks, window, threshold=-2.0)
+    drifted = plain[DRIFT_CHUNK][0].max().item()
+    others = min(plain[q][b].min().item() for q in plain for b in range(ROWS) if (q, b) != (DRIFT_CHUNK, 0))
+    assert drifted + 0.05 < others, (drifted, others)  # the inputs make the drift visible
+    threshold = (drifted + others) / 2
+    expected, scores, replaced = adaptive_reference(wan, latents, t, prompt, sinks, window, threshold)
+    row0, row1 = replaced[DRIFT_CHUNK]
+    assert row0 == int(scores[DRIFT_CHUNK][0].argmin()) and row1 == -1  # row 0's drifted chunk takes a sink's place
+    config = BlockCausalConfig(chunk_frames=1, sink_chunks=sinks, window_chunks=window, sink_policy="adaptive",
+                               adapt_sink_threshold=threshold)
+    ours, our_scores, our_replaced, constant = stream_policy(wan, config, latents, t, prompt)
+    assert our_replaced == replaced
+    assert max((our_scores[q] - scores[q]).abs().max().item() for q in scores) < ATOL
+    assert (ours - expected).abs().max() < ATOL
+    assert constant
+    fixed = stream(wan, BlockCausal(BlockCausalConfig(chunk_frames=1, sink_chunks=sinks, window_chunks=window)),
+                   latents, t, prompt)
+    assert (ours[0] - fixed[0]).abs().max() > 100 * ATOL  # the replacement is visible
+
+
+def test_adaptive_sink_without_drift_is_the_fixed_policy(wan):
+    """Similar chunks (a plain random stream, every score above 0.2, StreamDiffusionV2's
+    threshold) replace nothing: the outputs are the fixed policy's, bitwise. Threshold -1
+    never replaces, even with the drifted chunk."""
+    prompt, t = text(), torch.tensor([500, 500])
+    for latents, threshold in ((video(1), 0.2), (drifting_video(), -1.0)):
+        config = BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=2, sink_policy="adaptive",
+                                   adapt_sink_threshold=threshold)
+        ours, _, replaced, constant = stream_policy(wan, config, latents, t, prompt)
+        fixed = stream(wan, BlockCausal(BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=2)),
+                       latents, t, prompt)
+        assert all(r == [-1] * ROWS for r in replaced.values())
+        assert len(replaced) == (FRAMES - 3 if threshold > -1 else 0)  # decided at every commit, or never
+        assert torch.equal(ours, fixed)
+        assert constant
+
+
+# --- re-recording cached chunks (LongLive's recache on a prompt switch) --------------
+
+
+def test_rerecord_with_the_same_inputs_is_bitwise_the_cache(wan):
+    """Before any eviction, re-recording every cached chunk with its own inputs rewrites
+    the cache bitwise as it was, the counter stays, and the next chunk is what a stream
+    that never re-recorded gives, bitwise."""
+    config = BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=2)
+    mech = BlockCausal(config)
+    latents, t = video(8, frames=4), torch.tensor([0, 0])
+    with torch.no_grad(), mech.attach(wan):
+        for q in range(3):
+            mech.before_unet(layout("record"))
+            mech.call_unet(wan, latents[:, :, q:q + 1], t, text(), layout("record"))
+        mech.before_unet(layout("attend"))  # commits chunk 2
+        before = [x.clone() for x in mech.state.tensors()]
+        mech.state.rerecord([0, 1, 2])
+        for q in range(3):
+            mech.before_unet(layout("record"))
+            mech.call_unet(wan, latents[:, :, q:q + 1], t, text(), layout("record"))
+        mech.before_unet(layout("record"))  # commits the last re-recorded chunk: chunk 3 next
+        assert mech.state.recorded == 3 and mech.state.chunk == 3
+        assert all(torch.equal(a, b) for a, b in zip(mech.state.tensors(), before))
+        last = mech.call_unet(wan, latents[:, :, 3:4], t, text(), layout("record"))
+    assert torch.equal(last, stream(wan, BlockCausal(config), latents, t, text())[:, :, 3:4])
+
+
+def test_rerecord_after_the_ring_wrapped_attends_the_cached_chunks():
+    """After 7 chunks (sink 0, window 5, 6; the ring wrapped) chunks 0, 5, 6 re-recorded
+    from new inputs (a new prompt): each call equals the stock processor over the cached
+    chunks up to it at their frame positions (chunk 5 sees 0 and itself: slots out of
+    order, masked), and chunk 7 then sees the new keys/values of 0, 5, 6."""
+    torch.manual_seed(0)
+    attn = WanAttention(dim=DIM, heads=HEADS, dim_head=HEAD_DIM, eps=1e-6, processor=WanAttnProcessor()).eval()
+    rope = WanRotaryPosEmbed(HEAD_DIM, (1, 2, 2), 1024)
+    state = BlockCausalState(BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=2))
+    proc = BlockCausalAttnProcessor(state, "blocks.0.attn1.processor", rope.t_dim)
+    local = rope(torch.zeros(1, 1, 1, 4, 4))
+    old = torch.randn(8, 1, 4, DIM, generator=torch.Generator().manual_seed(1))  # (chunks, B, N, C)
+    new = torch.randn(8, 1, 4, DIM, generator=torch.Generator().manual_seed(2))
+
+    def stock(chunks: list[int], hidden: dict) -> torch.Tensor:  # the last chunk's rows, seeing all of them
+        x = torch.cat([hidden[c] for c in chunks], dim=1)
+        mask = chunk_of_token(len(chunks), 1, 4)[:, None] >= chunk_of_token(len(chunks), 1, 4)[None, :]
+        return WanAttnProcessor()(attn, x, None, attention_mask=mask, rotary_emb=rotary_for(rope, chunks, 4))[:, -4:]
+
+    worst = 0.0
+    with torch.no_grad():
+        for n in range(7):
+            state.begin_call("record")
+            proc(attn, old[n], rotary_emb=local)
+        state.rerecord([0, 5, 6])
+        hidden = {c: old[c] for c in range(8)}
+        for c, seen in ((0, [0]), (5, [0, 5]), (6, [0, 5, 6])):
+            state.begin_call("record")
+            hidden[c] = new[c]
+            worst = max(worst, (proc(attn, new[c], rotary_emb=local) - stock(seen, hidden)).abs().max().item())
+        state.begin_call("record")
+        assert state.chunk == 7
+        hidden[7] = new[7]
+        worst = max(worst, (proc(attn, new[7], rotary_emb=local) - stock([0, 5, 6, 7], hidden)).abs().max().item())
+    assert worst < ATOL
+
+
+def test_rerecord_is_refused_for_uncached_chunks_and_attend_calls():
+    state = BlockCausalState(BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=1))
+    state.recorded = 4  # cached: 0 and 3
+    for bad in ([1], [3, 0], [4]):
+        with pytest.raises(ValueError):
+            state.rerecord(bad)
+    state.rerecord([0, 3])
+    with pytest.raises(RuntimeError, match="re-recorded"):
+        state.begin_call("attend")
+    adaptive = BlockCausalState(BlockCausalConfig(chunk_frames=1, sink_policy="adaptive"))
+    with pytest.raises(ValueError):
+        adaptive.rerecord([0])

@@ -1,14 +1,15 @@
 """Mutants of block-causal attention (issue #18): the sink slots, the window ring and its
-length, absolute rotary positions, what a call records, per-row caches, reset; and the
-streaming Wan VAE. Their proofs are in tests/attention/test_block_causal.py (the tiny Wan
-transformer chunk by chunk against the stock model on the whole video under the block
-mask) and tests/models/test_wan_vae_stream.py."""
+length, absolute rotary positions, what a call records, per-row caches, reset, the
+adaptive sink policy; and the streaming Wan VAE. Their proofs are in
+tests/attention/test_block_causal.py (the tiny Wan transformer chunk by chunk against the
+stock model on the whole video under the block mask) and tests/models/test_wan_vae_stream.py."""
 
 from mutation import Patch, mutant
 
 MOD = "diffstream.attention.block_causal"
 PROC = f"{MOD}:BlockCausalAttnProcessor"
 STATE = f"{MOD}:BlockCausalState"
+ADAPT = f"{MOD}:AdaptiveSink.commit"
 VAE = "diffstream.models.wan:WanVAEStream"
 
 PROOFS = "tests/attention/test_block_causal.py"
@@ -20,6 +21,12 @@ TWO_FRAMES = f"{FULL}[chunk2-sink1-window1]"
 PROTOCOL = f"{PROOFS}::test_attend_calls_leave_the_cache_and_record_commits"
 LONG = f"{PROOFS}::test_long_stream_memory_is_constant_and_positions_stay_absolute"
 RESET = f"{PROOFS}::test_reset_starts_a_new_stream"
+ADAPTIVE = f"{PROOFS}::test_adaptive_sink_replaces_the_drifted_sink"
+ADAPTIVE_1 = f"{ADAPTIVE}[sink1-window2]"
+ADAPTIVE_2 = f"{ADAPTIVE}[sink2-window1]"
+NO_DRIFT = f"{PROOFS}::test_adaptive_sink_without_drift_is_the_fixed_policy"
+RERECORD_SAME = f"{PROOFS}::test_rerecord_with_the_same_inputs_is_bitwise_the_cache"
+RERECORD_WRAPPED = f"{PROOFS}::test_rerecord_after_the_ring_wrapped_attends_the_cached_chunks"
 
 VAE_PROOFS = "tests/models/test_wan_vae_stream.py"
 VAE_ENCODE = f"{VAE_PROOFS}::test_streamed_encode_equals_one_shot"
@@ -36,16 +43,16 @@ MUTANTS = [
     # --- the buffer: sinks, ring, length --------------------------------------------
     mutant("bc-ring-overwrites-sinks", "the window ring starts at slot 0 instead of after the sinks, so the "
            "first chunks past the sinks overwrite them", [ROLLING, TWO_SINKS],
-           Patch(f"{STATE}.slot", "s + (n - s) % (w + 1)", "(n - s) % (w + 1)")),
+           Patch(f"{STATE}._slot_of", "s + (n - s) % (w + 1)", "(n - s) % (w + 1)")),
     mutant("bc-sinks-roll-out", "no sink: the ring covers every slot, so the first chunks are evicted like "
            "any other", [ROLLING, TWO_SINKS],
-           Patch(f"{STATE}.slot", "return n if n < s else s + (n - s) % (w + 1)", "return n % (s + w + 1)")),
+           Patch(f"{STATE}._slot_of", "return n if n < s else s + (n - s) % (w + 1)", "return n % (s + w + 1)")),
     mutant("bc-ring-one-slot-short", "the ring has W slots instead of W + 1, so the current chunk overwrites "
            "the oldest chunk of its own window", [ROLLING, NO_SINK],
-           Patch(f"{STATE}.slot", "s + (n - s) % (w + 1)", "s + (n - s) % w")),
+           Patch(f"{STATE}._slot_of", "s + (n - s) % (w + 1)", "s + (n - s) % w")),
     mutant("bc-ring-slot-off-by-one", "the chunk written one ring slot ahead of where it belongs",
            [ROLLING, NO_SINK],
-           Patch(f"{STATE}.slot", "s + (n - s) % (w + 1)", "s + (n - s + 1) % (w + 1)")),
+           Patch(f"{STATE}._slot_of", "s + (n - s) % (w + 1)", "s + (n - s + 1) % (w + 1)")),
     mutant("bc-window-one-too-large", "one chunk too many kept in the window (W + 1)", [ROLLING, NO_SINK],
            _config(window="config.window_chunks + 1")),
     mutant("bc-window-one-too-small", "one chunk too few kept in the window (W - 1)", [ROLLING, NO_SINK],
@@ -88,6 +95,55 @@ MUTANTS = [
     mutant("bc-reset-keeps-count", "reset() keeps the chunk counter: a new stream starts mid-window at the old "
            "stream's positions", RESET,
            Patch(f"{STATE}.reset", "self.recorded = 0", "self.recorded = getattr(self, 'recorded', 0)")),
+    # --- the adaptive sink (StreamDiffusionV2) ---------------------------------------
+    mutant("bc-adapt-keys-only", "the drift score from the pooled keys only (StreamDiffusionV2 averages the "
+           "keys' and the values' cosines)", [ADAPTIVE_1, ADAPTIVE_2],
+           Patch(ADAPT, "for pooled in (kv.key, kv.value):", "for pooled in (kv.key, kv.key):")),
+    mutant("bc-adapt-summed-over-layers", "the layers' cosines summed instead of averaged (the threshold then "
+           "means something else for every depth)", [ADAPTIVE_1, ADAPTIVE_2],
+           Patch(ADAPT, "score = score / (2 * len(state.layers))", "score = score / 2")),
+    mutant("bc-adapt-first-layer-only", "the drift score from the first layer only", [ADAPTIVE_1, ADAPTIVE_2],
+           Patch(ADAPT, "for kv in state.layers.values():\n        for pooled in",
+                 "for kv in list(state.layers.values())[:1] * len(state.layers):\n        for pooled in")),
+    mutant("bc-adapt-threshold-reversed", "a sink replaced when the chunk is *similar* to it (cosine above the "
+           "threshold)", [ADAPTIVE_1, ADAPTIVE_2, NO_DRIFT],
+           Patch(ADAPT, "replace = best < self.threshold", "replace = best > self.threshold")),
+    mutant("bc-adapt-most-similar-sink", "the sink most similar to the chunk replaced instead of the most "
+           "drifted one", ADAPTIVE_2,
+           Patch(ADAPT, "worst_sink = score.argmin(dim=1)", "worst_sink = score.argmax(dim=1)")),
+    mutant("bc-adapt-every-drifted-sink", "every sink below the threshold replaced by the chunk, not only the "
+           "most drifted one (the chunk is then attended twice)", ADAPTIVE_2,
+           Patch(ADAPT, "take = replace[:, None] & (torch.arange(s, device=score.device) == worst_sink[:, None])",
+                 "take = score < self.threshold")),
+    mutant("bc-adapt-rows-share-decision", "row 0's decision applied to every row (the rows are separate "
+           "streams)", [ADAPTIVE_1, ADAPTIVE_2],
+           Patch(ADAPT, "replace = best < self.threshold", "replace = (best < self.threshold)[:1].expand_as(best)")),
+    mutant("bc-adapt-ring-advances", "the ring advances although the chunk became a sink: it stays in the "
+           "window too and is attended twice", [ADAPTIVE_1, ADAPTIVE_2],
+           Patch(ADAPT, "ring.copy_(torch.where(replace.view(b, 1, 1, 1, 1), ring.roll(1, dims=2), ring))",
+                 "pass")),
+    mutant("bc-adapt-sink-not-written", "the decision taken and the ring held, but the sink slot keeps its old "
+           "chunk", [ADAPTIVE_1, ADAPTIVE_2],
+           Patch(ADAPT, "sinks.copy_(torch.where(take.view(b, 1, s, 1, 1), x[:, :, r:r + 1], sinks))", "pass")),
+    mutant("bc-adapt-pooled-over-heads", "keys/values averaged over heads as well as tokens (one d-vector "
+           "instead of heads x d)", [ADAPTIVE_1, ADAPTIVE_2],
+           Patch(ADAPT, "new = x[:, :, r].mean(2, dtype=torch.float32).flatten(1)  # (B, heads * d)\n"
+                 "            sinks = x[:, :, :s].mean(3, dtype=torch.float32).transpose(1, 2).flatten(2)",
+                 "new = x[:, :, r].mean((1, 2), dtype=torch.float32)\n"
+                 "            sinks = x[:, :, :s].mean((1, 3), dtype=torch.float32)")),
+    # --- re-recording cached chunks (LongLive's recache) ---------------------------------
+    mutant("bc-rerecord-advances-counter", "a re-recorded chunk also moves the counter: the stream continues "
+           "chunks later than it is", [RERECORD_SAME, RERECORD_WRAPPED],
+           Patch(f"{STATE}._commit", "self._rerecord.pop(0)", "self._rerecord.pop(0); self.recorded += 1")),
+    mutant("bc-rerecord-at-next-position", "a re-recorded chunk rotated to the next chunk's frame positions, "
+           "not its own", [RERECORD_SAME, RERECORD_WRAPPED],
+           Patch(f"{STATE}.rotary", "start = self.chunk * frames", "start = self.recorded * frames")),
+    mutant("bc-rerecord-sees-later-chunks", "a re-recorded chunk attends to every cached chunk, later ones "
+           "included", [RERECORD_SAME, RERECORD_WRAPPED],
+           Patch(f"{STATE}.attended_slots", "for k in self.cached() if k <= c", "for k in self.cached()")),
+    mutant("bc-rerecord-mask-dropped", "re-recording after the ring wrapped attends to the slots up to the last "
+           "attended one, stale ones between included", RERECORD_WRAPPED,
+           Patch(f"{PROC}.__call__", "attn_mask=keep)", "attn_mask=None)")),
     # --- the streaming VAE ------------------------------------------------------------
     mutant("wanvae-first-group-of-four", "the stream's first latent frame encoded from 4 frames, like the "
            "others, instead of frame 0 alone", VAE_ENCODE,

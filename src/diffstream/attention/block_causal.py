@@ -46,6 +46,15 @@ Choices, each where it comes from:
   recorded chunk evicts), allocated at the stream's first chunk and never grown or
   moved; fill counts and slots are host-side integers derived from one counter, so the
   per-chunk path has no host sync.
+- Sink policy (`BlockCausalConfig.sink_policy`, pluggable: `SINK_POLICIES`), applied as
+  a recorded chunk is committed. "fixed": the first S chunks are the sinks for ever
+  (Self-Forcing, LongLive, StreamDiffusionV2's fast config). "adaptive":
+  StreamDiffusionV2's adaptive sink (its `CausalWanSelfAttention`, `adapt_sink_thr`,
+  0.2 in its configs): a new chunk whose pooled keys/values drifted from a sink takes
+  that sink's place (`AdaptiveSink` says exactly how).
+- Re-recording (`BlockCausalState.rerecord`, for LongLive's recache on a prompt switch):
+  the next record calls rewrite given cached chunks in their own slots at their own
+  positions, each attending to the cached chunks up to it; the counter does not move.
 
 One call = one chunk: every row of a call is the same chunk (rows are streams or
 guidance branches, each with its own cache), `chunk_frames` latent frames of the same
@@ -55,6 +64,7 @@ size as the stream's first chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,11 +98,18 @@ class BlockCausalConfig:
             with Wan's VAE one latent frame is 4 video frames.
         sink_chunks: S, the stream's first chunks, kept in the cache for ever.
         window_chunks: W, the most recent chunks kept besides the sinks (rolling).
+        sink_policy: which chunks are the sinks, a name in `SINK_POLICIES`: "fixed"
+            (the stream's first S chunks) or "adaptive" (`AdaptiveSink`).
+        adapt_sink_threshold: the adaptive policy's cosine threshold (StreamDiffusionV2's
+            `adapt_sink_threshold`, 0.2); in [-1, 1], and -1 never replaces (a cosine
+            is >= -1; 0 is not "off": pooled keys can point away from each other).
     """
 
     chunk_frames: int = 3
     sink_chunks: int = 1
     window_chunks: int = 2
+    sink_policy: str = "fixed"
+    adapt_sink_threshold: float = 0.2
 
     def __post_init__(self):
         if self.chunk_frames < 1:
@@ -102,11 +119,100 @@ class BlockCausalConfig:
                               f"and {self.window_chunks}")
         if self.sink_chunks + self.window_chunks < 1:
             raise ConfigError("--sink-chunks + --window-chunks must be >= 1 (a chunk needs some past to attend to)")
+        if self.sink_policy not in SINK_POLICIES:
+            raise ConfigError(f"--sink-policy must be one of {', '.join(SINK_POLICIES)}, got {self.sink_policy!r}")
+        if not -1.0 <= self.adapt_sink_threshold <= 1.0:
+            raise ConfigError(f"--adapt-sink-threshold is a cosine, in [-1, 1], got {self.adapt_sink_threshold}")
+        if self.sink_policy == "adaptive" and self.sink_chunks < 1:
+            raise ConfigError("--sink-policy adaptive needs --sink-chunks >= 1 (it replaces sinks)")
 
     @property
     def slots(self) -> int:
         """Chunks in a layer's buffer: the sinks, the window, and the current chunk."""
         return self.sink_chunks + self.window_chunks + 1
+
+
+class FixedSink:
+    """The stream's first S chunks are the sinks for ever (Self-Forcing, LongLive,
+    StreamDiffusionV2's fast config). A policy's `commit(state)` runs as a recorded
+    chunk is committed (`state.chunk` is that chunk, `state.slot` its ring slot, every
+    layer has written it), before the counter moves; it may rewrite buffer contents in
+    place, never reallocate them, and must leave every layer the same chunk set."""
+
+    def commit(self, state: "BlockCausalState") -> None:
+        pass
+
+
+class AdaptiveSink:
+    """StreamDiffusionV2's adaptive sink, with one decision per chunk for all layers.
+
+    When chunk n is committed (once the buffer is full, n >= S + W), per row (each row
+    is its own stream):
+
+        score(s) = mean over layers l of ( cos(K_l(n), K_l(s)) + cos(V_l(n), V_l(s)) ) / 2
+
+    for every sink slot s, where K_l(c) is chunk c's keys at layer l (after rotary, as
+    cached) averaged over the chunk's tokens and laid out over heads x head dim (one
+    vector of heads * d), V_l(c) its values the same way. If min_s score(s) < threshold,
+    the sink with the lowest score (only that one) is replaced by chunk n: chunk n moves
+    into that sink slot with its keys/values as recorded (its absolute positions kept),
+    and the ring does not advance (chunk n leaves its window place, so the window keeps
+    its W most recent chunks that did not become sinks). That is StreamDiffusionV2's
+    rule (cosine of mean-pooled roped keys and of values, averaged; argmin sink queued
+    for replacement; the replaced sink's slot is the one the new chunk is written to,
+    and its ring queue is left as it was), except: it decides per layer and at every
+    call, here once per recorded (clean) chunk for all layers from the layer-averaged
+    score, since all layers must keep the same chunks; and it pools one frame, here a
+    whole chunk. Before the buffer is full nothing is replaced (StreamDiffusionV2 too
+    replaces only when it evicts).
+
+    No host sync: the decision stays on the device and is applied with `torch.where`
+    to every layer's sink slots and ring (the ring rotated one slot forward where a row
+    replaced a sink, so the host-side slot of the next chunk is the one chunk n
+    occupied); each commit reads the sinks and the new chunk and rewrites the sinks and
+    the ring of every layer. The last commit's scores and decisions are kept on the
+    state (`sink_score` (B, S), `sink_replaced` (B,): the replaced sink or -1).
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def commit(self, state: "BlockCausalState") -> None:
+        s, w = state.config.sink_chunks, state.config.window_chunks
+        if state.chunk < s + w or not state.layers or self.threshold <= -1.0:
+            return
+        r = state.slot
+        score = 0.0
+        for kv in state.layers.values():
+            for pooled in (kv.key, kv.value):
+                b, h, _, d = pooled.shape
+                x = pooled.view(b, h, -1, kv.tokens, d)  # (B, heads, slots, N, d)
+                new = x[:, :, r].mean(2, dtype=torch.float32).flatten(1)  # (B, heads * d)
+                sinks = x[:, :, :s].mean(3, dtype=torch.float32).transpose(1, 2).flatten(2)  # (B, S, heads * d)
+                score = score + F.cosine_similarity(sinks, new[:, None], dim=-1)  # (B, S)
+        score = score / (2 * len(state.layers))
+        best = score.min(dim=1).values  # (B,)
+        worst_sink = score.argmin(dim=1)  # (B,) the most drifted sink
+        replace = best < self.threshold  # (B,)
+        state.sink_score = score
+        state.sink_replaced = torch.where(replace, worst_sink, -1)
+        take = replace[:, None] & (torch.arange(s, device=score.device) == worst_sink[:, None])  # (B, S)
+        for kv in state.layers.values():
+            for buffer in (kv.key, kv.value):
+                b, h, _, d = buffer.shape
+                x = buffer.view(b, h, -1, kv.tokens, d)  # (B, heads, slots, N, d)
+                sinks, ring = x[:, :, :s], x[:, :, s:]
+                sinks.copy_(torch.where(take.view(b, 1, s, 1, 1), x[:, :, r:r + 1], sinks))
+                # ring index of chunk m is (m - S) mod (W + 1): rotated forward by one, every
+                # ring chunk is evicted one chunk later, and the next chunk's slot holds chunk n
+                ring.copy_(torch.where(replace.view(b, 1, 1, 1, 1), ring.roll(1, dims=2), ring))
+
+
+# Sink policies by name (`BlockCausalConfig.sink_policy`): each a factory of the config.
+SINK_POLICIES: dict[str, Callable[["BlockCausalConfig"], object]] = {
+    "fixed": lambda config: FixedSink(),
+    "adaptive": lambda config: AdaptiveSink(config.adapt_sink_threshold),
+}
 
 
 class LayerKV:
@@ -138,14 +244,18 @@ class BlockCausalState:
 
     def __init__(self, config: BlockCausalConfig):
         self.config = config
+        self.policy = SINK_POLICIES[config.sink_policy](config)
         self.layers: dict[str, LayerKV] = {}
         self.reset()
 
     def reset(self) -> None:
         """A new stream: the next chunk is chunk 0 again, with an empty cache."""
-        self.recorded = 0  # chunks recorded so far = index of the current chunk
+        self.recorded = 0  # chunks recorded so far = index of the current chunk (but while re-recording)
         self.mode: str | None = None  # "attend" | "record" while a call is open
         self._rotary = None  # the current call's absolute rotary table (cos, sin), built once per call
+        self.sink_score: torch.Tensor | None = None  # (B, S) the adaptive policy's last scores
+        self.sink_replaced: torch.Tensor | None = None  # (B,) the sink it last replaced per row, or -1
+        self._rerecord: list[int] = []  # cached chunks the next record calls record again (`rerecord`)
 
     def begin_call(self, mode: str) -> None:
         """Open the next model call; the only per-call channel.
@@ -160,31 +270,105 @@ class BlockCausalState:
         if mode not in MODES:
             raise ValueError(f"unknown block-causal call mode {mode!r}; one of {', '.join(MODES)}")
         self._commit()
+        if self._rerecord and mode != "record":
+            raise RuntimeError(f"block-causal cache: chunks {self._rerecord} are being re-recorded; record calls only")
         self.mode = mode
         self._rotary = None
 
     def _commit(self) -> None:
-        """The last call was a record call: its chunk is now part of the cache."""
+        """The last call was a record call: its chunk is now part of the cache (after the
+        sink policy has had its say)."""
         if self.mode == "record":
-            self.recorded += 1
+            if self._rerecord:  # a re-recorded chunk: its slot is rewritten, nothing else moves
+                self._rerecord.pop(0)
+            else:
+                self.policy.commit(self)
+                self.recorded += 1
         self.mode = None
+
+    def rerecord(self, chunks=None) -> list[int]:
+        """Record cached chunks again: LongLive's KV recache on a prompt switch.
+
+        The next `len(chunks)` calls must be record calls, one per chunk in that order;
+        each is chunk c: its absolute positions (frames c*F ...), its own slot rewritten,
+        attending to the cached chunks up to c (sinks and window chunks <= c, with what
+        they hold by then: chunks re-recorded before it have their new keys/values)
+        and itself. The counter does not move: the call after the last of them is the
+        stream's next chunk again. A record call still open is committed first. With
+        the same inputs and no chunk evicted yet (n <= S + W) the cache comes out
+        bitwise what it was; once chunks were evicted, a re-recorded chunk sees only the
+        cached ones (as LongLive's recache, which re-runs the cached frames alone).
+
+        Args:
+            chunks: chunk indices, increasing, each in the cache now (a sink, or one of
+                the W most recent chunks); None: every cached chunk (`cached()` once the
+                open call is committed). The fixed sink policy only (the adaptive one's
+                sinks are known on the device only).
+        Returns:
+            the chunks the next record calls are, in order.
+        """
+        self._commit()
+        s, w, n = self.config.sink_chunks, self.config.window_chunks, self.recorded
+        chunks = self.cached() if chunks is None else [int(c) for c in chunks]
+        if not isinstance(self.policy, FixedSink):
+            raise ValueError("rerecord() needs the fixed sink policy (the adaptive one's sinks are not host-side)")
+        cached = self.cached()
+        if any(c not in cached for c in chunks) or chunks != sorted(set(chunks)):
+            raise ValueError(f"rerecord({chunks}): chunks must be increasing and cached ({cached}, after {n} chunks "
+                             f"with {s} sinks and a window of {w})")
+        self._rerecord = list(chunks)
+        return chunks
+
+    def cached(self) -> list[int]:
+        """The chunks in the cache now (fixed sink policy): the sinks and the window."""
+        s, w, n = self.config.sink_chunks, self.config.window_chunks, self.recorded
+        return list(range(min(s, n))) + list(range(max(s, n - w), n))
+
+    def _slot_of(self, n: int) -> int:
+        """Chunk n's slot (`slot`)."""
+        s, w = self.config.sink_chunks, self.config.window_chunks
+        return n if n < s else s + (n - s) % (w + 1)
+
+    def attended_slots(self) -> list[int] | None:
+        """While re-recording: the slots the current chunk attends to, else None (the
+        first `length` slots)."""
+        if not self._rerecord:
+            return None
+        c = self._rerecord[0]
+        return sorted(self._slot_of(k) for k in self.cached() if k <= c)
+
+    def attend_mask(self, tokens: int, device) -> torch.Tensor | None:
+        """(1, length * tokens) bool over the attended slots' keys when they are not the
+        first `length` slots (re-recording after the ring wrapped), else None."""
+        picks = self.attended_slots()
+        if picks is None or picks == list(range(len(picks))):
+            return None
+        keep = torch.zeros(self.length, dtype=torch.bool)
+        keep[picks] = True
+        return keep.repeat_interleave(tokens)[None].to(device)  # (1, length * tokens): every query row
 
     @property
     def chunk(self) -> int:
-        """Index of the current call's chunk in the stream."""
-        return self.recorded
+        """Index of the current call's chunk in the stream (a re-recorded one's while
+        re-recording)."""
+        return self._rerecord[0] if self._rerecord else self.recorded
 
     @property
     def slot(self) -> int:
         """Buffer slot of the current chunk: its sink slot while n < S, then the ring
-        slot S + (n - S) mod (W + 1), whose chunk n - W - 1 has just left the window."""
-        n, s, w = self.chunk, self.config.sink_chunks, self.config.window_chunks
-        return n if n < s else s + (n - s) % (w + 1)
+        slot S + (n - S) mod (W + 1), whose chunk n - W - 1 has just left the window
+        (with the adaptive sink policy: whose chunk is the oldest of the ring, the ring
+        being rotated whenever a chunk became a sink)."""
+        return self._slot_of(self.chunk)
 
     @property
     def length(self) -> int:
         """Chunks the current chunk attends to, itself included: min(n, S + W) + 1. They
-        are always the first `length` slots (the buffer fills in order before it wraps)."""
+        are always the first `length` slots (the buffer fills in order before it wraps);
+        while re-recording, the slots up to the last attended one (`attend_mask`)."""
+        picks = self.attended_slots()
+        if picks is not None:
+            return max(picks) + 1
         return min(self.chunk, self.config.sink_chunks + self.config.window_chunks) + 1
 
     def layer(self, name: str, like: torch.Tensor) -> LayerKV:
@@ -325,7 +509,11 @@ class BlockCausalAttnProcessor:
         kv.key[:, :, at:at + n] = key
         kv.value[:, :, at:at + n] = value
         end = state.length * n
-        out = F.scaled_dot_product_attention(query, kv.key[:, :, :end], kv.value[:, :, :end])  # (B, heads, L, d)
+        keep = state.attend_mask(n, key.device)  # None but when re-recording chunks out of slot order
+        if keep is not None:
+            out = F.scaled_dot_product_attention(query, kv.key[:, :, :end], kv.value[:, :, :end], attn_mask=keep)
+        else:
+            out = F.scaled_dot_product_attention(query, kv.key[:, :, :end], kv.value[:, :, :end])  # (B, heads, L, d)
         out = out.transpose(1, 2).flatten(2).type_as(query)  # (B, L, heads * d)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
