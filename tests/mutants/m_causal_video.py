@@ -15,6 +15,8 @@ ONE_TO_ONE = f"{PROOFS}::test_frames_one_to_one_in_order_with_a_partial_last_chu
 FLUSH = f"{PROOFS}::test_flush_pads_and_the_padding_never_shows"
 RESET = f"{PROOFS}::test_reset_gives_a_fresh_stream"
 UPDATE = f"{PROOFS}::test_update_prompt_applies_from_the_next_chunk"
+RECACHE = f"{PROOFS}::test_recache_equals_a_fresh_stream_over_the_cached_chunks"
+RECACHE_EARLY = f"{PROOFS}::test_recache_before_the_window_rolls_equals_fresh_record_calls"
 
 MUTANTS = [
     # --- the KV cache's record call (Self-Forcing / StreamDiffusionV2) -------------------
@@ -75,4 +77,18 @@ MUTANTS = [
     mutant("cv-update-mid-chunk", "an update applies at the next frame, in the middle of a chunk begun under "
            "the old settings", UPDATE,
            Patch(f"{PIPE}.push", "if not self._frames and self._pending:", "if self._pending:")),
+    # --- LongLive's recache on a prompt switch -----------------------------------------------
+    mutant("cv-recache-skipped", "a prompt switch keeps the old prompt's keys/values in the cache",
+           [RECACHE, RECACHE_EARLY],
+           Patch(f"{PIPE}._apply_pending", "self._recache_due = self.recache and", "self._recache_due = False and")),
+    mutant("cv-recache-latents-by-order", "the recache feeds each re-recorded chunk the latents kept at its "
+           "position in the recache order, not at its cache slot (right until the ring wraps)", RECACHE,
+           Patch(f"{PIPE}._recache", "self._clean[state.slot]", "self._clean[kept.index(state.chunk)]")),
+    mutant("cv-recache-noisy-latents-kept", "the latents kept for the recache are the last step's noisy input, "
+           "not the recorded clean chunk", [RECACHE, RECACHE_EARLY],
+           Patch(f"{PIPE}._denoise", "self._keep_clean(x0, mech.state.slot)", "self._keep_clean(x, mech.state.slot)")),
+    mutant("cv-recache-sinks-skipped", "the recache rebuilds the window but not the sinks (they keep the old "
+           "prompt's keys/values)", RECACHE,
+           Patch(f"{PIPE}._recache", "kept = state.rerecord()",
+                 "state._commit()\n    kept = state.rerecord(state.cached()[state.config.sink_chunks:])")),
 ]

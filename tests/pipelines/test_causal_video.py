@@ -21,6 +21,7 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+from diffstream.attention.base import BatchLayout
 from diffstream.attention.block_causal import BlockCausalConfig
 from diffstream.config import CausalVideoConfig, ModelConfig, RunConfig, StreamConfig
 from diffstream.errors import ConfigError
@@ -233,6 +234,145 @@ def test_update_prompt_applies_from_the_next_chunk(wan):
     assert all(np.array_equal(a, b) for a, b in zip(mid, boundary))
     assert all(np.array_equal(a, b) for a, b in zip(mid[:9], never[:9]))
     assert all(not np.array_equal(a, b) for a, b in zip(mid[9:], never[9:]))
+
+
+# --- recache on a prompt switch (LongLive) ----------------------------------------------
+
+
+def switched_stream(wan, cfg, chunks: int, switch_at: int, prompt: str, recache: bool):
+    """Stream `chunks` chunks of 1 latent frame, switching to `prompt` before chunk `switch_at`.
+
+    Returns:
+        (the denoiser's inputs z0 and outputs x0 per chunk, each (1, 16, 1, h, w), the pipeline).
+    """
+    pipe = make_pipeline(wan, cfg)
+    pipe.recache = recache
+    z0s, x0s = [], []
+    denoise = pipe._denoise
+
+    def spy(z0):
+        z0s.append(z0)
+        x0s.append(denoise(z0))
+        return x0s[-1]
+
+    pipe._denoise = spy
+    for i, f in enumerate(clip(1 + 4 * (chunks - 1), seed=2)):
+        pipe.process(f)
+        if i == 4 * (switch_at - 1):  # the last frame of chunk switch_at - 1
+            pipe.update(prompt=prompt)
+    pipe.close()
+    return z0s, x0s, pipe
+
+
+def reference_after_switch(wan, cfg, z0s, clean, switch_at: int, prompt: str) -> list[torch.Tensor]:
+    """The chunks from `switch_at` on, from the formulas, after a recache under `prompt`.
+
+    A fresh stream under `prompt` fed the chunks cached at the switch: the stock
+    transformer over every frame position 0..m, the clean latents of the cached chunks
+    (sinks 0..S-1, window n-W..n-1: `clean`, what the stream recorded before the switch)
+    at t = 0, under a block mask where a cached chunk attends to the cached chunks before
+    it, every later chunk to the sinks and its window, and the evicted chunks (zeros here)
+    to nobody else and by nobody. Noise as in `reference_latents`.
+    """
+    policy = cfg.video.block_causal
+    sinks, window, n = policy.sink_chunks, policy.window_chunks, switch_at
+    kept = set(range(min(sinks, n))) | set(range(max(sinks, n - window), n))
+    sigmas = [cfg.strength * (cfg.steps - k) / cfg.steps for k in range(cfg.steps)]
+    emb = text(wan, prompt)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(n):  # the noise of the chunks before the switch
+        torch.randn((len(sigmas), *z0s[0].shape), generator=generator)
+    tokens = (z0s[0].shape[3] // 2) * (z0s[0].shape[4] // 2)
+    prefix = [clean[c] if c in kept else torch.zeros_like(clean[c]) for c in range(n)]
+    out = []
+    for m in range(n, len(z0s)):
+        def sees(q, k):
+            if q in kept:
+                return k in kept and k < q
+            return q >= n and k < q and (k < sinks or k >= q - window)
+
+        c = torch.arange(m + 1).repeat_interleave(tokens)
+        mask = (c[:, None] == c[None, :]) | torch.tensor([[sees(q, k) for k in range(m + 1)] for q in range(m + 1)]
+                                                         ).repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+        noise = torch.randn((len(sigmas), *z0s[m].shape), generator=generator)
+        x = (1 - sigmas[0]) * z0s[m] + sigmas[0] * noise[0]
+        for k, s in enumerate(sigmas):
+            t = torch.tensor([0.0] * (m * tokens) + [1000 * s] * tokens)[None]  # (1, L)
+            with torch.no_grad(), masked(wan.transformer, mask):
+                v = wan.transformer(torch.cat([*prefix, x], dim=2), t, encoder_hidden_states=emb,
+                                    return_dict=False)[0][:, :, m:]
+            x0 = x - s * v
+            if k + 1 < len(sigmas):
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * noise[k + 1]
+        prefix.append(x0)
+        out.append(x0)
+    return out
+
+
+def test_recache_equals_a_fresh_stream_over_the_cached_chunks(wan):
+    """The prompt switches before chunk 5 (1 sink, window 2: chunks 1 and 2 already
+    evicted, the window {3, 4} not contiguous with the sink, its ring rotated): with the
+    recache, chunks 5-7 equal the reference of a fresh stream under the new prompt fed
+    the cached chunks 0, 3, 4 at their own positions (ATOL 1e-5); without it chunk 5
+    differs by far more. 3 extra transformer calls, once; the KV cache and the latent
+    ring keep their storage."""
+    cfg = config(prompt="a watercolor", sinks=1, window=2)
+    z0s, x0s, pipe = switched_stream(wan, cfg, chunks=8, switch_at=5, prompt="a pencil sketch", recache=True)
+    expected = reference_after_switch(wan, cfg, z0s, x0s[:5], 5, "a pencil sketch")
+    worst = max((a - b).abs().max().item() for a, b in zip(x0s[5:], expected))
+    assert worst < 1e-5
+    assert pipe.unet_calls == 8 * (cfg.steps + 1) + 3
+    _, stale, _ = switched_stream(wan, cfg, chunks=6, switch_at=5, prompt="a pencil sketch", recache=False)
+    assert (stale[5] - expected[0]).abs().max() > 100 * 1e-5
+
+
+def test_recache_before_the_window_rolls_equals_fresh_record_calls(wan):
+    """Before anything is evicted (switch before chunk 2, 1 sink, window 2) the recache is
+    what a fresh mechanism under the new prompt gives when fed the cached chunks' clean
+    latents by record calls (its public calls), then the next chunk's attend calls with
+    the stream's noise: equal to 1e-5. Storage of the caches unchanged by the switch."""
+    cfg = config(prompt="a watercolor", sinks=1, window=2)
+    pipe = make_pipeline(wan, cfg)
+    z0s, x0s = [], []
+    denoise = pipe._denoise
+    pipe._denoise = lambda z0: z0s.append(z0) or x0s.append(denoise(z0)) or x0s[-1]
+    frames = clip(9, seed=4)
+    stream(pipe, frames[:5], flush=False)
+    storages = [t.untyped_storage().data_ptr() for t in pipe.mechanism.state.tensors()] + [pipe._clean.data_ptr()]
+    pipe.update(prompt="a pencil sketch", recache=True)
+    stream(pipe, frames[5:], flush=False)
+    assert storages == [t.untyped_storage().data_ptr() for t in pipe.mechanism.state.tensors()] + [
+        pipe._clean.data_ptr()]
+    pipe.close()
+
+    mech = make_mechanism(cfg, wan)
+    emb = wan.encode_text(["a pencil sketch"])
+    sigmas = cfg.video.sigmas(cfg.strength, cfg.steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(2):
+        torch.randn((len(sigmas), *z0s[0].shape), generator=generator)
+    record = BatchLayout.branch_major("record", 0, ("cond",), 1, 1)
+    attend = BatchLayout.branch_major("attend", 0, ("cond",), 1, 1)
+    with torch.no_grad(), mech.attach(wan.transformer):
+        for c in range(2):
+            mech.before_unet(record)
+            mech.call_unet(wan.transformer, x0s[c], torch.zeros(1), emb, record)
+        noise = torch.randn((len(sigmas), *z0s[2].shape), generator=generator)
+        x = (1 - sigmas[0]) * z0s[2] + sigmas[0] * noise[0]
+        for k, s in enumerate(sigmas):
+            mech.before_unet(attend)
+            x0 = x - s * mech.call_unet(wan.transformer, x, torch.tensor([1000 * s]), emb, attend)
+            if k + 1 < len(sigmas):
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * noise[k + 1]
+    assert (x0s[2] - x0).abs().max() < 1e-5
+
+
+def test_recache_policy_refused_when_not_a_bool(wan):
+    pipe = make_pipeline(wan, config())
+    with pytest.raises(ConfigError):
+        pipe.update(recache="yes")
+    pipe.update(recache=False)
+    assert pipe.recache is False
 
 
 def test_same_seed_same_frames_and_seed_changes_noise(wan):

@@ -30,16 +30,31 @@ the next frame after such a flush starts a new stream). The noise of a stream co
 one CPU generator seeded by the stream's seed, drawn once per chunk in a fixed order
 (steps x latent shape), so two runs give the same frames; `reset` seeds it again.
 
+A prompt switch (`update(prompt=...)`, a new blend) recaches, as LongLive does on its
+prompt switches (`recache`, default `RECACHE`): before the next chunk, the cached chunks'
+keys/values, made under the old text, are rebuilt under the new one by record calls on
+those chunks' stored clean latents (a preallocated ring of S + W + 1 chunks' latents
+beside the KV cache, at the same slots), in stream order, each at its own chunk index
+(absolute positions as first recorded) and attending to the sinks and the window chunks
+recached before it: exactly a fresh stream under the new prompt fed the cached chunks
+(the chunks evicted before the switch are gone). S + W extra transformer calls, once.
+Without it the next chunks attend to keys/values made with the old text (the "smear").
+
 Deliberate deviations from StreamDiffusionV2: its first chunk is 1 + 4 frames (2 latent
 frames) and later ones 1; ours are all `chunk_frames` latent frames (the block-causal
 cache's chunks are uniform), so the first output comes after the first frame. Its stream
-batch over denoising steps (every step slot in one transformer call) is not done yet:
-each step is its own call. Its motion-aware noise scale and adaptive sink are not done.
+batch over denoising steps (every step slot in one transformer call) is not done: each
+step is its own call. It cannot equal this loop: chunk n's first step attends to chunk
+n - 1's clean record, which a stream batch computes in the same call (StreamDiffusionV2's
+rows each keep their own cache, written with that step's noisy keys, and no clean record
+call: another policy, which needs per-row chunk positions in the block-causal state).
+Its motion-aware noise scale and adaptive sink are not done.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -58,7 +73,9 @@ ATTEND = BatchLayout.branch_major("attend", 0, ("cond",), 1, 1)
 RECORD = BatchLayout.branch_major("record", 0, ("cond",), 1, 1)
 # What `update` may change (from the next chunk).
 UPDATABLE = ("prompt", "negative_prompt", "strength", "steps", "seed", "guidance", "prompt_blend", "blend", "noise",
-             "cfg_type", "delta")
+             "cfg_type", "delta", "recache")
+# LongLive's recache on a prompt switch, on unless the pipeline is made (or updated) with recache=False.
+RECACHE = True
 
 
 class CausalVideoPipeline:
@@ -72,6 +89,8 @@ class CausalVideoPipeline:
         components: a Wan model (`models.wan.WanComponents`).
         config: the stream's settings (`config.video`: chunks, cache, steps).
         mechanism: the block-causal attention (`pipelines.factory.make_mechanism`).
+        recache: rebuild the KV cache under the new text on a prompt switch (LongLive;
+            module docstring); False keeps the old prompt's keys/values.
     Attributes:
         on_push, on_output: callbacks called with the frame index when a frame enters /
             leaves the pipeline.
@@ -79,7 +98,8 @@ class CausalVideoPipeline:
         frames_in, frames_out, unet_calls, chunks: counters since the last reset.
     """
 
-    def __init__(self, components: WanComponents, config: StreamConfig, mechanism: BlockCausal | None = None):
+    def __init__(self, components: WanComponents, config: StreamConfig, mechanism: BlockCausal | None = None,
+                 recache: bool = RECACHE):
         if not getattr(components, "is_wan", False):
             raise ConfigError("--method causal-video runs on a Wan video model: pass --model tiny-wan or a Wan "
                               "diffusers folder")
@@ -93,6 +113,11 @@ class CausalVideoPipeline:
         self.on_output: list[Callable[[int], None]] = []
         # Notices for the person watching (StreamPipeline's: compiled graphs being built); eager only here, none yet.
         self.on_notice: list[Callable[[str], None]] = []
+        self.recache = bool(recache)
+        self._check_recache()
+        # (S + W + 1, 1, 16, F, h, w) the clean latents of the cached chunks, at their cache slots
+        # (allocated at a stream's first chunk, reused after), for the recache.
+        self._clean: torch.Tensor | None = None
         self._pending: dict = {}
         self._prompt_key = None
         self._schedule_key = None
@@ -129,6 +154,7 @@ class CausalVideoPipeline:
         self._frames: list[tuple[int, np.ndarray]] = []  # (index, frame) of the chunk being filled
         self._size: tuple[int, int] | None = None  # (width, height) of the stream's frames
         self.chunks = 0
+        self._recache_due = False  # a prompt switch since the last chunk: recache before the next
         self.vae.reset()
         self.mechanism.reset()
         self._generator = torch.Generator().manual_seed(self.config.seed)
@@ -167,13 +193,22 @@ class CausalVideoPipeline:
         """Change prompt, negative_prompt, strength, steps, seed, prompt_blend, blend (and
         the guidance / noise / cfg type / delta / size values causal-video accepts) from the
         next chunk: a chunk already begun finishes under the settings it began with. A new
-        prompt is encoded once and keeps the KV cache (LongLive's recache is not done); a
-        new seed reseeds the stream's noise. Invalid values raise ConfigError now.
+        prompt is encoded once and, with `recache` on, the KV cache is rebuilt under it
+        before the next chunk (module docstring); a new seed reseeds the stream's noise.
+        `recache=` (bool) sets the policy for the switches applied from then on. Invalid
+        values raise ConfigError now.
         """
         unknown = sorted(set(changes) - set(UPDATABLE))
         if unknown:
             raise ConfigError(f"causal-video cannot change {', '.join(unknown)} while streaming "
                               f"(it can: {', '.join(UPDATABLE)}); start a new pipeline")
+        if "recache" in changes:
+            changes = dict(changes)
+            recache = changes.pop("recache")
+            if not isinstance(recache, bool):
+                raise ConfigError(f"recache is True or False, got {recache!r}")
+            self.recache = recache
+            self._check_recache()
         self.config.replace(**{**self._pending, **changes})  # validates
         self._pending.update(changes)
 
@@ -251,6 +286,8 @@ class CausalVideoPipeline:
             emb = self.components.encode_text(prompts)  # (K, L, D)
             self._text = emb if not c.prompt_blend else blend_embeddings(emb, [w for _, w in c.prompt_blend], c.blend)
             self._text = self._text[:1].contiguous()  # (1, L, D)
+            # A switch in the middle of a stream: its cache holds the old text's keys/values.
+            self._recache_due = self.recache and self._prompt_key is not None and self.chunks > 0
             self._prompt_key = prompt_key
         schedule_key = (c.strength, c.steps, c.video)
         if schedule_key != self._schedule_key:
@@ -295,6 +332,8 @@ class CausalVideoPipeline:
             (1, 16, F, h, w) the denoised latents (what the cache recorded).
         """
         comp, mech = self.components, self.mechanism
+        if self._recache_due:
+            self._recache()
         sigmas = self._sigmas
         # The chunk's noise in one draw, in a fixed order: (steps, 1, 16, F, h, w) on the CPU
         # generator (the same numbers on every device), then moved.
@@ -312,7 +351,41 @@ class CausalVideoPipeline:
         mech.before_unet(RECORD)  # the clean chunk joins the cache at t = 0
         mech.call_unet(comp.unet, x0, self._record_t, self._text, RECORD)
         self.unet_calls += 1
+        self._keep_clean(x0, mech.state.slot)
         return x0
+
+    def _keep_clean(self, x0: torch.Tensor, slot: int) -> None:
+        """Keep a recorded chunk's clean latents (1, 16, F, h, w) at its cache slot (for the recache)."""
+        slots = self.mechanism.config.slots
+        if self._clean is None or self._clean.shape[1:] != x0.shape or self._clean.dtype != x0.dtype:
+            self._clean = x0.new_zeros(slots, *x0.shape)  # a stream's first chunk (or one of another size)
+        self._clean[slot].copy_(x0)
+
+    def _check_recache(self) -> None:
+        """The recache re-records the chunks the cache holds, which only the fixed sink
+        policy knows on the host (the adaptive one decides on the device)."""
+        if self.recache and getattr(self.mechanism.config, "sink_policy", "fixed") != "fixed":
+            raise ConfigError("the recache on a prompt switch needs the fixed sink policy (the adaptive one "
+                              "picks its sinks on the device): pass recache=False, or sink_policy='fixed'")
+
+    def _recache(self) -> None:
+        """LongLive's recache (module docstring): rebuild the KV cache under the new text.
+
+        Before chunk n, the cached chunks are the sinks 0..min(S, n)-1 and the window
+        max(S, n-W)..n-1 (`BlockCausalState.cached`). `BlockCausalState.rerecord` makes the
+        next record calls those chunks, in order: each at its own positions and slot,
+        attending to the cached chunks up to it (those recached before it, with the new
+        text's keys/values) and itself; the state's counter does not move. Each is fed its
+        clean latents, kept at its slot (`_keep_clean`). S + W calls, once per switch.
+        """
+        comp, mech = self.components, self.mechanism
+        state = mech.state
+        kept = state.rerecord()  # every cached chunk, once the stream's chunk n - 1 is committed
+        for _ in kept:  # the state knows which chunk each call is (and its slot)
+            mech.before_unet(RECORD)
+            mech.call_unet(comp.unet, self._clean[state.slot], self._record_t, self._text, RECORD)
+            self.unet_calls += 1
+        self._recache_due = False
 
     def _pop(self) -> np.ndarray | None:
         if not self._ready:
@@ -322,3 +395,4 @@ class CausalVideoPipeline:
         for callback in self.on_output:
             callback(index)
         return frame
+
