@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="live web demo: your webcam restyled in the browser",
                          description="Serve the live demo page (FastAPI + WebSocket) on 127.0.0.1.")
     common.add_model_options(srv)
+    common.add_memory_options(srv)
     common.add_control_options(srv)
     serve.add_arguments(srv)
     eval_cmd.add_arguments(sub.add_parser(

@@ -140,6 +140,15 @@ class ModelConfig:
         video_model: a video UNet folder written by `diffstream tune video`
             (`models.video_unet`), run in place of the checkpoint's UNet (FateZero's shape
             edits); None: the checkpoint's own UNet.
+        transformer: a Wan 2.1 transformer checkpoint that replaces the Wan model's own
+            (`--transformer`, `models.wan_checkpoints.load_wan_transformer`): a causal one
+            (StreamDiffusionV2's / Self-Forcing's / CausVid's `.pt`), an original Wan
+            `.safetensors`, a ComfyUI re-save or a diffusers folder. The causal checkpoints
+            hold the transformer only, so `model` stays the base Wan2.1-T2V diffusers folder
+            (VAE, UMT5, tokenizer). None: the model's own transformer.
+        text_encoder_offload: a Wan model's text encoder (UMT5-XXL, 11.4 GB bf16) stays on
+            the CPU: prompts are encoded there and only their embeddings go to `device`,
+            cached per prompt (`models.wan.WanComponents.encode_text`).
     """
 
     model: str = DEFAULT_MODEL
@@ -156,10 +165,22 @@ class ModelConfig:
     control_depth_model: str | None = None
     ip_adapter: str | None = None
     video_model: str | None = None
+    transformer: str | None = None
+    text_encoder_offload: bool = False
 
     def __post_init__(self):
         if not self.model:
             raise ConfigError("--model must not be empty (pass a hub id, a local path, or 'tiny')")
+        if self.transformer == "":
+            raise ConfigError("--transformer must not be empty: pass a Wan transformer checkpoint (.pt, "
+                              ".safetensors) or leave it out")
+        wan_only = [flag for flag, given in (("--transformer", self.transformer),
+                                             ("--text-encoder-offload", self.text_encoder_offload)) if given]
+        if wan_only and (self.model in SD_MODELS or self.model in MODEL_PRESETS):
+            are, them = ("are", "them") if len(wan_only) > 1 else ("is", "it")
+            raise ConfigError(f"{' and '.join(wan_only)} {are} for Wan video models, not --model {self.model}: pass "
+                              f"--model Wan-AI/Wan2.1-T2V-1.3B-Diffusers (or a local copy of it) with --method "
+                              f"causal-video, or leave {them} out")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.dtype not in DTYPES:
@@ -469,6 +490,9 @@ class RunConfig:
         if self.stream.method == "causal-video" and sd:
             raise ConfigError(f"--method causal-video runs on a Wan video model, not --model {self.model.model}: "
                               f"pass --model tiny-wan or a Wan diffusers folder")
+        if (self.model.transformer or self.model.text_encoder_offload) and self.stream.method != "causal-video":
+            raise ConfigError("--transformer and --text-encoder-offload are for --method causal-video on a Wan video "
+                              "model: add --method causal-video")
         if wan and self.stream.method != "causal-video":
             raise ConfigError(f"--model {self.model.model} is a Wan video model: it runs --method causal-video only")
         if self.model.motion_adapter and self.stream.method != "live2diff":

@@ -191,14 +191,112 @@ def model_config(args) -> ModelConfig:
                        device=args.device, dtype=args.dtype, turbo=args.turbo, backend=args.backend,
                        motion_adapter=motion, controlnets=controlnets,
                        control_depth_model=getattr(args, "control_depth_model", None),
-                       ip_adapter=getattr(args, "ip_adapter", None))
+                       ip_adapter=getattr(args, "ip_adapter", None), transformer=getattr(args, "transformer", None),
+                       text_encoder_offload=bool(getattr(args, "text_encoder_offload", False)))
+
+
+def add_memory_options(p: argparse.ArgumentParser) -> None:
+    """A Wan model's own options (run, serve): `--transformer`, `--text-encoder-offload`,
+    and the GPU-memory check (`check_memory`)."""
+    g = p.add_argument_group("Wan models (--method causal-video): checkpoint and GPU memory")
+    g.add_argument("--transformer", default=None, metavar="PATH",
+                   help="a Wan 2.1 transformer checkpoint replacing --model's (a Wan diffusers folder, which still "
+                        "gives the VAE, UMT5 and tokenizer): StreamDiffusionV2's wan_causal_dmd_v2v/model.pt, "
+                        "Self-Forcing's self_forcing_dmd.pt, CausVid's .pt, an original Wan or ComfyUI .safetensors")
+    g.add_argument("--text-encoder-offload", action="store_true",
+                   help="keep a Wan model's text encoder (UMT5-XXL, 11 GB) on the CPU: prompts are encoded there "
+                        "(slower per new prompt), only their embeddings go to the GPU, cached per prompt")
+    g.add_argument("--vram-estimate", action="store_true",
+                   help="print the GPU memory a Wan model's stream would need, item by item, and exit without "
+                        "loading it (on CUDA the one-line estimate is printed before every load anyway)")
+    g.add_argument("--no-vram-check", action="store_true",
+                   help="load a Wan model on CUDA even when the estimate exceeds the free GPU memory (the "
+                        "estimate's activation terms are rough)")
+
+
+def cuda_free_bytes(device) -> int | None:
+    """Free memory of a CUDA `device` in bytes (`torch.cuda.mem_get_info`), None for other devices."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def check_memory(config: ModelConfig, width: int, height: int, block_causal, *, rows: int = 1,
+                 flags: tuple[str, ...] = ("--text-encoder-offload", "--window-chunks", "--size"),
+                 more: dict | None = None, estimate_only: bool = False, check: bool = True) -> bool:
+    """Before a Wan model loads: estimate its stream's GPU memory, say it, refuse when it will not fit.
+
+    On CUDA, one line (`wan_memory.summary_line`: total, largest items, free memory), then
+    `wan_checkpoints.check_fits` against `cuda_free_bytes`. On CPU/MPS nothing, unless
+    `estimate_only` (`--vram-estimate`): then the item table (`format_estimate`) on any
+    device (for the run on a CUDA GPU: `--dtype auto` counts fp16), and the caller stops. Models that are not Wan models: nothing (False).
+
+    Args:
+        config: the model options.
+        width, height: the processing size in pixels (fitted to multiples of 16 here).
+        block_causal: chunk / sink / window (`BlockCausalConfig`).
+        rows: streams held at once (run 1; serve --max-clients).
+        flags: the options the command has that `check_fits` may name.
+        more: further options to name, {label: estimate settings it changes}.
+        estimate_only: print the table and return True (the caller exits 0, nothing loads).
+        check: refuse when it does not fit (False: `--no-vram-check`).
+    Returns:
+        True when the caller should stop (`estimate_only`), else False.
+    Raises:
+        ConfigError: the estimate exceeds the free CUDA memory (one line naming what to lower).
+    """
+    from diffstream import frames as F
+    from diffstream.models.loading import is_wan_model, precheck_wan, resolve_device, resolve_dtype
+
+    resolved = config.resolved()
+    if not is_wan_model(resolved.model):
+        return False
+    precheck_wan(resolved)
+    device = resolve_device(resolved.device)
+    free = cuda_free_bytes(device)
+    if free is None and not estimate_only:
+        return False
+    from diffstream.models.wan_checkpoints import check_fits, format_estimate
+    from diffstream.models.wan_memory import stream_estimate, summary_line, wan_parts
+
+    parts = wan_parts(resolved)
+    if parts is None:
+        warn(f"no GPU memory estimate: the configs of {resolved.model} are not available before loading")
+        return estimate_only
+    import torch
+
+    width, height = F.fit_size(width, height, max(width, height), 16)
+    # Elsewhere than on CUDA, the estimate is for the run on a CUDA GPU (--dtype auto: fp16 there).
+    dtype = resolve_dtype(resolved.dtype, device if device.type == "cuda" else torch.device("cuda"))
+    estimate = stream_estimate(parts, width, height, block_causal, dtype_bytes=dtype.itemsize,
+                               text_encoder_offload=resolved.text_encoder_offload, rows=rows)
+    if estimate_only:
+        title = f"GPU memory estimate, {width}x{height}, {rows} stream(s), {str(dtype).removeprefix('torch.')}"
+        print(format_estimate(estimate, title), flush=True)
+        if free is not None:
+            say(summary_line(estimate, free))
+        return True
+    say(summary_line(estimate, free))
+    if check:
+        from diffstream.errors import ConfigError
+
+        try:
+            check_fits(estimate, free, parts.transformer, flags=flags, more=more)
+        except ConfigError as exc:
+            raise ConfigError(f"{resolved.model} at {width}x{height} {exc} (--no-vram-check loads it anyway)") from None
+    return False
 
 
 def check_device(config: ModelConfig) -> None:
     """Fail in one line, before any input is opened or weights load, when --device
-    names a device this machine or this torch build does not have (ModelLoadError)."""
-    from diffstream.models.loading import resolve_device
+    names a device this machine or this torch build does not have (ModelLoadError), or
+    when --transformer / --text-encoder-offload cannot apply (ConfigError: not a Wan
+    model, no such checkpoint)."""
+    from diffstream.models.loading import precheck_wan, resolve_device
 
+    precheck_wan(config.resolved())
     resolve_device(config.device)
 
 

@@ -2,8 +2,10 @@
 
 Order of work, so nothing expensive happens before a cheap check fails: options are
 parsed into typed configs (one line, exit 2), both ends are checked (input readable,
-output of a supported kind, writable and not the input), the input is opened, then the
-model loads. Exit codes: 0 done, 2 bad option/input/output/model, 130 interrupted
+output of a supported kind, writable and not the input), the input is opened, a Wan
+model's GPU memory is estimated from configs for the input's size (on CUDA: said in one
+line, refused in one line when it will not fit; `common.check_memory`), then the model
+loads. Exit codes: 0 done, 2 bad option/input/output/model, 130 interrupted
 (Ctrl-C or SIGTERM; the output is finalised and holds every frame produced).
 
 With `--osc PORT`, OSC messages change the settings while the run goes
@@ -50,6 +52,7 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_osc_options(run, "run")
     common.add_model_options(run)
+    common.add_memory_options(run)
     common.add_control_options(run)
     add_stream_options(run)
 
@@ -184,15 +187,18 @@ def run_config(args) -> RunConfig:
 
 def command(args) -> int:
     """Entry point of `diffstream run` (parsed args)."""
-    return cmd_run(run_config(args), osc=common.osc_address(args))
+    return cmd_run(run_config(args), osc=common.osc_address(args),
+                   memory=dict(estimate_only=args.vram_estimate, check=not args.no_vram_check))
 
 
-def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None) -> int:
+def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None, memory: dict | None = None) -> int:
     """`diffstream run`: stream frames through the engine into the sink.
 
     Args:
         config: the run's typed settings.
         osc: (host, port) to take OSC control messages on, or None.
+        memory: `common.check_memory`'s estimate_only / check (a Wan model's GPU memory is
+            estimated from the input's size before it loads; None: the defaults).
     """
     from diffstream.io.queues import ThreadedReader, ThreadedWriter
     from diffstream.io.sinks import check_output, open_sink
@@ -215,6 +221,9 @@ def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None) -> int:
         from diffstream.models.loading import load_components
         from diffstream.pipelines.factory import make_pipeline
 
+        if common.check_memory(config.model, *_work_size(config, source), config.stream.video.block_causal,
+                               **(memory or {})):
+            return 0  # --vram-estimate: printed, nothing loaded
         if io.progress:
             common.say(common.loading_message(config.model))
         components = load_components(config.model)
@@ -277,6 +286,14 @@ def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None) -> int:
     common.say(common.closing_line(status, written_frames if status else written[0], io.output, elapsed,
                                    extras=extras))
     return status
+
+
+def _work_size(config: RunConfig, source) -> tuple[int, int]:
+    """(width, height) a Wan stream processes the source at: --size on the longer side,
+    the source's aspect ratio, multiples of 16 (`CausalVideoPipeline.processing_size`)."""
+    from diffstream import frames as F
+
+    return F.fit_size(source.width, source.height, config.stream.size, 16)
 
 
 def apply_controls(pipe, controls, write, warn_prompt) -> int:

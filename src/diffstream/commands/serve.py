@@ -178,6 +178,8 @@ def command(args) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if check_memory(args, config):
+            return 0  # --vram-estimate: printed, nothing loaded
         common.say(common.loading_message(config))
         components = load_components(config)
         if getattr(components, "is_wan", False):  # a Wan video model runs causal-video only
@@ -219,11 +221,29 @@ def command(args) -> int:
     return 0
 
 
+def check_memory(args, config) -> bool:
+    """A Wan model's GPU memory for `--max-clients` streams at `--size` (square: a client's
+    aspect is not known before it connects, and a square is the largest frame of a given
+    longer side), with causal-video's default chunk and cache (`common.check_memory`).
+
+    Returns:
+        True with `--vram-estimate` (the estimate is printed; nothing loads).
+    """
+    from diffstream.config import CausalVideoConfig
+
+    more = {f"--max-clients {args.max_clients // 2}": {"rows": args.max_clients // 2}} if args.max_clients > 1 else None
+    return common.check_memory(config, args.size, args.size, CausalVideoConfig().block_causal, rows=args.max_clients,
+                               flags=("--text-encoder-offload", "--size"), more=more,
+                               estimate_only=getattr(args, "vram_estimate", False),
+                               check=not getattr(args, "no_vram_check", False))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The stand-alone parser: model options plus the server's."""
     parser = common.Parser(prog="diffstream serve",
                            description="Serve the live web demo (webcam restyled in real time).")
     common.add_model_options(parser)
+    common.add_memory_options(parser)
     common.add_control_options(parser)
     add_arguments(parser)
     return parser

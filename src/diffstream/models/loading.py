@@ -260,11 +260,10 @@ def load_components(config: ModelConfig) -> Components:
         ModelLoadError: one line saying what to pass instead.
     """
     config = config.resolved()
+    precheck_wan(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    from diffstream.models.wan import is_wan_checkpoint
-
-    if config.model == "tiny-wan" or (not _is_single_file(config.model) and is_wan_checkpoint(config.model)):
+    if is_wan_model(config.model):
         return load_wan_components(config, device, dtype)
     if config.controlnets:  # a missing ControlNet file fails now, not after the base model loaded
         from diffstream.models.controlnet import precheck
@@ -347,12 +346,48 @@ def load_components(config: ModelConfig) -> Components:
     return components
 
 
+def is_wan_model(spec: str) -> bool:
+    """Whether `--model spec` loads as a Wan video model (`tiny-wan`, a Wan diffusers folder,
+    a hub id naming Wan) rather than a Stable Diffusion one; reads configs only."""
+    from diffstream.models.wan import is_wan_checkpoint
+
+    return spec == "tiny-wan" or (not _is_single_file(spec) and is_wan_checkpoint(spec))
+
+
+# The checkpoints `--transformer` is for (README, "Real checkpoints").
+TRANSFORMER_HINT = ("a Wan 2.1 transformer checkpoint: StreamDiffusionV2's wan_causal_dmd_v2v/model.pt, Self-Forcing's "
+                    "checkpoints/self_forcing_dmd.pt, CausVid's .pt, an original Wan or ComfyUI .safetensors")
+
+
+def precheck_wan(config: ModelConfig) -> None:
+    """The Wan-only model options checked before anything loads (one line each).
+
+    Raises:
+        ConfigError: `--transformer` / `--text-encoder-offload` with a model that is not a
+            Wan video model, or a `--transformer` path that does not exist.
+    """
+    from diffstream.errors import ConfigError
+
+    wan_only = [flag for flag, given in (("--transformer", config.transformer),
+                                         ("--text-encoder-offload", config.text_encoder_offload)) if given]
+    if not wan_only:
+        return
+    if not is_wan_model(config.model):
+        raise ConfigError(f"{' and '.join(wan_only)} {'are' if len(wan_only) > 1 else 'is'} for Wan video models; "
+                          f"--model {config.model} is not one: pass --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers (or a "
+                          f"local copy of it; it gives the VAE, UMT5 and tokenizer) or --model tiny-wan")
+    if config.transformer and not Path(config.transformer).expanduser().exists():
+        raise ConfigError(f"--transformer {config.transformer}: no such file or folder; pass {TRANSFORMER_HINT}")
+
+
 def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.dtype):
     """A Wan video model (`--model tiny-wan`, or a Wan diffusers folder or hub id) as
     `models.wan.WanComponents`; the options of image models are refused in one line.
 
     The VAE stays in fp32 (as diffusers' Wan pipelines keep it); the transformer and the
-    text encoder take `dtype`.
+    text encoder take `dtype`. `--transformer` replaces the model's transformer (the
+    folder's own is then not read); with `--text-encoder-offload` the text encoder stays
+    on the CPU.
     """
     from diffstream.errors import ConfigError
     from diffstream.models.wan import WanComponents, load_wan_modules, tiny_wan_modules
@@ -373,13 +408,33 @@ def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.
         local = Path(config.model).expanduser().is_dir()
         try:
             modules = load_wan_modules(str(Path(config.model).expanduser()) if local else config.model, dtype,
-                                       local_files_only=local or hub._offline() or not hub.hub_reachable())
+                                       local_files_only=local or hub._offline() or not hub.hub_reachable(),
+                                       transformer=not config.transformer)
         except Exception as exc:
             raise ModelLoadError(f"cannot load the Wan model {config.model!r} ({type(exc).__name__}: "
                                  f"{one_line(exc, 160)}): pass a Wan diffusers folder (transformer/, vae/, "
                                  f"text_encoder/, tokenizer/), or --model tiny-wan to try the machinery offline"
                                  ) from None
+    if config.transformer:
+        from diffstream.models.wan_checkpoints import load_wan_transformer
+
+        modules["transformer"] = load_wan_transformer(Path(config.transformer).expanduser(), dtype=dtype)
+        check_wan_parts(modules)
     for key in ("transformer", "text_encoder", "vae"):
-        module = modules[key].to(device=device, dtype=torch.float32 if key == "vae" else dtype)
+        where = torch.device("cpu") if key == "text_encoder" and config.text_encoder_offload else device
+        module = modules[key].to(device=where, dtype=torch.float32 if key == "vae" else dtype)
         modules[key] = module.eval().requires_grad_(False)
-    return WanComponents(name=config.model, device=device, dtype=dtype, **modules)
+    return WanComponents(name=config.model, device=device, dtype=dtype,
+                         text_encoder_offload=config.text_encoder_offload, **modules)
+
+
+def check_wan_parts(modules: dict) -> None:
+    """A `--transformer` must fit the base model's other parts: its text width is the text
+    encoder's, its input channels the VAE's latent channels (ModelLoadError, one line)."""
+    cfg = modules["transformer"].config
+    text_width = int(modules["text_encoder"].config.d_model)
+    latent = int(modules["vae"].config.z_dim)
+    if int(cfg.text_dim) != text_width or int(cfg.in_channels) != latent:
+        raise ModelLoadError(f"--transformer takes text {cfg.text_dim} wide and {cfg.in_channels} latent channels; "
+                             f"--model's text encoder gives {text_width} and its VAE {latent}: pass the base model "
+                             f"the checkpoint was trained on (Wan2.1-T2V's diffusers folder for Wan 2.1 checkpoints)")

@@ -22,7 +22,9 @@ fast on a CPU at 32x32 px. Their outputs are noise: they exist to prove the mach
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -197,6 +199,9 @@ class WanVAEStream:
 
 # Text tokens the DiT sees: Wan's pipelines pad (with zeros) or cut UMT5's output to 512.
 WAN_MAX_TEXT_TOKENS = 512
+# Prompts whose embeddings `WanComponents.encode_text` keeps with the text encoder
+# offloaded (each (L, D) on the device: 512 x 4096 x 2 B = 4 MiB for Wan 2.1 in bf16).
+TEXT_CACHE_PROMPTS = 32
 # StreamDiffusionV2's `timestep_shift` (its configs/wan_causal_dmd_v2v.yaml): the tiny
 # scheduler's shift, used only when a schedule asks for warped timesteps.
 SDV2_TIMESTEP_SHIFT = 8.0
@@ -217,7 +222,12 @@ class WanComponents:
             the CLIP BPE vocabulary the package ships, with the CLIP tokenizer).
         scheduler: `FlowMatchEulerDiscreteScheduler` (its `shift` is the timestep shift).
         name: what the user asked for.
-        device, dtype: where the modules live.
+        device, dtype: where the modules live (the transformer, the VAE; the text encoder
+            too unless offloaded).
+        text_encoder_offload: the text encoder lives on the CPU (`--text-encoder-offload`):
+            prompts are encoded there, only their embeddings move to `device`, and those
+            are cached per prompt (the last `TEXT_CACHE_PROMPTS` prompts), so a prompt is
+            encoded once however often a stream returns to it.
     """
 
     transformer: torch.nn.Module
@@ -235,6 +245,9 @@ class WanComponents:
     ip_adapter: object | None = None
     is_video_unet: bool = False
     is_wan: bool = True
+    text_encoder_offload: bool = False
+    _text_cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    _text_lock: object = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -274,17 +287,40 @@ class WanComponents:
         """Text to the DiT's text conditioning, as diffusers' Wan pipelines compute it.
 
         Adapted from diffusers WanVideoToVideoPipeline._get_t5_prompt_embeds (0.42.1):
-        UMT5's last hidden states with the padding positions zeroed.
+        UMT5's last hidden states with the padding positions zeroed. With
+        `text_encoder_offload` the encoder runs where it lives (the CPU), on the prompts
+        not cached yet (one batch), and the embeddings are cached on `device`: equal to
+        the encoding without offload (each row depends on its own prompt only).
 
+        Args:
+            prompts: N texts.
         Returns:
-            (N, L, D) on device/dtype, L = `max_text_tokens`.
+            (N, L, D) on device/dtype, L = `max_text_tokens`, D the encoder's width.
         """
+        if not self.text_encoder_offload:
+            return self._encode(prompts)
+        with self._text_lock:
+            cache = self._text_cache
+            missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+            if missing:
+                for prompt, emb in zip(missing, self._encode(missing)):  # emb (L, D) on device
+                    cache[prompt] = emb
+            for prompt in prompts:
+                cache.move_to_end(prompt)
+            out = torch.stack([cache[p] for p in prompts])  # (N, L, D)
+            while len(cache) > TEXT_CACHE_PROMPTS:
+                cache.popitem(last=False)
+        return out
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        """Run the tokenizer and the text encoder where the encoder lives: (N, L, D) on device/dtype."""
         length = self.max_text_tokens
+        where = next(self.text_encoder.parameters()).device
         tokens = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                                 add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # (N, L) each
+        ids, mask = tokens.input_ids.to(where), tokens.attention_mask.to(where)  # (N, L) each
         hidden = self.text_encoder(ids, mask).last_hidden_state  # (N, L, D)
-        return (hidden * mask[..., None].to(hidden.dtype)).to(self.dtype)
+        return (hidden * mask[..., None].to(hidden.dtype)).to(device=self.device, dtype=self.dtype)
 
     def _latent_stats(self, like: torch.Tensor):
         config = self.vae.config
@@ -359,11 +395,15 @@ def is_wan_checkpoint(spec: str) -> bool:
             and re.search(r"(^|[/_.-])wan", spec.lower()) is not None)
 
 
-def load_wan_modules(spec: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+def load_wan_modules(spec: str, dtype: torch.dtype, local_files_only: bool, transformer: bool = True) -> dict:
     """The modules of a Wan diffusers folder or hub id, each through its `from_pretrained`.
 
     The scheduler is a `FlowMatchEulerDiscreteScheduler` with the folder's shift (Wan's
     folders ship a UniPC config whose `flow_shift` is that shift).
+
+    Args:
+        transformer: load the folder's transformer; False leaves it out (None in the
+            result: `--transformer` replaces it, and 2.6 GB need not be read for nothing).
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -378,7 +418,8 @@ def load_wan_modules(spec: str, dtype: torch.dtype, local_files_only: bool) -> d
         pass
     shift = scheduler_config.get("shift", scheduler_config.get("flow_shift", 3.0))
     return dict(
-        transformer=WanTransformer3DModel.from_pretrained(spec, subfolder="transformer", torch_dtype=dtype, **kwargs),
+        transformer=(WanTransformer3DModel.from_pretrained(spec, subfolder="transformer", torch_dtype=dtype, **kwargs)
+                     if transformer else None),
         # Wan's pipelines keep the VAE in fp32 (its decoder is fragile in half precision); so do we.
         vae=AutoencoderKLWan.from_pretrained(spec, subfolder="vae", torch_dtype=torch.float32, **kwargs),
         text_encoder=UMT5EncoderModel.from_pretrained(spec, subfolder="text_encoder", torch_dtype=dtype, **kwargs),

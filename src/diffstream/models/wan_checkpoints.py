@@ -40,7 +40,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -407,6 +407,54 @@ def load_wan_transformer(path: str | Path, config: Mapping | None = None, dtype:
     return wan_transformer_from_state_dict(state_dict, config, dtype)
 
 
+def checkpoint_config(path: str | Path, ema: bool | None = None) -> dict:
+    """The `WanTransformer3DModel` config of a checkpoint, without loading its weights.
+
+    A diffusers folder gives its config.json (or transformer/config.json); a file (or a
+    StreamDiffusionV2 folder's model.pt) gives its tensor shapes to `infer_config`: a
+    `.safetensors` file's header is read alone; a torch pickle is memory-mapped
+    (`weights_only=True`), so no tensor data is read either.
+
+    Args:
+        path: what `load_wan_transformer` takes.
+        ema: which generator of a training checkpoint (`unwrap_checkpoint`).
+    Returns:
+        the config as a dict (`estimate_vram`'s `config`).
+    Raises:
+        ModelLoadError: one line (no such path, unknown format, shapes that do not tell).
+    """
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.pt").is_file() and not (path / "config.json").is_file():
+            path = path / "model.pt"
+        else:
+            for config in (path / "config.json", path / "transformer" / "config.json"):
+                if config.is_file():
+                    try:
+                        return json.loads(config.read_text())
+                    except (OSError, ValueError) as exc:
+                        raise ModelLoadError(f"{config}: unreadable ({one_line(exc, 120)})") from None
+            raise ModelLoadError(f"{path}: neither a diffusers model folder (config.json) nor a pipeline folder "
+                                 "(transformer/config.json) nor a StreamDiffusionV2 folder (model.pt)")
+    if not path.is_file():
+        raise ModelLoadError(f"no such Wan checkpoint: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:  # the header only: shapes, no data
+                shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({one_line(exc, 120)})") from None
+        state_dict = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    else:
+        state_dict, _ = unwrap_checkpoint(read_checkpoint(path), ema)  # memory-mapped: no data read
+        state_dict = {key: torch.empty(t.shape, device="meta") for key, t in state_dict.items()}
+    return infer_config(convert_to_diffusers(state_dict))
+
+
 def _load_diffusers_folder(path: Path, dtype: torch.dtype):
     from diffusers import WanTransformer3DModel
 
@@ -611,7 +659,8 @@ def format_estimate(estimate: dict, title: str = "VRAM estimate") -> str:
     return "\n".join(lines)
 
 
-def check_fits(estimate: dict, available_bytes: int, config: Mapping | None = None) -> None:
+def check_fits(estimate: dict, available_bytes: int, config: Mapping | None = None, *,
+               flags: Collection[str] | None = None, more: Mapping[str, dict] | None = None) -> None:
     """Refuse, in one line, a stream whose estimate exceeds the memory available.
 
     The line names what would bring it under, each with what it saves (re-estimated):
@@ -623,6 +672,10 @@ def check_fits(estimate: dict, available_bytes: int, config: Mapping | None = No
         available_bytes: free device memory (`torch.cuda.mem_get_info()[0]`).
         config: the transformer config the estimate was made for (needed for the
             suggestions; without it the line names the items only).
+        flags: which of the options above the caller has ("--text-encoder-offload",
+            "--int8", "--window-chunks", "--steps", "--size"); None: all of them.
+        more: further options the caller has, {label: the `estimate_vram` settings it
+            changes}, e.g. {"--max-clients 1": {"rows": 1}}; offered like the others.
     Raises:
         ConfigError: when estimate["total"] > available_bytes.
     """
@@ -637,6 +690,8 @@ def check_fits(estimate: dict, available_bytes: int, config: Mapping | None = No
     options = []
 
     def offer(label: str, **change):
+        if flags is not None and label.split()[0] not in flags:
+            return
         saved = total - estimate_vram(config, **{**s, **change})["total"]
         if saved > 0:
             options.append((saved, f"{label} (-{saved / GiB:.1f} GiB)"))
@@ -653,6 +708,10 @@ def check_fits(estimate: dict, available_bytes: int, config: Mapping | None = No
     h2, w2 = max(16, (h * 3 // 4) // 16 * 16), max(16, (w * 3 // 4) // 16 * 16)
     if (h2, w2) != (h, w):
         offer(f"--size {max(h2, w2)}", height=h2, width=w2)
+    for label, change in (more or {}).items():
+        saved = total - estimate_vram(config, **{**s, **change})["total"]
+        if saved > 0:
+            options.append((saved, f"{label} (-{saved / GiB:.1f} GiB)"))
     options.sort(key=lambda o: -o[0])
     hint = "; lower: " + ", ".join(label for _, label in options) if options else ""
     raise ConfigError(f"{need}{hint}")
