@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -128,3 +130,36 @@ def stream_with_update(pipe, frames, at: int, **changes) -> list[np.ndarray]:
         if out is not None:
             outs.append(out)
     return outs + pipe.flush()
+
+
+class _MaskedStockWanAttention:
+    """diffusers' own WanAttnProcessor, called with a fixed attention mask."""
+
+    def __init__(self, mask):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.mask, self.stock = mask, WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask=self.mask, rotary_emb=rotary_emb)
+
+
+@contextlib.contextmanager
+def stock_wan_attention_with_mask(model, mask):
+    """Every self-attention (attn1) of a Wan transformer runs diffusers' own processor
+    under `mask` for the context; its processors are restored after. The oracle of the
+    block-causal proofs: the whole video in one call of the stock model, the mask saying
+    which frames each frame may see.
+
+    Args:
+        model: a `WanTransformer3DModel`.
+        mask: (L, L) bool, True where a query token may attend to a key token, L the
+            tokens of the whole input (frames x tokens per frame).
+    """
+    original = dict(model.attn_processors)
+    model.set_attn_processor({n: _MaskedStockWanAttention(mask) if ".attn1." in n else p
+                              for n, p in original.items()})
+    try:
+        yield
+    finally:
+        model.set_attn_processor(original)

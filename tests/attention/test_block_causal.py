@@ -33,6 +33,7 @@ from diffstream.attention.block_causal import (
 )
 from diffstream.errors import ConfigError
 from diffstream.models.wan import TINY_WAN_TEXT_DIM, WAN_LATENT_CHANNELS, tiny_wan_transformer
+from diffstream.testing import stock_wan_attention_with_mask
 
 FRAMES = 8  # latent frames of the test video
 SIZE = 8  # latent height = width: (8/2)^2 = 16 tokens per frame
@@ -81,35 +82,13 @@ def block_mask(frames: int, chunk: int, sinks: int, window: int, tokens: int = (
     return (k == q) | (past & (((k < sinks) & keep_sinks) | (k >= q - window)))
 
 
-class MaskedStockProcessor:
-    """diffusers' own WanAttnProcessor, called with a fixed attention mask (the oracle)."""
-
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
-        self.stock = WanAttnProcessor()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask=self.mask, rotary_emb=rotary_emb)
-
-
-@contextlib.contextmanager
-def stock_with_mask(model, mask):
-    """Every self-attention of `model` runs the stock processor under `mask`; restored after."""
-    original = dict(model.attn_processors)
-    model.set_attn_processor({n: MaskedStockProcessor(mask) if ".attn1." in n else p for n, p in original.items()})
-    try:
-        yield
-    finally:
-        model.set_attn_processor(original)
-
-
 def oracle(model, latents, timestep, prompt, mask) -> torch.Tensor:
     """The stock model on the whole video in one call, self-attention masked.
 
     Args:
         latents: (B, 16, F, h, w); timestep: (B,) one per row, or (B, L) one per token.
     """
-    with torch.no_grad(), stock_with_mask(model, mask):
+    with torch.no_grad(), stock_wan_attention_with_mask(model, mask):
         return model(latents, timestep, encoder_hidden_states=prompt, return_dict=False)[0]
 
 

@@ -14,19 +14,16 @@ one at a time through the streamed VAE, the KV cache and its record calls: it mu
 give the reference's latents and frames.
 """
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from diffstream.attention.base import BatchLayout
 from diffstream.attention.block_causal import BlockCausalConfig
 from diffstream.config import CausalVideoConfig, ModelConfig, RunConfig, StreamConfig
 from diffstream.errors import ConfigError
 from diffstream.pipelines.factory import make_mechanism, make_pipeline
-from diffstream.testing import make_frames
+from diffstream.testing import make_frames, stock_wan_attention_with_mask
 
 SEED = 5
 ATOL = 1e-4
@@ -61,26 +58,6 @@ def stream(pipe, frames, flush=True) -> list[np.ndarray]:
 
 
 # --- the reference ------------------------------------------------------------------
-
-
-class MaskedStock:
-    """diffusers' WanAttnProcessor under a fixed attention mask."""
-
-    def __init__(self, mask):
-        self.mask, self.stock = mask, WanAttnProcessor()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask=self.mask, rotary_emb=rotary_emb)
-
-
-@contextlib.contextmanager
-def masked(model, mask):
-    original = dict(model.attn_processors)
-    model.set_attn_processor({n: MaskedStock(mask) if ".attn1." in n else p for n, p in original.items()})
-    try:
-        yield
-    finally:
-        model.set_attn_processor(original)
 
 
 def block_mask(frames: int, chunk: int, sinks: int, window: int, tokens: int) -> torch.Tensor:
@@ -124,7 +101,7 @@ def reference_latents(wan, frames, cfg: StreamConfig) -> torch.Tensor:
         mask = block_mask(prefix + chunk, chunk, sinks, window, tokens)
         for k, s in enumerate(sigmas):
             t = torch.tensor([0.0] * (prefix * tokens) + [1000 * s] * (chunk * tokens))[None]  # (1, L)
-            with torch.no_grad(), masked(wan.transformer, mask):
+            with torch.no_grad(), stock_wan_attention_with_mask(wan.transformer, mask):
                 v = wan.transformer(torch.cat([clean, x], dim=2), t, encoder_hidden_states=emb,
                                     return_dict=False)[0][:, :, prefix:]
             x0 = x - s * v
@@ -298,7 +275,7 @@ def reference_after_switch(wan, cfg, z0s, clean, switch_at: int, prompt: str) ->
         x = (1 - sigmas[0]) * z0s[m] + sigmas[0] * noise[0]
         for k, s in enumerate(sigmas):
             t = torch.tensor([0.0] * (m * tokens) + [1000 * s] * tokens)[None]  # (1, L)
-            with torch.no_grad(), masked(wan.transformer, mask):
+            with torch.no_grad(), stock_wan_attention_with_mask(wan.transformer, mask):
                 v = wan.transformer(torch.cat([*prefix, x], dim=2), t, encoder_hidden_states=emb,
                                     return_dict=False)[0][:, :, m:]
             x0 = x - s * v

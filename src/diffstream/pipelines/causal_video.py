@@ -66,6 +66,7 @@ from diffstream.attention.block_causal import BlockCausal
 from diffstream.config import StreamConfig
 from diffstream.errors import ConfigError
 from diffstream.models.wan import WAN_TEMPORAL_FACTOR, WanComponents, WanVAEStream
+from diffstream.pipelines.outputs import OrderedOutputs
 from diffstream.schedule.blend import blend_embeddings
 
 # One chunk call of one stream (one row): the mechanism's per-call channel.
@@ -78,7 +79,7 @@ UPDATABLE = ("prompt", "negative_prompt", "strength", "steps", "seed", "guidance
 RECACHE = True
 
 
-class CausalVideoPipeline:
+class CausalVideoPipeline(OrderedOutputs):
     """Restyles a stream of frames chunk by chunk with a block-causal Wan DiT; one instance per stream.
 
     The same interface as `pipelines.stream.StreamPipeline` (`push` / `pop` / `process` /
@@ -237,20 +238,6 @@ class CausalVideoPipeline:
             self._run_chunk()
         return self._pop()
 
-    def pop(self) -> np.ndarray | None:
-        """The next ready output without pushing a frame, or None (a chunk finishes 4 F at once)."""
-        return self._pop()
-
-    def process(self, frame: np.ndarray) -> list[np.ndarray]:
-        """Push one frame and return every output that is ready, oldest first."""
-        out = self.push(frame)
-        if out is None:
-            return []
-        ready = [out]
-        while self._ready:
-            ready.append(self._pop())
-        return ready
-
     def flush(self) -> list[np.ndarray]:
         """Finish a partial last chunk and return every remaining output, in order.
 
@@ -265,10 +252,7 @@ class CausalVideoPipeline:
             self._own_model()
             self._run_chunk()
             self._new_stream()
-        out = []
-        while self._ready:
-            out.append(self._pop())
-        return out
+        return self._take_ready()
 
     # --- internals ----------------------------------------------------------------
     def _apply_pending(self) -> None:
@@ -386,13 +370,4 @@ class CausalVideoPipeline:
             mech.call_unet(comp.unet, self._clean[state.slot], self._record_t, self._text, RECORD)
             self.unet_calls += 1
         self._recache_due = False
-
-    def _pop(self) -> np.ndarray | None:
-        if not self._ready:
-            return None
-        index, frame = self._ready.popleft()
-        self.frames_out += 1
-        for callback in self.on_output:
-            callback(index)
-        return frame
 

@@ -34,6 +34,7 @@ from diffstream.config import StreamConfig
 from diffstream.errors import ConfigError
 from diffstream.models.components import Components
 from diffstream.pipelines.control import ControlStack, check_scales
+from diffstream.pipelines.outputs import OrderedOutputs
 from diffstream.pipelines.similarity import SimilarityFilter
 from diffstream.schedule import guidance as G
 from diffstream.schedule import noise as N
@@ -42,7 +43,7 @@ from diffstream.schedule.stream_batch import StreamBatch, map_rows
 from diffstream.schedule.timesteps import add_noise, denoise, eps_to_x0, make_step_table, model_output_to_eps
 
 
-class StreamPipeline:
+class StreamPipeline(OrderedOutputs):
     """Restyles a stream of frames; one instance per stream.
 
     Args:
@@ -194,35 +195,12 @@ class StreamPipeline:
         self._collect()
         return self._pop()
 
-    def pop(self) -> np.ndarray | None:
-        """The next ready output without pushing a frame, or None.
-
-        `push` returns one frame per call; a call can finish more than one (Live2Diff's
-        warmup finishes W frames at once; a frame skipped by the similarity filter is
-        ready as soon as its predecessor is). Call `pop` until None, or use `process`,
-        so those do not wait in the queue and add latency.
-        """
-        return self._pop()
-
-    def process(self, frame: np.ndarray) -> list[np.ndarray]:
-        """Push one frame and return every output that is ready, oldest first."""
-        out = self.push(frame)
-        if out is None:
-            return []
-        ready = [out]
-        while self._ready:
-            ready.append(self._pop())
-        return ready
-
     def flush(self) -> list[np.ndarray]:
         """Finish every in-flight frame and return all remaining outputs, in order."""
         self._own_unet()
         self._drain()
         self._collect()
-        out = []
-        while self._ready:
-            out.append(self._pop())
-        return out
+        return self._take_ready()
 
     # --- internals ----------------------------------------------------------------
     def _notice_compiles(self, shape: torch.Size) -> None:
@@ -574,12 +552,3 @@ class StreamPipeline:
             self._last_out = frame
             self._ready.append((i, frame))
             self._next_out += 1
-
-    def _pop(self) -> np.ndarray | None:
-        if not self._ready:
-            return None
-        index, frame = self._ready.popleft()
-        self.frames_out += 1
-        for callback in self.on_output:
-            callback(index)
-        return frame
