@@ -233,12 +233,28 @@ class CausalVideoConfig:
         warp: shift every sigma by the scheduler's timestep shift s, s u / (1 + (s - 1) u)
             (Self-Forcing's `warp_denoising_step`); False: sigma = t / 1000, as
             StreamDiffusionV2 runs (`warp_denoising_step: false`).
+        kv_record: what the KV cache holds. "clean" (Self-Forcing / CausVid's inference
+            loop): each chunk's denoising calls only read the cache, then one extra call
+            on its denoised latents at timestep 0 writes it: one cache of clean chunks.
+            "steps" (StreamDiffusionV2): every denoising step's call writes the chunk's
+            keys/values to a cache of its own, one per step (step k attends to the
+            earlier chunks as they were at step k); no extra call. None: "steps" with
+            `stream_batch`, else "clean".
+        stream_batch: StreamDiffusionV2's stream batch over denoising steps: the K steps
+            of K consecutive chunks in one transformer call (row k = chunk n - k at step
+            k), which needs `kv_record` "steps"; the same frames as running them one by
+            one, K - 1 chunks later.
+        recache: LongLive's KV recache on a prompt switch (`pipelines.causal_video`);
+            None: on where the cache policy has it (fixed sinks, clean records), else off.
     """
 
     block_causal: BlockCausalConfig = field(default_factory=lambda: BlockCausalConfig(chunk_frames=1, sink_chunks=3,
                                                                                       window_chunks=2))
     timesteps: tuple[int, ...] | None = None
     warp: bool = False
+    kv_record: str | None = None
+    stream_batch: bool = False
+    recache: bool | None = None
 
     def __post_init__(self):
         if self.timesteps is not None:
@@ -246,6 +262,24 @@ class CausalVideoConfig:
             if not ts or any(not 0 < t <= 1000 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
                 raise ConfigError(f"--video-timesteps must be decreasing timesteps in (0, 1000], got {list(ts)}")
             object.__setattr__(self, "timesteps", tuple(int(t) for t in ts))
+        if self.kv_record not in (None, "clean", "steps"):
+            raise ConfigError(f"--kv-record must be clean or steps, got {self.kv_record!r}")
+        if self.stream_batch and self.kv_record == "clean":
+            raise ConfigError("--video-stream-batch keeps one KV cache per denoising step (--kv-record steps): "
+                              "it has no clean record call; leave --kv-record out")
+        if self.kv_record is None:
+            object.__setattr__(self, "kv_record", "steps" if self.stream_batch else "clean")
+        if self.kv_record == "steps" and self.block_causal.sink_policy != "fixed":
+            raise ConfigError("--kv-record steps (and --video-stream-batch) need --sink-policy fixed")
+        if self.recache and not self.recache_available:
+            raise ConfigError("the recache on a prompt switch needs --sink-policy fixed and clean records "
+                              "(--kv-record clean, no --video-stream-batch): pass --no-recache")
+
+    @property
+    def recache_available(self) -> bool:
+        """The recache re-records the cached chunks from their clean latents: only with fixed
+        sinks (the adaptive policy picks its sinks on the device) and clean records."""
+        return self.block_causal.sink_policy == "fixed" and self.kv_record == "clean"
 
     def sigmas(self, strength: float, steps: int | None, shift: float = 1.0) -> tuple[float, ...]:
         """The noise level of each denoising step (flow matching: x_t = (1 - sigma) x0 + sigma noise).

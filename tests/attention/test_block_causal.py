@@ -502,3 +502,57 @@ def test_rerecord_is_refused_for_uncached_chunks_and_attend_calls():
     adaptive = BlockCausalState(BlockCausalConfig(chunk_frames=1, sink_policy="adaptive"))
     with pytest.raises(ValueError):
         adaptive.rerecord([0])
+
+
+# --- row calls: StreamDiffusionV2's stream batch (one stream per row, rows staggered) ---------
+
+
+@pytest.mark.parametrize("policy", [(1, 1, 2), (2, 1, 1)], ids=["chunk1-sink1-window2", "chunk2-sink1-window1"])
+def test_row_calls_equal_independent_streams(wan, policy):
+    """Row calls staggered as a stream batch runs them (call c: row r at chunk c - r, the
+    first and last calls with fewer rows) == each row's video alone through the stock
+    model under the block mask. Every row has its own latents, text and timestep, so a
+    row reading another row's cache, slot or positions shows; with a window of 2 and
+    K = 3 rows the rows attend to unequal lengths in the first calls (the per-row mask)."""
+    chunk, sinks, window = policy
+    k = 3
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks, window_chunks=window))
+    g = torch.Generator().manual_seed(11)
+    latents = torch.randn(k, WAN_LATENT_CHANNELS, FRAMES, SIZE, SIZE, generator=g)  # (K, 16, F, h, w)
+    prompt = torch.randn(k, 5, TINY_WAN_TEXT_DIM, generator=g)
+    t = torch.tensor([900.0, 600.0, 250.0])
+    chunks = FRAMES // chunk
+    outs = [[None] * chunks for _ in range(k)]
+    with torch.no_grad(), mech.attach(wan):
+        for c in range(chunks + k - 1):
+            rows = [r for r in range(k) if 0 <= c - r < chunks]
+            lo, hi = rows[0], rows[-1] + 1
+            x = torch.cat([latents[r:r + 1, :, (c - r) * chunk:(c - r + 1) * chunk] for r in rows])
+            mech.before_rows([c - r for r in rows], lo, k)
+            y = mech.call_unet(wan, x, t[lo:hi], prompt[lo:hi], BatchLayout.branch_major("record", 0, ("cond",),
+                                                                                          hi - lo, 1))
+            for i, r in enumerate(rows):
+                outs[r][c - r] = y[i:i + 1]
+    ours = torch.cat([torch.cat(row, dim=2) for row in outs])  # (K, 16, F, h, w)
+    expected = oracle(wan, latents, t, prompt, block_mask(FRAMES, chunk, sinks, window))
+    assert (ours - expected).abs().max() < ATOL
+
+
+def test_row_calls_check_each_rows_order_and_policy(wan):
+    """A row's chunks must come in order; row calls need the fixed sinks and a stream of
+    their own (not mixed with chunk calls)."""
+    state = BlockCausalState(BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=1))
+    state.begin_rows([0], 0, 2)
+    with pytest.raises(RuntimeError, match="in order"):
+        state.begin_rows([0, 0], 0, 2)  # row 0 is at chunk 1 now
+    state.begin_rows([1, 0], 0, 2)
+    with pytest.raises(RuntimeError, match="rows"):
+        state.begin_rows([0], 0, 3)  # another row count mid-stream
+    state.reset()
+    state.begin_call("record")
+    with pytest.raises(RuntimeError, match="reset"):
+        state.begin_rows([0], 0, 2)
+    adaptive = BlockCausalState(BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=1,
+                                                  sink_policy="adaptive"))
+    with pytest.raises(ValueError, match="fixed"):
+        adaptive.begin_rows([0], 0, 2)

@@ -27,6 +27,10 @@ ADAPTIVE_2 = f"{ADAPTIVE}[sink2-window1]"
 NO_DRIFT = f"{PROOFS}::test_adaptive_sink_without_drift_is_the_fixed_policy"
 RERECORD_SAME = f"{PROOFS}::test_rerecord_with_the_same_inputs_is_bitwise_the_cache"
 RERECORD_WRAPPED = f"{PROOFS}::test_rerecord_after_the_ring_wrapped_attends_the_cached_chunks"
+ROWS = f"{PROOFS}::test_row_calls_equal_independent_streams"
+ROWS_1 = f"{ROWS}[chunk1-sink1-window2]"
+ROWS_2 = f"{ROWS}[chunk2-sink1-window1]"
+ROWS_ORDER = f"{PROOFS}::test_row_calls_check_each_rows_order_and_policy"
 
 VAE_PROOFS = "tests/models/test_wan_vae_stream.py"
 VAE_ENCODE = f"{VAE_PROOFS}::test_streamed_encode_equals_one_shot"
@@ -73,10 +77,10 @@ MUTANTS = [
     # --- positions (Self-Forcing's absolute frame positions) ---------------------------
     mutant("bc-positions-chunk-relative", "every chunk at frames 0..F-1 (the model's own rope for a chunk fed "
            "alone) instead of its frames in the stream", [ROLLING, TWO_FRAMES],
-           Patch(f"{STATE}.rotary", "start = self.chunk * frames", "start = 0")),
+           Patch(f"{STATE}.rotary", "else (self.chunk,)", "else (0,)")),
     mutant("bc-positions-in-chunks", "positions counted in chunks instead of latent frames (chunk n at "
            "frame n)", TWO_FRAMES,
-           Patch(f"{STATE}.rotary", "start = self.chunk * frames", "start = self.chunk")),
+           Patch(f"{STATE}.rotary", "torch.arange(c * frames, (c + 1) * frames", "torch.arange(c, c + frames")),
     mutant("bc-query-chunk-relative", "the query rotated with the model's chunk-local table, the keys with the "
            "absolute one", [ROLLING],
            Patch(f"{PROC}.__call__", "query = apply_rotary(query, cos, sin)", "query = apply_rotary(query, *rotary_emb)")),
@@ -137,7 +141,7 @@ MUTANTS = [
            Patch(f"{STATE}._commit", "self._rerecord.pop(0)", "self._rerecord.pop(0); self.recorded += 1")),
     mutant("bc-rerecord-at-next-position", "a re-recorded chunk rotated to the next chunk's frame positions, "
            "not its own", [RERECORD_SAME, RERECORD_WRAPPED],
-           Patch(f"{STATE}.rotary", "start = self.chunk * frames", "start = self.recorded * frames")),
+           Patch(f"{STATE}.rotary", "else (self.chunk,)", "else (self.recorded,)")),
     mutant("bc-rerecord-sees-later-chunks", "a re-recorded chunk attends to every cached chunk, later ones "
            "included", [RERECORD_SAME, RERECORD_WRAPPED],
            Patch(f"{STATE}.attended_slots", "for k in self.cached() if k <= c", "for k in self.cached()")),
@@ -161,4 +165,18 @@ MUTANTS = [
     mutant("wanvae-encoder-cache-dropped", "the encoder's causal feature cache dropped between frame groups",
            VAE_ENCODE,
            Patch(f"{VAE}.encode", "feat_cache=self._enc_cache", "feat_cache=[None] * self._encoder_convs")),
+    # --- row calls (StreamDiffusionV2's stream batch: one stream per row) --------------------
+    mutant("bc-rows-no-mask", "rows attending to unequal lengths share the longest (a young row reads empty "
+           "slots)", ROWS_1, Patch(f"{STATE}.row_mask", "if len(set(lengths)) == 1:", "if True:")),
+    mutant("bc-rows-written-to-first-row", "every row's keys written to the call's first buffer row", ROWS_1,
+           Patch(f"{PROC}._rows", "kv.key[first + i, :, at:at + n] = key[i]", "kv.key[first, :, at:at + n] = key[i]")),
+    mutant("bc-rows-positions-of-row-0", "every row roped at the first row's chunk positions", ROWS_1,
+           Patch(f"{STATE}.rotary", 'chunks = self._row_call[1] if self.mode == "rows" else (self.chunk,)',
+                 'chunks = (self._row_call[1][0],) * len(self._row_call[1]) if self.mode == "rows" else (self.chunk,)')),
+    mutant("bc-rows-slot-of-row-0", "every row's chunk written to the first row's slot", ROWS_2,
+           Patch(f"{PROC}._rows", "at = state._slot_of(chunk) * n", "at = state._slot_of(chunks[0]) * n")),
+    mutant("bc-rows-window-short", "a row whose window is full attends to one slot fewer", ROWS_2,
+           Patch(f"{STATE}.row_lengths", "min(c, cap) + 1", "min(c, cap - 1) + 1")),
+    mutant("bc-rows-order-unchecked", "a row's chunks may come out of order", ROWS_ORDER,
+           Patch(f"{STATE}.begin_rows", "if chunks != expected:", "if False:")),
 ]

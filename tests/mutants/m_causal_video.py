@@ -17,13 +17,21 @@ RESET = f"{PROOFS}::test_reset_gives_a_fresh_stream"
 UPDATE = f"{PROOFS}::test_update_prompt_applies_from_the_next_chunk"
 RECACHE = f"{PROOFS}::test_recache_equals_a_fresh_stream_over_the_cached_chunks"
 RECACHE_EARLY = f"{PROOFS}::test_recache_before_the_window_rolls_equals_fresh_record_calls"
+STEPS = f"{PROOFS}::test_steps_policy_equals_the_step_by_step_reference"
+STEPS_SEQ = f"{STEPS}[chunk1-sequential]"
+BATCH = f"{STEPS}[chunk1-stream-batch]"
+BATCH2 = f"{STEPS}[chunk2-stream-batch]"
+BATCH_SWITCH = f"{PROOFS}::test_stream_batch_equals_sequential_across_a_prompt_switch"
+BATCH_SCHEDULE = f"{PROOFS}::test_a_schedule_change_finishes_the_chunks_in_flight"
+BATCH_FLUSH = f"{PROOFS}::test_stream_batch_latency_and_flush"
+REFUSED = f"{PROOFS}::test_policies_that_cannot_go_together_are_refused"
 
 MUTANTS = [
     # --- the KV cache's record call (Self-Forcing / StreamDiffusionV2) -------------------
     mutant("cv-record-skipped", "no record call: the chunks never enter the KV cache, every chunk is "
            "denoised as if it were the first", EXACT,
            Patch(f"{PIPE}._denoise", "mech.before_unet(RECORD)  # the clean chunk joins the cache at t = 0\n"
-                 "    mech.call_unet(comp.unet, x0, self._record_t, self._text, RECORD)", "pass")),
+                 "        mech.call_unet(comp.unet, x0, self._record_t, self._text, RECORD)", "pass")),
     mutant("cv-record-noisy", "the record call runs on the last step's noisy input instead of the clean "
            "prediction", EXACT,
            Patch(f"{PIPE}._denoise", "mech.call_unet(comp.unet, x0, self._record_t",
@@ -49,20 +57,20 @@ MUTANTS = [
                  "z0 = (torch.cat(groups, dim=2))")),
     # --- frames in and out ----------------------------------------------------------------
     mutant("cv-chunk-frames-reversed", "a chunk's frames emitted newest first", [EXACT, EXACT2],
-           Patch(f"{PIPE}._run_chunk", "zip(indices, outputs)", "zip(indices, outputs[::-1])")),
+           Patch(f"{PIPE}._decode", "zip(indices, outputs)", "zip(indices, outputs[::-1])")),
     mutant("cv-first-chunk-of-four", "the stream's first chunk waits for 4 frames like the others (the VAE's "
            "first group is frame 0 alone)", [ONE_TO_ONE, EXACT],
            Patch(f"{PIPE}.frames_per_chunk", "return 1 + WAN_TEMPORAL_FACTOR * (f - 1) if chunk == 0 else",
                  "return WAN_TEMPORAL_FACTOR * f if chunk == 0 else"), raises=True),
     mutant("cv-flush-drops-partial", "flush leaves a partial last chunk unprocessed: its frames never come out",
            [ONE_TO_ONE, FLUSH],
-           Patch(f"{PIPE}.flush", "if self._frames:", "if False:")),
+           Patch(f"{PIPE}.flush", "padded = bool(self._frames)", "padded = False")),
     mutant("cv-flush-pads-with-black", "the partial chunk padded with black frames instead of its last frame",
            FLUSH,
            Patch(f"{PIPE}.flush", "self._frames.append((-1, last))", "self._frames.append((-1, last * 0))")),
     mutant("cv-flush-keeps-padded-stream", "after a padded flush the stream goes on over the padding instead of "
            "starting anew", FLUSH,
-           Patch(f"{PIPE}.flush", "self._run_chunk()\n        self._new_stream()", "self._run_chunk()")),
+           Patch(f"{PIPE}.flush", "if padded:\n        self._new_stream()", "pass")),
     # --- stream state: reset, seed, update ---------------------------------------------------
     mutant("cv-noise-not-reseeded-on-reset", "reset keeps the noise generator where the old stream left it",
            RESET,
@@ -91,4 +99,32 @@ MUTANTS = [
            "prompt's keys/values)", RECACHE,
            Patch(f"{PIPE}._recache", "kept = state.rerecord()",
                  "state._commit()\n    kept = state.rerecord(state.cached()[state.config.sink_chunks:])")),
+    # --- StreamDiffusionV2's per-step caches and stream batch -------------------------------
+    mutant("cv-steps-record-clean", "kv_record steps ignored: the sequential loop records clean chunks", STEPS_SEQ,
+           Patch(f"{PIPE}._denoise", 'steps = self.config.video.kv_record == "steps"', "steps = False")),
+    mutant("cv-steps-one-cache", "every step writes the same cache (row 0) instead of its own", STEPS_SEQ,
+           Patch(f"{PIPE}._denoise", "mech.before_rows([self._kv_chunk], k, len(sigmas))",
+                 "mech.before_rows([self._kv_chunk * len(sigmas) + k], 0, 1)")),
+    mutant("cv-batch-renoise-wrong-step", "a chunk moving to step k + 1 is re-noised with its step-k noise",
+           BATCH, Patch(f"{PIPE}._batch_call", "self._row_noise[r, r + 1]", "self._row_noise[r, r]")),
+    mutant("cv-batch-noise-stays", "a chunk's noise does not move with it: each row re-noises with the noise "
+           "of whichever chunk entered it", BATCH,
+           Patch(f"{PIPE}._batch_call", "self._row_noise[r + 1] = self._row_noise[r]", "pass")),
+    mutant("cv-batch-newest-text", "every row takes the newest prompt (a switch reaches the chunks in flight)",
+           BATCH_SWITCH,
+           Patch(f"{PIPE}._batch_call", "self._row_text[lo:hi], _rows_layout",
+                 "self._text.expand(hi - lo, -1, -1), _rows_layout")),
+    mutant("cv-batch-sigmas-from-row-0", "the rows' sigmas taken from step 0 on, whatever rows run (wrong "
+           "while draining)", BATCH,
+           Patch(f"{PIPE}._batch_call", "self._row_sigmas[lo:hi] * flow", "self._row_sigmas[:hi - lo] * flow")),
+    mutant("cv-batch-one-timestep", "every row called at step 0's timestep", BATCH,
+           Patch(f"{PIPE}._batch_call", "self._timesteps[lo:hi, 0]", "self._timesteps[0].expand(hi - lo)")),
+    mutant("cv-batch-no-drain-on-schedule", "a schedule change applied to the chunks in flight", BATCH_SCHEDULE,
+           Patch(f"{PIPE}._apply_pending", "self._drain()  # the chunks in flight finish", "pass  #")),
+    mutant("cv-batch-flush-no-drain", "flush leaves the stream batch's chunks in flight: their frames are lost",
+           BATCH_FLUSH, Patch(f"{PIPE}.flush", "if self._rows_busy():", "if False:")),
+    mutant("cv-recache-allowed-with-steps", "the recache allowed with per-step caches (it would re-record "
+           "clean latents into noisy-step caches)", REFUSED,
+           Patch("diffstream.config:CausalVideoConfig.recache_available",
+                 'and self.kv_record == "clean"', "")),
 ]

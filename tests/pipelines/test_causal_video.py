@@ -428,3 +428,167 @@ def test_methods_and_models_refuse_each_other(wan, tiny):
 
     with pytest.raises(ConfigError):
         load_components(ModelConfig(model="tiny-wan", device="cpu", controlnets=(("canny", "tiny"),)))
+
+
+# --- StreamDiffusionV2's KV policy and stream batch ---------------------------------------
+# Every denoising step writes a KV cache of its own (`kv_record="steps"`), and the K steps
+# of K consecutive chunks run as one transformer call (`stream_batch`). The oracle
+# (`reference_steps_latents`), from the formulas alone: the whole clip VAE-encoded in one
+# shot; each chunk's noise drawn in chunk order from one generator seeded by the seed,
+# (steps, 1, 16, F, h, w) per chunk; then *step by step over the whole clip*: the stock
+# transformer on every chunk at once at step k's timestep under the sink + window block
+# mask, x0 = x - s v, re-noised with each chunk's own noise for the next step. Chunk n's
+# step k thus sees chunks < n as they are at step k, which is what a cache per step
+# holds. Sequential (one call per step) and stream-batched (one call per K chunks' steps)
+# pipelines must both give it.
+
+
+def steps_config(prompt="a watercolor", chunk=1, sinks=1, window=1, batch=True, steps=3, **kw) -> StreamConfig:
+    video = CausalVideoConfig(block_causal=BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks,
+                                                             window_chunks=window),
+                              kv_record="steps", stream_batch=batch)
+    kw = {"strength": 0.8, "steps": steps, "size": 64, "seed": SEED, **kw}
+    return StreamConfig(prompt=prompt, method="causal-video", video=video, **kw)
+
+
+def run_steps(wan, cfg, frames, updates=None, notices=None):
+    """Frames through a pipeline; `updates`: {frame index: update kwargs} applied after that push.
+    Returns (outputs, the finished chunks' latents in order, the pipeline)."""
+    pipe = make_pipeline(wan, cfg)
+    if notices is not None:
+        pipe.on_notice.append(notices.append)
+    latents = []
+    decode = pipe._decode
+    pipe._decode = lambda x0, indices: latents.append(x0.clone()) or decode(x0, indices)
+    out = []
+    for i, f in enumerate(frames):
+        out.extend(pipe.process(f))
+        if updates and i in updates:
+            pipe.update(**updates[i])
+    out.extend(pipe.flush())
+    pipe.close()
+    return out, latents, pipe
+
+
+def reference_steps_latents(wan, frames, cfg: StreamConfig) -> torch.Tensor:
+    """(1, 16, T, h, w) the clip's denoised latents under the per-step-cache policy (module docstring)."""
+    policy = cfg.video.block_causal
+    chunk, sinks, window = policy.chunk_frames, policy.sink_chunks, policy.window_chunks
+    sigmas = [cfg.strength * (cfg.steps - k) / cfg.steps for k in range(cfg.steps)]
+    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, N, H, W)
+    mean, std = latent_stats(wan.vae)
+    with torch.no_grad():
+        z = (wan.vae.encode(video).latent_dist.mode() - mean) / std  # (1, 16, T, h, w)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    per_chunk = [torch.randn((len(sigmas), *z[:, :, :chunk].shape), generator=generator)
+                 for _ in range(z.shape[2] // chunk)]
+    noise = [torch.cat([n[k] for n in per_chunk], dim=2) for k in range(len(sigmas))]  # K x (1, 16, T, h, w)
+    mask = block_mask(z.shape[2], chunk, sinks, window, (z.shape[3] // 2) * (z.shape[4] // 2))
+    emb = text(wan, cfg.prompt)
+    x = (1 - sigmas[0]) * z + sigmas[0] * noise[0]
+    for k, s in enumerate(sigmas):
+        with torch.no_grad(), stock_wan_attention_with_mask(wan.transformer, mask):
+            v = wan.transformer(x, torch.tensor([1000.0 * s]), encoder_hidden_states=emb, return_dict=False)[0]
+        x0 = x - s * v
+        if k + 1 < len(sigmas):
+            x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * noise[k + 1]
+    return x0
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["sequential", "stream-batch"])
+@pytest.mark.parametrize("chunk", [1, 2], ids=["chunk1", "chunk2"])
+def test_steps_policy_equals_the_step_by_step_reference(wan, batch, chunk):
+    """One call per step, or the stream batch (3 steps: 3 chunks in one call, the first
+    and last two calls with fewer rows), == the stock model over the whole clip step by
+    step: every chunk's latents (the window rolls: 1 sink, window 1) and the frames."""
+    chunks = 6 if chunk == 1 else 4
+    n = 1 + 4 * (chunk * chunks - 1)
+    cfg = steps_config(chunk=chunk, batch=batch)
+    frames = clip(n)
+    out, latents, pipe = run_steps(wan, cfg, frames)
+    ours = torch.cat(latents, dim=2)
+    expected = reference_steps_latents(wan, frames, cfg)
+    assert ours.shape == expected.shape and len(latents) == chunks
+    assert (ours - expected).abs().max() < ATOL
+    decoded = reference_frames(wan, expected)
+    assert len(out) == n
+    assert max(int(np.abs(o.astype(int) - e.astype(int)).max()) for o, e in zip(out, decoded)) <= 1
+    # one transformer call per chunk step, or per K chunk steps (plus the K - 1 draining calls)
+    assert pipe.unet_calls == (chunks + 2 if batch else 3 * chunks)
+
+
+def test_the_reference_tells_the_policies_apart(wan):
+    """The clean-record policy (Self-Forcing's) gives other latents on the same clip: the
+    proof above would catch a pipeline that records clean chunks."""
+    frames = clip(17)
+    cfg = steps_config(batch=False)
+    clean = StreamConfig(**{**cfg.__dict__, "video": CausalVideoConfig(block_causal=cfg.video.block_causal)})
+    _, latents, _ = run_steps(wan, clean, frames)
+    assert (torch.cat(latents, dim=2) - reference_steps_latents(wan, frames, cfg)).abs().max() > 100 * ATOL
+
+
+def test_stream_batch_equals_sequential_across_a_prompt_switch(wan):
+    """A prompt switch mid-stream: each chunk keeps the text it began with through its
+    steps (per-row text), so the stream batch gives the sequential frames; a notice says
+    that this cache policy has no recache."""
+    frames = clip(21)
+    notices = []
+    switch = {6: dict(prompt="a pencil sketch")}
+    batched, batched_z, _ = run_steps(wan, steps_config(batch=True), frames, switch, notices)
+    sequential, sequential_z, _ = run_steps(wan, steps_config(batch=False), frames, switch)
+    _, unswitched_z, _ = run_steps(wan, steps_config(batch=False), frames)
+    assert len(batched) == len(sequential) == 21
+    assert (torch.cat(batched_z, dim=2) - torch.cat(sequential_z, dim=2)).abs().max() < ATOL
+    assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(batched, sequential)) <= 1
+    assert (torch.cat(sequential_z, dim=2) - torch.cat(unswitched_z, dim=2)).abs().max() > 100 * ATOL
+    assert len(notices) == 1 and "recache" in notices[0]
+
+
+def test_a_schedule_change_finishes_the_chunks_in_flight(wan):
+    """update(strength) mid-stream: the chunks in flight finish under the old schedule
+    (drained early), later chunks take the new one: the sequential frames. A change of
+    the number of steps restarts the per-step caches with a notice; frames stay 1:1."""
+    frames = clip(25)
+    change = {8: dict(strength=0.6)}
+    batched, batched_z, _ = run_steps(wan, steps_config(batch=True), frames, change)
+    sequential, sequential_z, _ = run_steps(wan, steps_config(batch=False), frames, change)
+    assert len(batched) == len(sequential) == 25
+    assert (torch.cat(batched_z, dim=2) - torch.cat(sequential_z, dim=2)).abs().max() < ATOL
+    assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(batched, sequential)) <= 1
+    notices = []
+    steps_b, steps_bz, pipe = run_steps(wan, steps_config(batch=True), frames, {8: dict(steps=2)}, notices)
+    steps_s, steps_sz, _ = run_steps(wan, steps_config(batch=False), frames, {8: dict(steps=2)})
+    assert len(steps_b) == 25 and pipe.frames_out == 25
+    assert (torch.cat(steps_bz, dim=2) - torch.cat(steps_sz, dim=2)).abs().max() < ATOL
+    assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(steps_b, steps_s)) <= 1
+    assert len(notices) == 1 and "starts again" in notices[0]
+
+
+def test_stream_batch_latency_and_flush(wan):
+    """With K = 3 steps the first output comes 2 chunks later than without; flush drains the
+    chunks in flight and the padded tail: 14 frames in, 14 out, in order."""
+    pipe = make_pipeline(wan, steps_config(batch=True))
+    done = []
+    pipe.on_output.append(done.append)
+    sizes = [len(pipe.process(f)) for f in clip(14)]
+    assert sizes == [0] * 8 + [1, 0, 0, 0, 4, 0]
+    assert pipe.latency_frames == 3 + 2 * 4
+    tail = pipe.flush()
+    pipe.close()
+    assert len(tail) == 9 and done == list(range(14))
+
+
+def test_policies_that_cannot_go_together_are_refused(wan):
+    """The stream batch needs per-step caches and fixed sinks; the recache needs clean records."""
+    with pytest.raises(ConfigError, match="kv-record"):
+        CausalVideoConfig(kv_record="clean", stream_batch=True)
+    with pytest.raises(ConfigError, match="sink-policy fixed"):
+        CausalVideoConfig(block_causal=BlockCausalConfig(sink_policy="adaptive"), stream_batch=True)
+    with pytest.raises(ConfigError, match="no-recache"):
+        CausalVideoConfig(stream_batch=True, recache=True)
+    pipe = make_pipeline(wan, steps_config(batch=True))  # recache left out: off for this policy
+    assert pipe.recache is False
+    with pytest.raises(ConfigError, match="no-recache"):
+        pipe.update(recache=True)
+    assert pipe.recache is False
+    pipe.close()

@@ -68,6 +68,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 from diffstream.attention.base import (
     BatchLayout,
@@ -256,6 +257,10 @@ class BlockCausalState:
         self.sink_score: torch.Tensor | None = None  # (B, S) the adaptive policy's last scores
         self.sink_replaced: torch.Tensor | None = None  # (B,) the sink it last replaced per row, or -1
         self._rerecord: list[int] = []  # cached chunks the next record calls record again (`rerecord`)
+        self.rows: int | None = None  # row calls (`begin_rows`): streams in the buffers, one per buffer row
+        self._row_next: list[int] = []  # row calls: each buffer row's next chunk
+        self._row_call: tuple[int, tuple[int, ...]] | None = None  # the open row call: (first row, chunks)
+        self._row_mask = None  # the open row call's (R, 1, 1, keys) mask when its rows attend to unequal lengths
 
     def begin_call(self, mode: str) -> None:
         """Open the next model call; the only per-call channel.
@@ -275,9 +280,78 @@ class BlockCausalState:
         self.mode = mode
         self._rotary = None
 
+    def begin_rows(self, chunks, first_row: int, rows: int) -> None:
+        """Open a call whose rows are streams of their own, each at its own chunk:
+        StreamDiffusionV2's stream batch over denoising steps.
+
+        StreamDiffusionV2 (its `CausalStreamInferencePipeline.inference_stream`) runs the
+        K denoising steps of K consecutive chunks as one batch: row k is chunk n - k at
+        step k, each row with its own KV cache (the cache repeated over the batch) and
+        its own positions (`kv_cache_starts`), and every call writes each row's keys to
+        that row's cache: no clean record call, so row k's cache holds the earlier
+        chunks' keys/values at step k's noise level. Here: the buffers hold `rows`
+        streams; call row i is buffer row `first_row + i`, at chunk `chunks[i]` of that
+        row's stream, attends to that row's sinks, window and itself, and joins that
+        row's cache (slot and length follow from the chunk index alone with fixed
+        sinks). Each buffer row's chunks must come in order 0, 1, 2, ... (checked on
+        the host); a call may run any contiguous rows (the first and last K - 1 calls
+        of a stream batch run fewer than K). The fixed sink policy only, no re-recording.
+
+        Args:
+            chunks: the chunk index of each call row, host ints.
+            first_row: the buffer row of call row 0.
+            rows: buffer rows (K); fixed for a stream (`reset` to change it).
+        """
+        chunks = tuple(int(c) for c in chunks)
+        self._commit()
+        if not isinstance(self.policy, FixedSink):
+            raise ValueError("block-causal row calls (stream batch) need the fixed sink policy")
+        if self.recorded or self._rerecord:
+            raise RuntimeError("block-causal cache: a stream is either chunk calls or row calls; reset() first")
+        if self.rows != rows:
+            if any(self._row_next):
+                raise RuntimeError(f"block-causal cache: the stream has {self.rows} rows, not {rows}; reset() first")
+            self.rows, self._row_next = int(rows), [0] * int(rows)
+        if first_row < 0 or not chunks or first_row + len(chunks) > rows:
+            raise ValueError(f"block-causal row call: rows {first_row}..{first_row + len(chunks) - 1} of {rows}")
+        expected = tuple(self._row_next[first_row:first_row + len(chunks)])
+        if chunks != expected:
+            raise RuntimeError(f"block-causal row call: rows {first_row}.. are at chunks {list(expected)}, "
+                               f"got {list(chunks)} (each row's chunks in order)")
+        for i in range(len(chunks)):
+            self._row_next[first_row + i] += 1
+        self.mode = "rows"
+        self._row_call = (int(first_row), chunks)
+        self._rotary = None
+        self._row_mask = None
+
+    @property
+    def row_call(self) -> tuple[int, tuple[int, ...]]:
+        """The open row call: (first buffer row, chunk of each call row)."""
+        return self._row_call
+
+    def row_lengths(self) -> list[int]:
+        """Chunks each row of the open row call attends to, itself included."""
+        cap = self.config.sink_chunks + self.config.window_chunks
+        return [min(c, cap) + 1 for c in self._row_call[1]]
+
+    def row_mask(self, tokens: int, device) -> torch.Tensor | None:
+        """(R, 1, 1, max length * tokens) bool: row i's first `row_lengths()[i]` slots, or
+        None when every row attends to the same length (built once per call)."""
+        lengths = self.row_lengths()
+        if len(set(lengths)) == 1:
+            return None
+        if self._row_mask is None:
+            keys = torch.arange(max(lengths) * tokens, device=device)  # (keys,)
+            ends = torch.tensor([n * tokens for n in lengths], device=device)  # (R,)
+            self._row_mask = (keys[None] < ends[:, None])[:, None, None]  # (R, 1, 1, keys)
+        return self._row_mask
+
     def _commit(self) -> None:
         """The last call was a record call: its chunk is now part of the cache (after the
-        sink policy has had its say)."""
+        sink policy has had its say). A row call's chunks were counted as it opened."""
+        if self.mode == "rows":
+            self._row_call = None
         if self.mode == "record":
             if self._rerecord:  # a re-recorded chunk: its slot is rewritten, nothing else moves
                 self._rerecord.pop(0)
@@ -375,13 +449,18 @@ class BlockCausalState:
         """This layer's buffers, allocated at the stream's first chunk.
 
         Args:
-            like: (B, heads, N, d) this call's keys (shape, dtype, device).
+            like: (B, heads, N, d) this call's keys (shape, dtype, device); in a row call
+                the buffers have `rows` rows whatever the call's B.
         """
+        if self.mode == "rows":
+            like = like[:1].expand(self.rows, *like.shape[1:])  # (rows, heads, N, d)
         kv = self.layers.get(name)
         fits = (kv is not None and kv.key.shape[:2] == like.shape[:2] and kv.tokens == like.shape[2]
                 and kv.key.shape[3] == like.shape[3] and kv.key.dtype == like.dtype and kv.key.device == like.device)
         if not fits:
-            if kv is not None and self.chunk > 0:
+            rows = self.mode == "rows"
+            started = sum(self._row_next) > len(self._row_call[1]) if rows else self.chunk > 0  # an earlier call wrote
+            if kv is not None and started:
                 raise RuntimeError(f"block-causal cache of {name}: chunk {self.chunk} has keys {tuple(like.shape)}, "
                                    f"the stream's first had {tuple(kv.key.shape[:2])} x {kv.tokens} tokens; "
                                    "reset() to start a stream of another size")
@@ -397,21 +476,24 @@ class BlockCausalState:
                 `t_dim` channels of each head are the time axis.
             t_dim: rotary channels of the time axis (`rope.t_dim`).
         Returns:
-            (cos, sin), each (1, L, 1, D): the time channels at frames n*F ... n*F + F - 1.
+            (cos, sin), each (R, L, 1, D): the time channels at frames n*F ... n*F + F - 1
+            (R = 1 for a chunk call; in a row call, each row at its own chunk n).
         """
         if self._rotary is None:
             cos, sin = rotary_emb
             frames = self.config.chunk_frames
             length, dim = cos.shape[1], cos.shape[-1]
             per_frame = length // frames  # tokens per latent frame
-            start = self.chunk * frames
+            chunks = self._row_call[1] if self.mode == "rows" else (self.chunk,)  # one per row, or one for all
+            r = len(chunks)
             # Time axis at the stream's frame indices, as WanRotaryPosEmbed builds its table.
-            t_cos, t_sin = time_rotary(torch.arange(start, start + frames, device=cos.device), t_dim)  # (F, t_dim)
+            positions = torch.cat([torch.arange(c * frames, (c + 1) * frames, device=cos.device) for c in chunks])
+            t_cos, t_sin = time_rotary(positions, t_dim)  # (R*F, t_dim)
             tables = []
             for table, time in ((cos, t_cos), (sin, t_sin)):
-                table = table.view(frames, per_frame, dim)  # (F, N/F, D)
-                time = time.to(table.dtype)[:, None, :].expand(frames, per_frame, t_dim)  # (F, N/F, t_dim)
-                tables.append(torch.cat([time, table[..., t_dim:]], dim=-1).view(1, length, 1, dim))
+                table = table.view(1, frames, per_frame, dim).expand(r, -1, -1, -1)  # (R, F, N/F, D)
+                time = time.to(table.dtype).view(r, frames, 1, t_dim).expand(r, frames, per_frame, t_dim)
+                tables.append(torch.cat([time, table[..., t_dim:]], dim=-1).view(r, length, 1, dim))  # (R, L, 1, D)
             self._rotary = tuple(tables)
         return self._rotary
 
@@ -428,10 +510,9 @@ class BlockCausalState:
 def time_rotary(positions: torch.Tensor, dim: int):
     """Rotary cos/sin of the given frame indices on `dim` channels, as Wan's table has them.
 
-    Adapted from diffusers `get_1d_rotary_pos_embed` (0.42.1, `use_real`,
-    `repeat_interleave_real`), which `WanRotaryPosEmbed` builds its table with: angles
-    p / theta^(2i / dim) in float64 (float32 on MPS, as there), each repeated for the
-    two channels of its pair.
+    diffusers' own `get_1d_rotary_pos_embed`, called as `WanRotaryPosEmbed` builds its
+    table (`use_real`, `repeat_interleave_real`, angles in float64; float32 on MPS), at
+    the given positions instead of 0..max_seq_len-1.
 
     Args:
         positions: (F,) integer frame indices.
@@ -439,9 +520,8 @@ def time_rotary(positions: torch.Tensor, dim: int):
         (cos, sin), each (F, dim) float32.
     """
     dtype = torch.float32 if torch.backends.mps.is_available() else torch.float64
-    freqs = 1.0 / (WAN_ROPE_THETA ** (torch.arange(0, dim, 2, dtype=dtype, device=positions.device) / dim))  # (dim/2,)
-    angles = torch.outer(positions, freqs)  # (F, dim/2)
-    return (angles.cos().repeat_interleave(2, dim=1).float(), angles.sin().repeat_interleave(2, dim=1).float())
+    return get_1d_rotary_pos_embed(dim, positions, WAN_ROPE_THETA, use_real=True, repeat_interleave_real=True,
+                                   freqs_dtype=dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -503,6 +583,8 @@ class BlockCausalAttnProcessor:
 
         kv = state.layer(self.name, key)
         n = kv.tokens
+        if state.mode == "rows":
+            return self._rows(attn, state, kv, query, key, value)
         at = state.slot * n
         # The chunk's keys/values go to its slot (the one the oldest window chunk leaves);
         # the attended chunks are then exactly the buffer's first `length` slots.
@@ -515,6 +597,27 @@ class BlockCausalAttnProcessor:
         else:
             out = F.scaled_dot_product_attention(query, kv.key[:, :, :end], kv.value[:, :, :end])  # (B, heads, L, d)
         out = out.transpose(1, 2).flatten(2).type_as(query)  # (B, L, heads * d)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+    @staticmethod
+    def _rows(attn, state: BlockCausalState, kv: LayerKV, query, key, value):
+        """A row call (`BlockCausalState.begin_rows`): each row its own stream at its own chunk.
+
+        query, key, value: (R, heads, L, d), roped at each row's positions.
+        """
+        n = kv.tokens
+        first, chunks = state.row_call
+        for i, chunk in enumerate(chunks):  # each row's chunk to its slot in its own row of the buffers
+            at = state._slot_of(chunk) * n
+            kv.key[first + i, :, at:at + n] = key[i]
+            kv.value[first + i, :, at:at + n] = value[i]
+        rows = slice(first, first + len(chunks))
+        end = max(state.row_lengths()) * n
+        keep = state.row_mask(n, key.device)  # None when every row attends to the same length
+        out = F.scaled_dot_product_attention(query, kv.key[rows, :, :end], kv.value[rows, :, :end],
+                                             attn_mask=keep)  # (R, heads, L, d)
+        out = out.transpose(1, 2).flatten(2).type_as(query)  # (R, L, heads * d)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
@@ -551,6 +654,11 @@ class BlockCausal(Mechanism):
 
     def reset(self) -> None:
         self.state.reset()
+
+    def before_rows(self, chunks, first_row: int, rows: int) -> None:
+        """Open a stream-batch call: call row i is buffer row `first_row + i` at chunk
+        `chunks[i]` of its own stream (`BlockCausalState.begin_rows`)."""
+        self.state.begin_rows(chunks, first_row, rows)
 
     def before_unet(self, layout: BatchLayout) -> None:
         if layout.phase not in ("attend", "record", "stream"):

@@ -40,19 +40,28 @@ recached before it: exactly a fresh stream under the new prompt fed the cached c
 (the chunks evicted before the switch are gone). S + W extra transformer calls, once.
 Without it the next chunks attend to keys/values made with the old text (the "smear").
 
+The KV cache policy of StreamDiffusionV2 (`CausalVideoConfig.kv_record = "steps"`): no
+record call; every denoising step k's call writes the chunk's keys/values to step k's own
+cache (`BlockCausalState.begin_rows`: the buffers hold one stream per step), so step k
+of chunk n attends to chunks < n as they were at step k. It is what makes its stream
+batch possible (`stream_batch`): the K steps of K consecutive chunks in one call, row k =
+chunk n - k at step k (its `inference_stream`), each row with its own text and noise, so
+the frames equal the same policy run one call per step (proved against the stock model
+over the whole clip, step by step) and come K - 1 chunks later. The recache is not
+available there (each step's cache would need that step's noisy inputs re-run): a prompt
+switch then says so once (`on_notice`). A change of strength or steps first finishes
+the chunks in flight under their old schedule; a change of the number of steps then
+starts a new KV stream (one cache per step), with a notice.
+
 Deliberate deviations from StreamDiffusionV2: its first chunk is 1 + 4 frames (2 latent
 frames) and later ones 1; ours are all `chunk_frames` latent frames (the block-causal
-cache's chunks are uniform), so the first output comes after the first frame. Its stream
-batch over denoising steps (every step slot in one transformer call) is not done: each
-step is its own call. It cannot equal this loop: chunk n's first step attends to chunk
-n - 1's clean record, which a stream batch computes in the same call (StreamDiffusionV2's
-rows each keep their own cache, written with that step's noisy keys, and no clean record
-call: another policy, which needs per-row chunk positions in the block-causal state).
-Its motion-aware noise scale and adaptive sink are not done.
+cache's chunks are uniform), so the first output comes after the first frame. Its
+motion-aware noise scale is not done.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -72,10 +81,19 @@ from diffstream.schedule.blend import blend_embeddings
 # One chunk call of one stream (one row): the mechanism's per-call channel.
 ATTEND = BatchLayout.branch_major("attend", 0, ("cond",), 1, 1)
 RECORD = BatchLayout.branch_major("record", 0, ("cond",), 1, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_layout(rows: int) -> BatchLayout:
+    """A stream-batch call of `rows` step rows."""
+    return BatchLayout.branch_major("record", 0, ("cond",), rows, 1)
+
+
 # What `update` may change (from the next chunk).
 UPDATABLE = ("prompt", "negative_prompt", "strength", "steps", "seed", "guidance", "prompt_blend", "blend", "noise",
              "cfg_type", "delta", "recache")
-# LongLive's recache on a prompt switch, on unless the pipeline is made (or updated) with recache=False.
+# LongLive's recache on a prompt switch: on where the cache policy has it (fixed sinks, clean records)
+# unless the pipeline is made (or updated) with recache=False.
 RECACHE = True
 
 
@@ -91,16 +109,18 @@ class CausalVideoPipeline(OrderedOutputs):
         config: the stream's settings (`config.video`: chunks, cache, steps).
         mechanism: the block-causal attention (`pipelines.factory.make_mechanism`).
         recache: rebuild the KV cache under the new text on a prompt switch (LongLive;
-            module docstring); False keeps the old prompt's keys/values.
+            module docstring); False keeps the old prompt's keys/values; None: on where
+            the cache policy has it (fixed sinks and clean records), else off.
     Attributes:
         on_push, on_output: callbacks called with the frame index when a frame enters /
             leaves the pipeline.
-        on_notice: callbacks for one-line notices (StreamPipeline's interface; none sent yet).
+        on_notice: callbacks for one-line notices (StreamPipeline's interface): a prompt
+            switch without recache, a KV stream restarted by a change of steps.
         frames_in, frames_out, unet_calls, chunks: counters since the last reset.
     """
 
     def __init__(self, components: WanComponents, config: StreamConfig, mechanism: BlockCausal | None = None,
-                 recache: bool = RECACHE):
+                 recache: bool | None = None):
         if not getattr(components, "is_wan", False):
             raise ConfigError("--method causal-video runs on a Wan video model: pass --model tiny-wan or a Wan "
                               "diffusers folder")
@@ -112,14 +132,19 @@ class CausalVideoPipeline(OrderedOutputs):
         self.vae = WanVAEStream(components.vae)
         self.on_push: list[Callable[[int], None]] = []
         self.on_output: list[Callable[[int], None]] = []
-        # Notices for the person watching (StreamPipeline's: compiled graphs being built); eager only here, none yet.
+        # Notices for the person watching (StreamPipeline's interface).
         self.on_notice: list[Callable[[str], None]] = []
+        if recache is None:  # the config's, and where it leaves it out: on where the cache policy has it
+            recache = config.video.recache if config.video.recache is not None else RECACHE
+            recache = recache and config.video.recache_available
         self.recache = bool(recache)
         self._check_recache()
         # (S + W + 1, 1, 16, F, h, w) the clean latents of the cached chunks, at their cache slots
         # (allocated at a stream's first chunk, reused after), for the recache.
         self._clean: torch.Tensor | None = None
         self._pending: dict = {}
+        self._told_no_recache = False
+        self._rows_x: torch.Tensor | None = None  # stream batch: (K, 16, F, h, w) each row's input, allocated once
         self._prompt_key = None
         self._schedule_key = None
         self._seed = None
@@ -143,6 +168,8 @@ class CausalVideoPipeline(OrderedOutputs):
     def reset(self) -> None:
         """Start a new stream: drop buffered frames and queued outputs, clear the KV cache,
         the VAE's caches and the noise generator."""
+        self._row_chunk: list[int | None] = []  # stream batch: no chunk in flight to finish
+        self.chunks = 0  # a new stream: nothing to tell about the old one's caches
         self._apply_pending()
         self._ready: deque = deque()  # (index, frame) ready to return, in order
         self.frames_in = 0
@@ -156,6 +183,10 @@ class CausalVideoPipeline(OrderedOutputs):
         self._size: tuple[int, int] | None = None  # (width, height) of the stream's frames
         self.chunks = 0
         self._recache_due = False  # a prompt switch since the last chunk: recache before the next
+        self._kv_chunk = 0  # the next chunk's index in the KV stream (row calls: kv_record "steps")
+        k = len(self._sigmas)
+        self._row_chunk = [None] * k  # stream batch: the KV chunk at each step row, None: empty
+        self._row_frames: list = [None] * k  # stream batch: the frame indices of each row's chunk
         self.vae.reset()
         self.mechanism.reset()
         self._generator = torch.Generator().manual_seed(self.config.seed)
@@ -178,9 +209,11 @@ class CausalVideoPipeline(OrderedOutputs):
 
     @property
     def latency_frames(self) -> int:
-        """Pushes a frame can wait for its output: the frames after it in a steady chunk (4 F - 1);
-        the stream's first output comes after 1 + 4 (F - 1) frames."""
-        return WAN_TEMPORAL_FACTOR * self.chunk_frames - 1
+        """Pushes a frame can wait for its output: the frames after it in a steady chunk (4 F - 1),
+        and with the stream batch the K - 1 chunks after it; the stream's first output comes
+        after 1 + 4 (F - 1) frames (and K - 1 chunks)."""
+        chunk = WAN_TEMPORAL_FACTOR * self.chunk_frames
+        return chunk - 1 + (chunk * (self.num_steps - 1) if self.config.video.stream_batch else 0)
 
     @property
     def num_steps(self) -> int:
@@ -208,8 +241,12 @@ class CausalVideoPipeline(OrderedOutputs):
             recache = changes.pop("recache")
             if not isinstance(recache, bool):
                 raise ConfigError(f"recache is True or False, got {recache!r}")
-            self.recache = recache
-            self._check_recache()
+            was, self.recache = self.recache, recache
+            try:
+                self._check_recache()
+            except ConfigError:
+                self.recache = was
+                raise
         self.config.replace(**{**self._pending, **changes})  # validates
         self._pending.update(changes)
 
@@ -245,17 +282,27 @@ class CausalVideoPipeline(OrderedOutputs):
         dropped. The caches then hold the padding, so the next pushed frame starts a new
         stream (as after `reset`, counters kept).
         """
-        if self._frames:
+        padded = bool(self._frames)
+        if padded:
             last = self._frames[-1][1]
             while len(self._frames) < self.frames_per_chunk(self.chunks):
                 self._frames.append((-1, last))  # index -1: padding, never emitted
             self._own_model()
             self._run_chunk()
+        if self._rows_busy():  # the stream batch's chunks in flight finish (the caches stay consistent)
+            self._own_model()
+            self._drain()
+        if padded:
             self._new_stream()
         return self._take_ready()
 
     # --- internals ----------------------------------------------------------------
     def _apply_pending(self) -> None:
+        if self._pending and self._rows_busy():
+            new = self.config.replace(**self._pending)
+            if (new.strength, new.steps, new.video) != self._schedule_key:
+                self._own_model()
+                self._drain()  # the chunks in flight finish under the schedule they began with
         if self._pending:
             self.config = self.config.replace(**self._pending)
             self._pending = {}
@@ -271,21 +318,40 @@ class CausalVideoPipeline(OrderedOutputs):
             self._text = emb if not c.prompt_blend else blend_embeddings(emb, [w for _, w in c.prompt_blend], c.blend)
             self._text = self._text[:1].contiguous()  # (1, L, D)
             # A switch in the middle of a stream: its cache holds the old text's keys/values.
-            self._recache_due = self.recache and self._prompt_key is not None and self.chunks > 0
+            switch = self._prompt_key is not None and self.chunks > 0
+            self._recache_due = self.recache and switch
+            if switch and not self.recache and not self._recache_available() and not self._told_no_recache:
+                self._told_no_recache = True
+                self._notice("prompt switch: the KV cache keeps the old prompt's keys/values until they leave the "
+                             "window (no recache with this cache policy: it needs fixed sinks and clean records)")
             self._prompt_key = prompt_key
         schedule_key = (c.strength, c.steps, c.video)
         if schedule_key != self._schedule_key:
             comp = self.components
+            previous = self._sigmas if self._schedule_key is not None else None
             self._sigmas = c.video.sigmas(c.strength, c.steps, comp.shift)  # host floats: no sync per chunk
             scale = float(comp.num_train_timesteps)
             # (steps, 1) model timesteps of the attend calls and (1,) the record call's 0, preallocated
             self._timesteps = torch.tensor([[s * scale] for s in self._sigmas], device=comp.device, dtype=comp.dtype)
             self._record_t = torch.zeros(1, device=comp.device, dtype=comp.dtype)
+            # (K, 1, 1, 1, 1) each step row's sigma (stream batch)
+            self._row_sigmas = torch.tensor(self._sigmas, device=comp.device, dtype=comp.dtype).view(-1, 1, 1, 1, 1)
+            steps_changed = previous is not None and len(previous) != len(self._sigmas)
             self._schedule_key = schedule_key
+            if steps_changed and c.video.kv_record == "steps" and self.chunks > 0:
+                # one KV cache per step: a new number of steps starts a new KV stream (positions from 0)
+                self.mechanism.reset()
+                self._kv_chunk = 0
+                self._notice(f"--steps changed to {len(self._sigmas)}: the KV cache (one per denoising step) "
+                             "starts again from the next chunk")
+            if len(self._row_chunk) != len(self._sigmas):
+                self._row_chunk = [None] * len(self._sigmas)
+                self._row_frames = [None] * len(self._sigmas)
 
     @torch.no_grad()
     def _run_chunk(self) -> None:
-        """Encode, denoise, record and decode the buffered chunk; queue its outputs."""
+        """Encode the buffered chunk, denoise it (with the stream batch: start it, and
+        finish the chunk K - 1 calls ahead), record it, decode what finished; queue outputs."""
         comp = self.components
         indices = [i for i, _ in self._frames]
         vae_dtype = next(comp.vae.parameters()).dtype
@@ -298,45 +364,140 @@ class CausalVideoPipeline(OrderedOutputs):
             groups.append(self.vae.encode(video[:, :, start:start + size]))  # (1, 16, 1, h, w)
             start += size
         z0 = comp.normalize_latents(torch.cat(groups, dim=2)).to(comp.dtype)  # (1, 16, F, h, w)
-        x0 = self._denoise(z0)
+        if self.config.video.stream_batch:
+            for x0, done in self._batch_call(z0, indices):
+                self._decode(x0, done)
+        else:
+            self._decode(self._denoise(z0), indices)
+        self.chunks += 1
+
+    def _decode(self, x0: torch.Tensor, indices: list[int]) -> None:
+        """Decode a finished chunk's latents (1, 16, F, h, w) one latent frame at a time through
+        the decoder's caches; queue its frames (index -1: padding, dropped)."""
+        comp = self.components
+        vae_dtype = next(comp.vae.parameters()).dtype
         latents = comp.denormalize_latents(x0).to(vae_dtype)  # (1, 16, F, h, w)
         decoded = torch.cat([self.vae.decode(latents[:, :, i:i + 1]) for i in range(latents.shape[2])], dim=2)
         outputs = F.tensor_to_frames(decoded[0].permute(1, 0, 2, 3))  # n frames (H, W, 3)
         for index, frame in zip(indices, outputs):
             if index >= 0:
                 self._ready.append((index, frame))
-        self.chunks += 1
+
+    def _chunk_noise(self, z0: torch.Tensor) -> torch.Tensor:
+        """A chunk's noise in one draw, in a fixed order: (steps, 1, 16, F, h, w) on the CPU
+        generator (the same numbers on every device), then moved."""
+        comp = self.components
+        noise = torch.randn((len(self._sigmas), *z0.shape), generator=self._generator)
+        return noise.to(device=comp.device, dtype=comp.dtype)
 
     def _denoise(self, z0: torch.Tensor) -> torch.Tensor:
-        """SDEdit-noise a chunk's latents, denoise them with the block-causal DiT, record the result.
+        """SDEdit-noise a chunk's latents, denoise them with the block-causal DiT, record them
+        (`kv_record` "clean": one record call on the result; "steps": every step's call
+        writes that step's cache).
 
         Args:
             z0: (1, 16, F, h, w) the chunk's normalised latents.
         Returns:
-            (1, 16, F, h, w) the denoised latents (what the cache recorded).
+            (1, 16, F, h, w) the denoised latents.
         """
         comp, mech = self.components, self.mechanism
         if self._recache_due:
             self._recache()
         sigmas = self._sigmas
-        # The chunk's noise in one draw, in a fixed order: (steps, 1, 16, F, h, w) on the CPU
-        # generator (the same numbers on every device), then moved.
-        noise = torch.randn((len(sigmas), *z0.shape), generator=self._generator)
-        noise = noise.to(device=comp.device, dtype=comp.dtype)
+        steps = self.config.video.kv_record == "steps"
+        noise = self._chunk_noise(z0)
         x = (1 - sigmas[0]) * z0 + sigmas[0] * noise[0]
         x0 = x
         for k, sigma in enumerate(sigmas):
-            mech.before_unet(ATTEND)
+            if steps:
+                mech.before_rows([self._kv_chunk], k, len(sigmas))  # step k's own cache
+            else:
+                mech.before_unet(ATTEND)
             flow = mech.call_unet(comp.unet, x, self._timesteps[k], self._text, ATTEND)  # v = noise - x0
             self.unet_calls += 1
             x0 = x - sigma * flow
             if k + 1 < len(sigmas):
                 x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * noise[k + 1]
-        mech.before_unet(RECORD)  # the clean chunk joins the cache at t = 0
-        mech.call_unet(comp.unet, x0, self._record_t, self._text, RECORD)
-        self.unet_calls += 1
-        self._keep_clean(x0, mech.state.slot)
+        self._kv_chunk += 1
+        if not steps:
+            mech.before_unet(RECORD)  # the clean chunk joins the cache at t = 0
+            mech.call_unet(comp.unet, x0, self._record_t, self._text, RECORD)
+            self.unet_calls += 1
+            self._keep_clean(x0, mech.state.slot)
         return x0
+
+    # --- the stream batch over denoising steps (StreamDiffusionV2) ---------------------
+    def _rows_busy(self) -> bool:
+        """A chunk is in flight in the stream batch."""
+        return any(c is not None for c in self._row_chunk)
+
+    def _batch_call(self, z0: torch.Tensor | None, indices: list[int] | None) -> list:
+        """One stream-batch call: a new chunk enters step row 0 (None: drain), every chunk in
+        flight takes one denoising step in one transformer call, and moves on a row.
+
+        Row k holds chunk n - k at step k (StreamDiffusionV2's `inference_stream`): its input,
+        its text (the prompt it began with) and its noise, drawn as the sequential loop draws
+        it, at arrival. Each row writes its step's KV cache (`BlockCausal.before_rows`).
+
+        Args:
+            z0: (1, 16, F, h, w) the new chunk's latents, or None.
+            indices: its frame indices.
+        Returns:
+            [(x0 (1, 16, F, h, w), frame indices)] of the chunk that finished, or [].
+        """
+        comp, mech = self.components, self.mechanism
+        k = len(self._sigmas)
+        if z0 is not None:
+            noise = self._chunk_noise(z0)  # (K, 1, 16, F, h, w)
+            shape = (k, *z0.shape[1:])
+            if self._rows_x is None or self._rows_x.shape != shape or self._rows_x.dtype != z0.dtype:
+                self._rows_x = z0.new_zeros(shape)  # (K, 16, F, h, w) each row's input
+                self._row_noise = z0.new_zeros((k, *shape))  # (K, K, 16, F, h, w) each row's chunk's noise
+            if self._row_text_rows() is None:
+                self._row_text = self._text.new_zeros((k, *self._text.shape[1:]))  # (K, L, D) each row's text
+            self._rows_x[0] = ((1 - self._sigmas[0]) * z0 + self._sigmas[0] * noise[0])[0]
+            self._row_noise[0] = noise[:, 0]
+            self._row_text[0] = self._text[0]
+            self._row_chunk[0], self._row_frames[0] = self._kv_chunk, indices
+            self._kv_chunk += 1
+        active = [r for r in range(k) if self._row_chunk[r] is not None]
+        if not active:
+            return []
+        lo, hi = active[0], active[-1] + 1  # contiguous: rows fill from 0 and drain towards K - 1
+        mech.before_rows(self._row_chunk[lo:hi], lo, k)
+        x = self._rows_x[lo:hi]  # (R, 16, F, h, w)
+        flow = mech.call_unet(comp.unet, x, self._timesteps[lo:hi, 0], self._row_text[lo:hi], _rows_layout(hi - lo))
+        self.unet_calls += 1
+        x0 = x - self._row_sigmas[lo:hi] * flow  # (R, 16, F, h, w)
+        finished = [(x0[-1:], self._row_frames[k - 1])] if hi == k else []
+        # Each chunk moves to the next step's row, re-noised with its own noise for that step
+        # (from the last row, so no row is overwritten before it has moved).
+        for r in range(min(hi, k - 1) - 1, lo - 1, -1):
+            sigma = self._sigmas[r + 1]
+            self._rows_x[r + 1] = (1 - sigma) * x0[r - lo] + sigma * self._row_noise[r, r + 1]
+            self._row_noise[r + 1] = self._row_noise[r]
+            self._row_text[r + 1] = self._row_text[r]
+        self._row_chunk = [None] + self._row_chunk[:-1]
+        self._row_frames = [None] + self._row_frames[:-1]
+        return finished
+
+    def _row_text_rows(self):
+        """The stream batch's per-row text buffer if it fits the current text, else None."""
+        text = getattr(self, "_row_text", None)
+        fits = (text is not None and text.shape[0] == len(self._sigmas) and text.shape[1:] == self._text.shape[1:]
+                and text.dtype == self._text.dtype)
+        return text if fits else None
+
+    def _drain(self) -> None:
+        """Finish every chunk in flight in the stream batch (no new chunk), decoding each."""
+        with torch.no_grad():
+            while self._rows_busy():
+                for x0, done in self._batch_call(None, None):
+                    self._decode(x0, done)
+
+    def _notice(self, message: str) -> None:
+        for callback in self.on_notice:
+            callback(message)
 
     def _keep_clean(self, x0: torch.Tensor, slot: int) -> None:
         """Keep a recorded chunk's clean latents (1, 16, F, h, w) at its cache slot (for the recache)."""
@@ -345,12 +506,15 @@ class CausalVideoPipeline(OrderedOutputs):
             self._clean = x0.new_zeros(slots, *x0.shape)  # a stream's first chunk (or one of another size)
         self._clean[slot].copy_(x0)
 
+    def _recache_available(self) -> bool:
+        """`CausalVideoConfig.recache_available`, for the cache policy this pipeline runs."""
+        return (getattr(self.mechanism.config, "sink_policy", "fixed") == "fixed"
+                and self.config.video.kv_record == "clean")
+
     def _check_recache(self) -> None:
-        """The recache re-records the chunks the cache holds, which only the fixed sink
-        policy knows on the host (the adaptive one decides on the device)."""
-        if self.recache and getattr(self.mechanism.config, "sink_policy", "fixed") != "fixed":
-            raise ConfigError("the recache on a prompt switch needs the fixed sink policy (the adaptive one "
-                              "picks its sinks on the device): pass recache=False, or sink_policy='fixed'")
+        if self.recache and not self._recache_available():
+            raise ConfigError("the recache on a prompt switch needs the fixed sink policy and clean records "
+                              "(--kv-record clean, no --video-stream-batch): pass recache=False (--no-recache)")
 
     def _recache(self) -> None:
         """LongLive's recache (module docstring): rebuild the KV cache under the new text.
