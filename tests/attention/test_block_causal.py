@@ -31,6 +31,7 @@ from diffstream.attention.block_causal import (
     BlockCausalConfig,
     BlockCausalState,
 )
+from diffstream.attention.cross_kv_cache import CrossKVAttnProcessor
 from diffstream.errors import ConfigError
 from diffstream.models.wan import TINY_WAN_TEXT_DIM, WAN_LATENT_CHANNELS, tiny_wan_transformer
 from diffstream.testing import stock_wan_attention_with_mask
@@ -232,15 +233,24 @@ def test_long_stream_memory_is_constant_and_positions_stay_absolute():
 # --- the protocol ----------------------------------------------------------------
 
 
-def test_attach_installs_on_self_attention_and_restores(wan):
-    mech = BlockCausal(BlockCausalConfig(chunk_frames=1))
+@pytest.mark.parametrize("cross", [True, False], ids=["cross-cache", "no-cross-cache"])
+def test_attach_installs_on_self_attention_and_restores(wan, cross):
+    """Block-causal processors on every attn1; the cross-attention cache's on every attn2
+    (or diffusers' left there); all restored, and the text projection unhooked, after."""
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=1, cross_kv_cache=cross))
     before = dict(wan.attn_processors)
     with mech.attach(wan):
         now = wan.attn_processors
         assert {n for n, p in now.items() if isinstance(p, BlockCausalAttnProcessor)} == {
             n for n in before if ".attn1." in n}
-        assert all(now[n] is p for n, p in before.items() if ".attn2." in n)
+        if cross:
+            assert {n for n, p in now.items() if isinstance(p, CrossKVAttnProcessor)} == {
+                n for n in before if ".attn2." in n}
+            assert wan.condition_embedder.text_embedder._forward_hooks
+        else:
+            assert all(now[n] is p for n, p in before.items() if ".attn2." in n)
     assert all(wan.attn_processors[n] is p for n, p in before.items())
+    assert not wan.condition_embedder.text_embedder._forward_hooks
 
 
 def test_config_errors_are_one_line():

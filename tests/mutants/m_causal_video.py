@@ -112,8 +112,7 @@ MUTANTS = [
            Patch(f"{PIPE}._batch_call", "self._row_noise[r + 1] = self._row_noise[r]", "pass")),
     mutant("cv-batch-newest-text", "every row takes the newest prompt (a switch reaches the chunks in flight)",
            BATCH_SWITCH,
-           Patch(f"{PIPE}._batch_call", "self._row_text[lo:hi], _rows_layout",
-                 "self._text.expand(hi - lo, -1, -1), _rows_layout")),
+           Patch(f"{PIPE}._batch_call", "texts = self._row_text[lo:hi]", "texts = [self._text] * (hi - lo)")),
     mutant("cv-batch-sigmas-from-row-0", "the rows' sigmas taken from step 0 on, whatever rows run (wrong "
            "while draining)", BATCH,
            Patch(f"{PIPE}._batch_call", "self._row_sigmas[lo:hi] * flow", "self._row_sigmas[:hi - lo] * flow")),

@@ -592,3 +592,26 @@ def test_policies_that_cannot_go_together_are_refused(wan):
         pipe.update(recache=True)
     assert pipe.recache is False
     pipe.close()
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["sequential", "stream-batch"])
+def test_text_keys_values_are_projected_once_per_prompt(wan, batch):
+    """The cross-attention cache (StreamDiffusionV2's `crossattn_cache`) computes each
+    block's text keys/values once per prompt: a stream with one switch misses in every
+    layer at the start and at the switch, and hits everywhere else. With the stream batch
+    (K = 3) also once per batch size and in the calls whose rows mix the two prompts:
+    rows 1, 2, 3 at the start, 2 mixed calls, the new prompt at 3 rows, draining at 2, 1."""
+    frames = clip(21)
+    cfg = steps_config(batch=True) if batch else config()
+    pipe = make_pipeline(wan, cfg)
+    for i, f in enumerate(frames):
+        pipe.process(f)
+        if i == 6:
+            pipe.update(prompt="a pencil sketch")
+    pipe.flush()
+    pipe.close()
+    cross = pipe.mechanism.cross
+    layers = len(wan.transformer.blocks)
+    rounds = 3 + 2 + 1 + 2 if batch else 2
+    assert cross.misses == layers * rounds
+    assert cross.hits == layers * pipe.unet_calls - cross.misses

@@ -63,6 +63,7 @@ size as the stream's first chunk.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,6 +78,7 @@ from diffstream.attention.base import (
     install_processors,
     is_self_attention,
 )
+from diffstream.attention.cross_kv_cache import CrossKVCacheState, make_cross_processor, share_text_projection
 from diffstream.errors import ConfigError
 
 # Call modes (see BlockCausalState.begin_call): the BatchLayout phase "record" records,
@@ -104,6 +106,9 @@ class BlockCausalConfig:
         adapt_sink_threshold: the adaptive policy's cosine threshold (StreamDiffusionV2's
             `adapt_sink_threshold`, 0.2); in [-1, 1], and -1 never replaces (a cosine
             is >= -1; 0 is not "off": pooled keys can point away from each other).
+        cross_kv_cache: keep every block's cross-attention keys/values of the text per
+            prompt (StreamDiffusionV2's `crossattn_cache`, `attention.cross_kv_cache`):
+            exact, it only skips their projections.
     """
 
     chunk_frames: int = 3
@@ -111,6 +116,7 @@ class BlockCausalConfig:
     window_chunks: int = 2
     sink_policy: str = "fixed"
     adapt_sink_threshold: float = 0.2
+    cross_kv_cache: bool = True
 
     def __post_init__(self):
         if self.chunk_frames < 1:
@@ -638,22 +644,37 @@ class BlockCausal(Mechanism):
     def __init__(self, config: BlockCausalConfig | None = None):
         self.config = config or BlockCausalConfig()
         self.state = BlockCausalState(self.config)
+        self.cross = CrossKVCacheState()  # the text keys/values per prompt (config.cross_kv_cache)
 
     def attach(self, transformer):
-        """Install the block-causal processors on a `WanTransformer3DModel` for the context."""
+        """Install the block-causal processors on a `WanTransformer3DModel` for the context
+        (and, with `cross_kv_cache`, the cross-attention cache's)."""
         rope = getattr(transformer, "rope", None)
         if rope is None or not hasattr(rope, "t_dim") or tuple(transformer.config.patch_size)[0] != 1:
             raise ConfigError("--method causal-video needs a Wan video transformer (WanTransformer3DModel, "
                               "temporal patch 1)")
         check_rope(rope)
 
-        def make(name, proc):
-            return BlockCausalAttnProcessor(self.state, name, rope.t_dim) if is_self_attention(name) else None
+        cross = make_cross_processor(self.cross) if self.config.cross_kv_cache else None
 
-        return install_processors(transformer, make)
+        def make(name, proc):
+            if is_self_attention(name):
+                return BlockCausalAttnProcessor(self.state, name, rope.t_dim)
+            return cross(name, proc) if cross is not None else None
+
+        return self._installed(transformer, make)
+
+    @contextlib.contextmanager
+    def _installed(self, transformer, make):
+        with contextlib.ExitStack() as stack:
+            installed = stack.enter_context(install_processors(transformer, make))
+            if self.config.cross_kv_cache:  # one text tensor per prompt reaches attn2 (cross_kv_cache docstring)
+                stack.enter_context(share_text_projection(transformer, self.cross))
+            yield installed
 
     def reset(self) -> None:
         self.state.reset()
+        self.cross.reset()
 
     def before_rows(self, chunks, first_row: int, rows: int) -> None:
         """Open a stream-batch call: call row i is buffer row `first_row + i` at chunk
@@ -685,7 +706,7 @@ class BlockCausal(Mechanism):
                     **unet_kwargs)[0]
 
     def cache_bytes(self) -> int:
-        return self.state.nbytes()
+        return self.state.nbytes() + self.cross.nbytes()
 
 
 def check_rope(rope) -> None:

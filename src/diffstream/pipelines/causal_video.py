@@ -187,6 +187,7 @@ class CausalVideoPipeline(OrderedOutputs):
         k = len(self._sigmas)
         self._row_chunk = [None] * k  # stream batch: the KV chunk at each step row, None: empty
         self._row_frames: list = [None] * k  # stream batch: the frame indices of each row's chunk
+        self._row_text: list = [None] * k  # stream batch: the text (1, L, D) each row's chunk began with
         self.vae.reset()
         self.mechanism.reset()
         self._generator = torch.Generator().manual_seed(self.config.seed)
@@ -347,6 +348,7 @@ class CausalVideoPipeline(OrderedOutputs):
             if len(self._row_chunk) != len(self._sigmas):
                 self._row_chunk = [None] * len(self._sigmas)
                 self._row_frames = [None] * len(self._sigmas)
+                self._row_text = [None] * len(self._sigmas)
 
     @torch.no_grad()
     def _run_chunk(self) -> None:
@@ -436,8 +438,8 @@ class CausalVideoPipeline(OrderedOutputs):
         flight takes one denoising step in one transformer call, and moves on a row.
 
         Row k holds chunk n - k at step k (StreamDiffusionV2's `inference_stream`): its input,
-        its text (the prompt it began with) and its noise, drawn as the sequential loop draws
-        it, at arrival. Each row writes its step's KV cache (`BlockCausal.before_rows`).
+        its text (the prompt it began with; host-side, one tensor per prompt) and its noise,
+        drawn as the sequential loop draws it, at arrival. Each row writes its step's KV cache (`BlockCausal.before_rows`).
 
         Args:
             z0: (1, 16, F, h, w) the new chunk's latents, or None.
@@ -453,11 +455,9 @@ class CausalVideoPipeline(OrderedOutputs):
             if self._rows_x is None or self._rows_x.shape != shape or self._rows_x.dtype != z0.dtype:
                 self._rows_x = z0.new_zeros(shape)  # (K, 16, F, h, w) each row's input
                 self._row_noise = z0.new_zeros((k, *shape))  # (K, K, 16, F, h, w) each row's chunk's noise
-            if self._row_text_rows() is None:
-                self._row_text = self._text.new_zeros((k, *self._text.shape[1:]))  # (K, L, D) each row's text
             self._rows_x[0] = ((1 - self._sigmas[0]) * z0 + self._sigmas[0] * noise[0])[0]
             self._row_noise[0] = noise[:, 0]
-            self._row_text[0] = self._text[0]
+            self._row_text[0] = self._text  # (1, L, D) the prompt it begins with
             self._row_chunk[0], self._row_frames[0] = self._kv_chunk, indices
             self._kv_chunk += 1
         active = [r for r in range(k) if self._row_chunk[r] is not None]
@@ -466,7 +466,11 @@ class CausalVideoPipeline(OrderedOutputs):
         lo, hi = active[0], active[-1] + 1  # contiguous: rows fill from 0 and drain towards K - 1
         mech.before_rows(self._row_chunk[lo:hi], lo, k)
         x = self._rows_x[lo:hi]  # (R, 16, F, h, w)
-        flow = mech.call_unet(comp.unet, x, self._timesteps[lo:hi, 0], self._row_text[lo:hi], _rows_layout(hi - lo))
+        texts = self._row_text[lo:hi]
+        # one prompt in flight (the usual case): the same tensor every call, so the cross-attention
+        # cache keeps its keys/values; a switch in flight: the rows' own texts side by side
+        text = texts[0].expand(hi - lo, -1, -1) if all(t is texts[0] for t in texts) else torch.cat(texts)  # (R, L, D)
+        flow = mech.call_unet(comp.unet, x, self._timesteps[lo:hi, 0], text, _rows_layout(hi - lo))
         self.unet_calls += 1
         x0 = x - self._row_sigmas[lo:hi] * flow  # (R, 16, F, h, w)
         finished = [(x0[-1:], self._row_frames[k - 1])] if hi == k else []
@@ -476,17 +480,10 @@ class CausalVideoPipeline(OrderedOutputs):
             sigma = self._sigmas[r + 1]
             self._rows_x[r + 1] = (1 - sigma) * x0[r - lo] + sigma * self._row_noise[r, r + 1]
             self._row_noise[r + 1] = self._row_noise[r]
-            self._row_text[r + 1] = self._row_text[r]
         self._row_chunk = [None] + self._row_chunk[:-1]
+        self._row_text = [None] + self._row_text[:-1]
         self._row_frames = [None] + self._row_frames[:-1]
         return finished
-
-    def _row_text_rows(self):
-        """The stream batch's per-row text buffer if it fits the current text, else None."""
-        text = getattr(self, "_row_text", None)
-        fits = (text is not None and text.shape[0] == len(self._sigmas) and text.shape[1:] == self._text.shape[1:]
-                and text.dtype == self._text.dtype)
-        return text if fits else None
 
     def _drain(self) -> None:
         """Finish every chunk in flight in the stream batch (no new chunk), decoding each."""
