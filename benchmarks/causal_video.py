@@ -2,22 +2,26 @@
 
 On a Wan transformer built from config with random weights (diffusers'
 `WanTransformer3DModel`; default 4 blocks, 8 heads x 32, latents 64 x 64 = 1,024 tokens
-per latent frame, chunks of 1 latent frame, 1 sink + a window of 5: 6 latent frames of
-context, StreamDiffusionV2's `num_kv_cache 6`), 2 denoising steps, on the CPU:
+per latent frame, chunks of 1 latent frame, StreamDiffusionV2's 3 sinks and a rolling
+window of 6 latent frames: 9 latent frames of context), 2 denoising steps, on the CPU:
 
-- seconds_per_chunk_cached: one chunk as the pipeline denoises it (`pipelines.causal_video`
-  `_denoise`): `steps` attend calls on the chunk alone and one record call, through
-  `BlockCausal`'s KV cache, once the window is full (median over `--chunks` chunks);
+- seconds_per_chunk_cached: one chunk as the pipeline denoises it with clean records
+  (`kv_record` "clean", `pipelines.causal_video._denoise`): `steps` attend calls on the
+  chunk alone and one record call, through `BlockCausal`'s KV cache, once the window is
+  full (median over `--chunks` chunks);
+- seconds_per_chunk_cached_steps: the same with StreamDiffusionV2's cache per step
+  (`kv_record` "steps": `steps` row calls, no record call);
 - seconds_per_chunk_recompute: what a stream without a cache pays for the same context:
   every step the stock transformer (diffusers' own attention) over the whole [sinks,
-  window, current] = 7 latent frames, the past at t = 0 (per-token timesteps), no record
+  window, current] = 10 latent frames, the past at t = 0 (per-token timesteps), no record
   call needed (median). Unmasked: a block mask changes which scores count, not the cost
   (and on the CPU a masked SDPA is slower: the baseline is favoured);
-- speedup = recompute / cached; speedup_per_call = (recompute call) / (cached attend
-  call); frames_ratio = context frames + 1 (7): what the per-call speedup is bounded by
-  when cost is linear in the tokens a call runs (quadratic attention aside, every linear
-  layer runs 7x the tokens). Per chunk the cache pays `steps + 1` calls to the
-  recompute's `steps`;
+- speedup = recompute / cached; speedup_steps likewise; speedup_per_call = (recompute
+  call) / (cached attend call); frames_ratio = context frames + 1 (10): the bound of the
+  per-call speedup, since both costs scale with it: a recompute call runs every linear
+  layer on (context + 1)x the tokens, and its attention on (context + 1)x the queries
+  against the same keys. So >= 10x needs >= 9 frames of context. Per chunk the clean
+  cache pays `steps + 1` calls to the recompute's `steps`, the per-step cache `steps`;
 - rss_growth: the whole `CausalVideoPipeline` on `--model tiny-wan` (VAE, KV cache, clean-
   latent ring) streaming `--rss-chunks` chunks with a prompt switch (recache) every 50
   chunks: RSS at the last chunk against chunk 100 (after two recaches, the allocator warm),
@@ -88,6 +92,23 @@ def cached(model, latent: int, sinks: int, window: int, chunks: int, text) -> tu
 
 
 @torch.no_grad()
+def cached_steps(model, latent: int, sinks: int, window: int, chunks: int, text) -> list[float]:
+    """Seconds per chunk once the window is full with a KV cache per step (row calls, no record call)."""
+    mech = BlockCausal(BlockCausalConfig(chunk_frames=1, sink_chunks=sinks, window_chunks=window))
+    g = torch.Generator().manual_seed(1)
+    per_chunk = []
+    with mech.attach(model):
+        for n in range(sinks + window + chunks):
+            x = torch.randn(1, WAN_LATENT_CHANNELS, 1, latent, latent, generator=g)
+            start = time.perf_counter()
+            for k, s in enumerate(SIGMAS):
+                mech.before_rows([n], k, len(SIGMAS))
+                x = x - s * mech.call_unet(model, x, torch.tensor([1000 * s]), text, ATTEND)
+            per_chunk.append(time.perf_counter() - start)
+    return per_chunk[sinks + window:]
+
+
+@torch.no_grad()
 def recompute(model, latent: int, context: int, chunks: int, text) -> tuple[list[float], list[float]]:
     """(seconds per chunk, seconds per call): every step the stock model over [context frames, current]."""
     g = torch.Generator().manual_seed(2)
@@ -141,9 +162,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--sinks", type=int, default=1)
-    parser.add_argument("--window", type=int, default=5)
-    parser.add_argument("--chunks", type=int, default=5, help="chunks timed per side (medians)")
+    parser.add_argument("--sinks", type=int, default=3)
+    parser.add_argument("--window", type=int, default=6)
+    parser.add_argument("--chunks", type=int, default=3, help="chunks timed per side (medians)")
     parser.add_argument("--rss-chunks", type=int, default=300)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -157,6 +178,9 @@ def main() -> int:
     c_chunk, c_call = cached(model, args.latent, args.sinks, args.window, args.chunks, text)
     print(f"cached:    {statistics.median(c_chunk):.3f} s/chunk ({len(SIGMAS)} attend + 1 record), "
           f"attend call {statistics.median(c_call):.3f} s", file=sys.stderr)
+    s_chunk = cached_steps(model, args.latent, args.sinks, args.window, args.chunks, text)
+    print(f"cached, a cache per step: {statistics.median(s_chunk):.3f} s/chunk ({len(SIGMAS)} row calls)",
+          file=sys.stderr)
     r_chunk, r_call = recompute(model, args.latent, context, args.chunks, text)
     print(f"recompute: {statistics.median(r_chunk):.3f} s/chunk ({len(SIGMAS)} calls over {context + 1} frames), "
           f"call {statistics.median(r_call):.3f} s", file=sys.stderr)
@@ -174,6 +198,8 @@ def main() -> int:
         "seconds_per_chunk_cached": statistics.median(c_chunk),
         "seconds_per_chunk_recompute": statistics.median(r_chunk),
         "speedup": statistics.median(r_chunk) / statistics.median(c_chunk),
+        "seconds_per_chunk_cached_steps": statistics.median(s_chunk),
+        "speedup_steps": statistics.median(r_chunk) / statistics.median(s_chunk),
         "seconds_per_call_cached": statistics.median(c_call),
         "seconds_per_call_recompute": statistics.median(r_call),
         "speedup_per_call": statistics.median(r_call) / statistics.median(c_call),

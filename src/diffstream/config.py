@@ -426,6 +426,14 @@ class StreamConfig:
         if self.method == "causal-video":
             self._check_causal_video()
 
+    @property
+    def video_cache_rows(self) -> int:
+        """KV cache rows of one causal-video stream: one per denoising step with
+        `kv_record` "steps" (StreamDiffusionV2's cache per step), else 1."""
+        if self.video.kv_record != "steps":
+            return 1
+        return len(self.video.sigmas(self.strength, self.steps))
+
     def _check_causal_video(self) -> None:
         """Refuse, in one line, the image engine's options that causal-video does not have."""
         refused = [flag for flag, given in (

@@ -374,7 +374,10 @@ def test_sigmas():
 # --- the CLI, the model bundle and the refusals ---------------------------------------
 
 
-def test_cli_run_causal_video_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("options", [[], ["--video-stream-batch", "--steps", "3"],
+                                     ["--sink-policy", "adaptive", "--adapt-sink-threshold", "0.5"]],
+                         ids=["default", "stream-batch", "adaptive-sink"])
+def test_cli_run_causal_video_end_to_end(tmp_path, capsys, options):
     import av
 
     from diffstream.cli import main
@@ -383,10 +386,33 @@ def test_cli_run_causal_video_end_to_end(tmp_path, capsys):
     path = write_video(tmp_path / "clip.mp4", make_frames(11, 48, 64), fps=25)
     out = tmp_path / "out.mp4"
     assert main(["run", path, "-o", str(out), "--method", "causal-video", "--model", "tiny-wan", "--prompt", "x",
-                 "--size", "64", "--no-progress"]) == 0
+                 "--size", "64", "--no-progress", *options]) == 0
     with av.open(str(out)) as c:
         assert sum(1 for _ in c.decode(video=0)) == 11
     assert "wrote 11 frames" in capsys.readouterr().err
+
+
+def test_cli_cache_policy_options_reach_the_config_and_bad_pairs_are_one_line(tmp_path, capsys):
+    from diffstream.cli import build_parser, main
+    from diffstream.commands.run import run_config
+
+    args = build_parser().parse_args(["run", "in.mp4", "-o", "o.mp4", "--method", "causal-video", "--model",
+                                      "tiny-wan", "--prompt", "x", "--sink-policy", "adaptive", "--adapt-sink-threshold", "0.3",
+                                      "--no-recache", "--sink-chunks", "2"])
+    video = run_config(args).stream.video
+    assert (video.block_causal.sink_policy, video.block_causal.adapt_sink_threshold) == ("adaptive", 0.3)
+    assert (video.kv_record, video.stream_batch, video.recache) == ("clean", False, False)
+    args = build_parser().parse_args(["run", "in.mp4", "-o", "o.mp4", "--method", "causal-video", "--model",
+                                      "tiny-wan", "--prompt", "x", "--video-stream-batch", "--steps", "3"])
+    config = run_config(args)
+    assert (config.stream.video.kv_record, config.stream.video.stream_batch) == ("steps", True)
+    assert config.stream.video_cache_rows == 3
+    for bad, says in ((["--video-stream-batch", "--kv-record", "clean"], "--kv-record"),
+                      (["--video-stream-batch", "--sink-policy", "adaptive"], "--sink-policy fixed")):
+        assert main(["run", str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "o.mp4"), "--method",
+                     "causal-video", "--model", "tiny-wan", "--prompt", "x", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1
 
 
 def test_saved_folder_loads_by_path(wan, tmp_path):

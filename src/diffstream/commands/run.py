@@ -137,6 +137,23 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
     v.add_argument("--warp-timesteps", action="store_true",
                    help="shift the steps' noise levels by the model's timestep shift (Self-Forcing's "
                         "warp_denoising_step; StreamDiffusionV2 runs without)")
+    v.add_argument("--sink-policy", choices=("fixed", "adaptive"), default="fixed",
+                   help="which chunks stay in the KV cache for ever: the first ones (fixed) or StreamDiffusionV2's "
+                        "adaptive sink, which replaces a sink the stream drifted away from (default: fixed)")
+    v.add_argument("--adapt-sink-threshold", type=float, default=0.2,
+                   help="--sink-policy adaptive: replace a sink when the new chunk's pooled keys/values fall below "
+                        "this cosine similarity to it (default: 0.2, StreamDiffusionV2's)")
+    v.add_argument("--kv-record", choices=("clean", "steps"), default=None,
+                   help="what the KV cache holds: each chunk once more at timestep 0 after denoising (clean, "
+                        "Self-Forcing's; one extra call per chunk) or every denoising step's keys in a cache per step "
+                        "(steps, StreamDiffusionV2's) (default: steps with --video-stream-batch, else clean)")
+    v.add_argument("--video-stream-batch", action="store_true",
+                   help="StreamDiffusionV2's stream batch: the denoising steps of consecutive chunks in one model "
+                        "call (the same frames as --kv-record steps, steps - 1 chunks later)")
+    v.add_argument("--no-recache", action="store_true",
+                   help="keep the old prompt's keys/values in the KV cache after a prompt change instead of "
+                        "re-recording the cached chunks under the new one (LongLive's recache; it needs "
+                        "--sink-policy fixed and --kv-record clean)")
 
 
 def feature_bank_config(args):
@@ -160,8 +177,10 @@ def stream_config(args) -> StreamConfig:
     strength = args.strength if args.strength is not None else METHOD_DEFAULTS.get(args.method, {}).get("strength", 0.4)
     video = CausalVideoConfig(
         block_causal=BlockCausalConfig(chunk_frames=args.chunk_frames, sink_chunks=args.sink_chunks,
-                                       window_chunks=args.window_chunks),
-        timesteps=tuple(args.video_timesteps) if args.video_timesteps else None, warp=args.warp_timesteps)
+                                       window_chunks=args.window_chunks, sink_policy=args.sink_policy,
+                                       adapt_sink_threshold=args.adapt_sink_threshold),
+        timesteps=tuple(args.video_timesteps) if args.video_timesteps else None, warp=args.warp_timesteps,
+        kv_record=args.kv_record, stream_batch=args.video_stream_batch, recache=False if args.no_recache else None)
     return StreamConfig(
         prompt=args.prompt, negative_prompt=args.negative_prompt, strength=strength, steps=args.steps,
         t_index_list=args.t_index_list, guidance=args.guidance, delta=args.delta, cfg_type=args.cfg_type,
@@ -222,7 +241,7 @@ def cmd_run(config: RunConfig, osc: tuple[str, int] | None = None, memory: dict 
         from diffstream.pipelines.factory import make_pipeline
 
         if common.check_memory(config.model, *_work_size(config, source), config.stream.video.block_causal,
-                               **(memory or {})):
+                               rows=config.stream.video_cache_rows, **(memory or {})):
             return 0  # --vram-estimate: printed, nothing loaded
         if io.progress:
             common.say(common.loading_message(config.model))
