@@ -16,6 +16,7 @@ from diffstream.attention.feature_bank import FeatureBankConfig
 from diffstream.errors import ConfigError
 from diffstream.schedule import timesteps
 from diffstream.schedule.blend import BLEND_MODES
+from diffstream.schedule.motion_noise import MotionNoiseConfig
 from diffstream.schedule.timesteps import TIMESTEP_TABLE_SIZE
 
 # Presets: short names for the checkpoints users start from.
@@ -246,6 +247,8 @@ class CausalVideoConfig:
             one, K - 1 chunks later.
         recache: LongLive's KV recache on a prompt switch (`pipelines.causal_video`);
             None: on where the cache policy has it (fixed sinks, clean records), else off.
+        motion_noise: StreamDiffusionV2's motion-aware noise (`schedule.motion_noise`): the
+            first step's sigma of each chunk lowered by its motion; None: off.
     """
 
     block_causal: BlockCausalConfig = field(default_factory=lambda: BlockCausalConfig(chunk_frames=1, sink_chunks=3,
@@ -255,6 +258,7 @@ class CausalVideoConfig:
     kv_record: str | None = None
     stream_batch: bool = False
     recache: bool | None = None
+    motion_noise: MotionNoiseConfig | None = None
 
     def __post_init__(self):
         if self.timesteps is not None:

@@ -25,6 +25,8 @@ BATCH_SWITCH = f"{PROOFS}::test_stream_batch_equals_sequential_across_a_prompt_s
 BATCH_SCHEDULE = f"{PROOFS}::test_a_schedule_change_finishes_the_chunks_in_flight"
 BATCH_FLUSH = f"{PROOFS}::test_stream_batch_latency_and_flush"
 REFUSED = f"{PROOFS}::test_policies_that_cannot_go_together_are_refused"
+MOTION = f"{PROOFS}::test_motion_aware_noise_equals_the_rule_by_hand"
+MOTION_BATCH = f"{PROOFS}::test_motion_aware_noise_in_the_stream_batch_equals_sequential"
 
 MUTANTS = [
     # --- the KV cache's record call (Self-Forcing / StreamDiffusionV2) -------------------
@@ -115,7 +117,7 @@ MUTANTS = [
            Patch(f"{PIPE}._batch_call", "texts = self._row_text[lo:hi]", "texts = [self._text] * (hi - lo)")),
     mutant("cv-batch-sigmas-from-row-0", "the rows' sigmas taken from step 0 on, whatever rows run (wrong "
            "while draining)", BATCH,
-           Patch(f"{PIPE}._batch_call", "self._row_sigmas[lo:hi] * flow", "self._row_sigmas[:hi - lo] * flow")),
+           Patch(f"{PIPE}._batch_call", "self._row_sigmas[lo:hi], self._timesteps", "self._row_sigmas[:hi - lo], self._timesteps")),
     mutant("cv-batch-one-timestep", "every row called at step 0's timestep", BATCH,
            Patch(f"{PIPE}._batch_call", "self._timesteps[lo:hi, 0]", "self._timesteps[0].expand(hi - lo)")),
     mutant("cv-batch-no-drain-on-schedule", "a schedule change applied to the chunks in flight", BATCH_SCHEDULE,
@@ -126,4 +128,16 @@ MUTANTS = [
            "clean latents into noisy-step caches)", REFUSED,
            Patch("diffstream.config:CausalVideoConfig.recache_available",
                  'and self.kv_record == "clean"', "")),
+    # --- motion-aware noise (StreamDiffusionV2) ----------------------------------------------
+    mutant("cv-motion-ignored", "--motion-noise computed but the chunk noised and denoised at the schedule's "
+           "first sigma", MOTION, Patch(f"{PIPE}._run_chunk", "self._sigma0 = self._motion.step(pixels).to(comp.dtype) if",
+                                        "self._sigma0 = torch.tensor(self._sigmas[0]) if")),
+    mutant("cv-motion-timestep-of-schedule", "the chunk noised at its motion sigma, its first step told the "
+           "schedule's timestep", MOTION,
+           Patch(f"{PIPE}._denoise", "timestep = self._timesteps[k] if k or self._motion is None else",
+                 "timestep = self._timesteps[k] if True else")),
+    mutant("cv-motion-batch-row-0-schedule", "the stream batch's row 0 denoised at the schedule's first sigma",
+           MOTION_BATCH, Patch(f"{PIPE}._batch_call", "if self._motion is not None and lo == 0:", "if False:")),
+    mutant("cv-motion-not-reset", "a new stream keeps the last stream's frame and smoothed sigma", MOTION,
+           Patch(f"{PIPE}._new_stream", "self._motion.reset()", "pass")),
 ]

@@ -37,7 +37,7 @@ MUTANTS = [
            Patch("diffstream.commands.run:cmd_run",
                  "        if common.check_memory(config.model, *_work_size(config, source), "
                  "config.stream.video.block_causal,\n"
-                 "                               **(memory or {})):\n"
+                 "                               rows=config.stream.video_cache_rows, **(memory or {})):\n"
                  "            return 0  # --vram-estimate: printed, nothing loaded\n"
                  "        if io.progress:\n"
                  "            common.say(common.loading_message(config.model))\n"
@@ -47,7 +47,7 @@ MUTANTS = [
                  "        components = load_components(config.model)\n"
                  "        if common.check_memory(config.model, *_work_size(config, source), "
                  "config.stream.video.block_causal,\n"
-                 "                               **(memory or {})):\n"
+                 "                               rows=config.stream.video_cache_rows, **(memory or {})):\n"
                  "            return 0")),
     mutant("wanw-serve-refusal-after-loading", "serve's GPU-memory check made after the model has loaded",
            [f"{PROOFS}::test_serve_refuses_before_loading_and_names_max_clients"],

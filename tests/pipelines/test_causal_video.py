@@ -23,6 +23,7 @@ from diffstream.attention.block_causal import BlockCausalConfig
 from diffstream.config import CausalVideoConfig, ModelConfig, RunConfig, StreamConfig
 from diffstream.errors import ConfigError
 from diffstream.pipelines.factory import make_mechanism, make_pipeline
+from diffstream.schedule.motion_noise import MotionNoiseConfig
 from diffstream.testing import make_frames, stock_wan_attention_with_mask
 
 SEED = 5
@@ -36,9 +37,9 @@ def wan():
     return load_components(ModelConfig(model="tiny-wan", device="cpu"))
 
 
-def config(prompt="a watercolor", chunk=1, sinks=1, window=1, **kw) -> StreamConfig:
-    video = CausalVideoConfig(block_causal=BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks,
-                                                             window_chunks=window))
+def config(prompt="a watercolor", chunk=1, sinks=1, window=1, video=None, **kw) -> StreamConfig:
+    video = video or CausalVideoConfig(block_causal=BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks,
+                                                                      window_chunks=window))
     kw = {"strength": 0.7, "steps": 2, "size": 64, "seed": SEED, **kw}
     return StreamConfig(prompt=prompt, method="causal-video", video=video, **kw)
 
@@ -80,8 +81,12 @@ def latent_stats(vae):
     return torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
 
 
-def reference_latents(wan, frames, cfg: StreamConfig) -> torch.Tensor:
-    """The clip's denoised latents (1, 16, T, h, w), T = its latent frames, from the formulas (module docstring)."""
+def reference_latents(wan, frames, cfg: StreamConfig, first_sigmas=None) -> torch.Tensor:
+    """The clip's denoised latents (1, 16, T, h, w), T = its latent frames, from the formulas (module docstring).
+
+    Args:
+        first_sigmas: each chunk's first sigma (motion-aware noise), or None: the schedule's.
+    """
     policy = cfg.video.block_causal
     chunk, sinks, window = policy.chunk_frames, policy.sink_chunks, policy.window_chunks
     sigmas = [cfg.strength * (cfg.steps - k) / cfg.steps for k in range(cfg.steps)]
@@ -93,7 +98,9 @@ def reference_latents(wan, frames, cfg: StreamConfig) -> torch.Tensor:
     generator = torch.Generator().manual_seed(cfg.seed)
     tokens = (z.shape[3] // 2) * (z.shape[4] // 2)
     clean = z[:, :, :0]
+    schedule = sigmas
     for n in range(z.shape[2] // chunk):
+        sigmas = schedule if first_sigmas is None else [first_sigmas[n], *schedule[1:]]
         z0 = z[:, :, n * chunk:(n + 1) * chunk]
         noise = torch.randn((len(sigmas), *z0.shape), generator=generator)
         x = (1 - sigmas[0]) * z0 + sigmas[0] * noise[0]
@@ -375,8 +382,9 @@ def test_sigmas():
 
 
 @pytest.mark.parametrize("options", [[], ["--video-stream-batch", "--steps", "3"],
-                                     ["--sink-policy", "adaptive", "--adapt-sink-threshold", "0.5"]],
-                         ids=["default", "stream-batch", "adaptive-sink"])
+                                     ["--sink-policy", "adaptive", "--adapt-sink-threshold", "0.5"],
+                                     ["--motion-noise", "--motion-max-drop", "0.2"]],
+                         ids=["default", "stream-batch", "adaptive-sink", "motion-noise"])
 def test_cli_run_causal_video_end_to_end(tmp_path, capsys, options):
     import av
 
@@ -406,9 +414,13 @@ def test_cli_cache_policy_options_reach_the_config_and_bad_pairs_are_one_line(tm
                                       "tiny-wan", "--prompt", "x", "--video-stream-batch", "--steps", "3"])
     config = run_config(args)
     assert (config.stream.video.kv_record, config.stream.video.stream_batch) == ("steps", True)
-    assert config.stream.video_cache_rows == 3
+    assert config.stream.video_cache_rows == 3 and config.stream.video.motion_noise is None
+    args = build_parser().parse_args(["run", "in.mp4", "-o", "o.mp4", "--method", "causal-video", "--model",
+                                      "tiny-wan", "--prompt", "x", "--motion-noise", "--motion-momentum", "0.5"])
+    assert run_config(args).stream.video.motion_noise == MotionNoiseConfig(momentum=0.5)
     for bad, says in ((["--video-stream-batch", "--kv-record", "clean"], "--kv-record"),
-                      (["--video-stream-batch", "--sink-policy", "adaptive"], "--sink-policy fixed")):
+                      (["--video-stream-batch", "--sink-policy", "adaptive"], "--sink-policy fixed"),
+                      (["--motion-noise", "--motion-momentum", "1"], "--motion-momentum")):
         assert main(["run", str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "o.mp4"), "--method",
                      "causal-video", "--model", "tiny-wan", "--prompt", "x", *bad]) == 2
         err = capsys.readouterr().err.strip()
@@ -469,10 +481,11 @@ def test_methods_and_models_refuse_each_other(wan, tiny):
 # pipelines must both give it.
 
 
-def steps_config(prompt="a watercolor", chunk=1, sinks=1, window=1, batch=True, steps=3, **kw) -> StreamConfig:
-    video = CausalVideoConfig(block_causal=BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks,
-                                                             window_chunks=window),
-                              kv_record="steps", stream_batch=batch)
+def steps_config(prompt="a watercolor", chunk=1, sinks=1, window=1, batch=True, steps=3, video=None,
+                 **kw) -> StreamConfig:
+    video = video or CausalVideoConfig(block_causal=BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks,
+                                                                      window_chunks=window),
+                                       kv_record="steps", stream_batch=batch)
     kw = {"strength": 0.8, "steps": steps, "size": 64, "seed": SEED, **kw}
     return StreamConfig(prompt=prompt, method="causal-video", video=video, **kw)
 
@@ -641,3 +654,85 @@ def test_text_keys_values_are_projected_once_per_prompt(wan, batch):
     rounds = 3 + 2 + 1 + 2 if batch else 2
     assert cross.misses == layers * rounds
     assert cross.hits == layers * pipe.unet_calls - cross.misses
+
+
+# --- motion-aware noise (StreamDiffusionV2) ------------------------------------------------
+
+
+def moving_clip(steps) -> list[np.ndarray]:
+    """Frames that move by the given amounts: frame i = a + (b - a) * position_i, position
+    advancing by steps[i - 1], so each consecutive difference is a known multiple of b - a."""
+    a = clip(1, seed=9)[0].astype(np.float64)
+    b = 255.0 - a  # far from a: a whole step is past full motion
+    positions = np.concatenate([[0.0], np.cumsum(steps)])
+    return [np.clip(np.round(a + (b - a) * p), 0, 255).astype(np.uint8) for p in positions]
+
+
+def motion_sigmas(frames, chunk_frames: int, init: float, reference=0.2, max_drop=0.1, momentum=0.1) -> list[float]:
+    """Each chunk's first sigma by StreamDiffusionV2's rule, written here in numpy: the largest
+    per-frame RMS difference (pixels in [-1, 1], the frame before the chunk included) over
+    `reference`, clamped to [0, 1], lowers init by max_drop; an EMA with weight `momentum`."""
+    pixels = [f.astype(np.float64) / 127.5 - 1 for f in frames]
+    sizes = [1 + 4 * (chunk_frames - 1)] + [4 * chunk_frames] * ((len(frames) - 1) // (4 * chunk_frames))
+    out, start, previous = [], 0, init
+    for size in sizes:
+        group = pixels[max(0, start - 1):start + size]
+        rms = [np.sqrt(np.mean((y - x) ** 2)) for x, y in zip(group, group[1:])]
+        d = min(max(max(rms, default=0.0) / reference, 0.0), 1.0)
+        previous = (init - max_drop * d) * (1 - momentum) + previous * momentum
+        out.append(previous)
+        start += size
+    return out
+
+
+def test_motion_aware_noise_equals_the_rule_by_hand(wan):
+    """With --motion-noise each chunk is noised, and its first step run, at the sigma its
+    motion gives (the rule in numpy above, fed to the reference loop): a still chunk, slow
+    ones, a jump past full motion, so the EMA and the clamp both show."""
+    steps = [0.0] * 4 + [0.02] * 4 + [0.0] * 4 + [0.05] * 4 + [1.0] + [0.0] * 3
+    frames = moving_clip(steps)  # 21 frames: chunks 1 + 4 x 5
+    cfg = config(video=CausalVideoConfig(
+        block_causal=BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=2),
+        motion_noise=MotionNoiseConfig()))
+    first = motion_sigmas(frames, 1, cfg.strength)
+    assert first[1] == pytest.approx(cfg.strength) and 0 < cfg.strength - first[2] < 0.09
+    assert min(first) == pytest.approx(cfg.strength - 0.09, abs=0.01)  # the jump: clamped at full motion
+    pipe = make_pipeline(wan, cfg)
+    latents = []
+    denoise = pipe._denoise
+    pipe._denoise = lambda z0: latents.append(denoise(z0)) or latents[-1]
+    stream(pipe, frames[:9], flush=False)
+    pipe.reset()  # a new stream: no frame before its first, the EMA from init
+    latents.clear()
+    out = stream(pipe, frames)
+    pipe.close()
+    expected = reference_latents(wan, frames, cfg, first_sigmas=first)
+    assert len(out) == 21
+    assert (torch.cat(latents, dim=2) - expected).abs().max() < ATOL
+    schedule_only = reference_latents(wan, frames, cfg)
+    assert (torch.cat(latents, dim=2) - schedule_only).abs().max() > 100 * ATOL
+
+
+def test_motion_aware_noise_in_the_stream_batch_equals_sequential(wan):
+    """Row 0 of the stream batch carries the new chunk's own first sigma: the same latents
+    as one call per step."""
+    steps = [0.03] * 8 + [0.0] * 4 + [0.3] * 8
+    frames = moving_clip(steps)
+    video = dict(block_causal=BlockCausalConfig(chunk_frames=1, sink_chunks=1, window_chunks=1),
+                 kv_record="steps", motion_noise=MotionNoiseConfig())
+    runs = []
+    for batch in (True, False):
+        cfg = steps_config(video=CausalVideoConfig(stream_batch=batch, **video))
+        _, latents, _ = run_steps(wan, cfg, frames)
+        runs.append(torch.cat(latents, dim=2))
+    assert (runs[0] - runs[1]).abs().max() < ATOL
+
+
+def test_motion_aware_noise_on_a_still_clip_is_the_plain_schedule(wan):
+    frames = [clip(1)[0]] * 13
+    cfg = config()
+    moving = StreamConfig(**{**cfg.__dict__, "video": CausalVideoConfig(block_causal=cfg.video.block_causal,
+                                                                         motion_noise=MotionNoiseConfig())})
+    a, b = make_pipeline(wan, cfg), make_pipeline(wan, moving)
+    plain, still = stream(a, frames), stream(b, frames)
+    assert all(np.array_equal(x, y) for x, y in zip(plain, still))

@@ -150,6 +150,17 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
     v.add_argument("--video-stream-batch", action="store_true",
                    help="StreamDiffusionV2's stream batch: the denoising steps of consecutive chunks in one model "
                         "call (the same frames as --kv-record steps, steps - 1 chunks later)")
+    v.add_argument("--motion-noise", action="store_true",
+                   help="StreamDiffusionV2's motion-aware noise: each chunk's first noise level lowered by up to "
+                        "--motion-max-drop as its input moves (RMS frame difference / --motion-reference), "
+                        "smoothed over chunks (--motion-momentum)")
+    v.add_argument("--motion-reference", type=float, default=0.2,
+                   help="--motion-noise: the RMS frame difference (pixels in [-1, 1]) that counts as full motion "
+                        "(default: 0.2)")
+    v.add_argument("--motion-max-drop", type=float, default=0.1,
+                   help="--motion-noise: the noise level's drop at full motion (default: 0.1)")
+    v.add_argument("--motion-momentum", type=float, default=0.1,
+                   help="--motion-noise: the previous chunk's weight in the smoothing (default: 0.1)")
     v.add_argument("--no-recache", action="store_true",
                    help="keep the old prompt's keys/values in the KV cache after a prompt change instead of "
                         "re-recording the cached chunks under the new one (LongLive's recache; it needs "
@@ -173,6 +184,7 @@ def feature_bank_config(args):
 def stream_config(args) -> StreamConfig:
     """The StreamConfig of parsed engine options (raises ConfigError)."""
     from diffstream.attention.block_causal import BlockCausalConfig
+    from diffstream.schedule.motion_noise import MotionNoiseConfig
 
     strength = args.strength if args.strength is not None else METHOD_DEFAULTS.get(args.method, {}).get("strength", 0.4)
     video = CausalVideoConfig(
@@ -180,7 +192,9 @@ def stream_config(args) -> StreamConfig:
                                        window_chunks=args.window_chunks, sink_policy=args.sink_policy,
                                        adapt_sink_threshold=args.adapt_sink_threshold),
         timesteps=tuple(args.video_timesteps) if args.video_timesteps else None, warp=args.warp_timesteps,
-        kv_record=args.kv_record, stream_batch=args.video_stream_batch, recache=False if args.no_recache else None)
+        kv_record=args.kv_record, stream_batch=args.video_stream_batch, recache=False if args.no_recache else None,
+        motion_noise=MotionNoiseConfig(reference_motion=args.motion_reference, max_drop=args.motion_max_drop,
+                                       momentum=args.motion_momentum) if args.motion_noise else None)
     return StreamConfig(
         prompt=args.prompt, negative_prompt=args.negative_prompt, strength=strength, steps=args.steps,
         t_index_list=args.t_index_list, guidance=args.guidance, delta=args.delta, cfg_type=args.cfg_type,

@@ -53,10 +53,16 @@ switch then says so once (`on_notice`). A change of strength or steps first fini
 the chunks in flight under their old schedule; a change of the number of steps then
 starts a new KV stream (one cache per step), with a notice.
 
+With `CausalVideoConfig.motion_noise` (StreamDiffusionV2's motion-aware noise,
+`schedule.motion_noise`), each chunk's first sigma comes from its input's motion: the
+largest RMS difference between consecutive frames (the previous chunk's last frame
+included) lowers it by up to `max_drop`, smoothed over chunks. It stays a device tensor
+(no host sync): the chunk is noised at it, its first step runs at timestep 1000 sigma and
+takes x0 = x - sigma v; the later steps keep their levels.
+
 Deliberate deviations from StreamDiffusionV2: its first chunk is 1 + 4 frames (2 latent
 frames) and later ones 1; ours are all `chunk_frames` latent frames (the block-causal
-cache's chunks are uniform), so the first output comes after the first frame. Its
-motion-aware noise scale is not done.
+cache's chunks are uniform), so the first output comes after the first frame.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ from diffstream.errors import ConfigError
 from diffstream.models.wan import WAN_TEMPORAL_FACTOR, WanComponents, WanVAEStream
 from diffstream.pipelines.outputs import OrderedOutputs
 from diffstream.schedule.blend import blend_embeddings
+from diffstream.schedule.motion_noise import MotionNoise
 
 # One chunk call of one stream (one row): the mechanism's per-call channel.
 ATTEND = BatchLayout.branch_major("attend", 0, ("cond",), 1, 1)
@@ -145,6 +152,7 @@ class CausalVideoPipeline(OrderedOutputs):
         self._pending: dict = {}
         self._told_no_recache = False
         self._rows_x: torch.Tensor | None = None  # stream batch: (K, 16, F, h, w) each row's input, allocated once
+        self._motion: MotionNoise | None = None  # the motion-aware noise (config.video.motion_noise)
         self._prompt_key = None
         self._schedule_key = None
         self._seed = None
@@ -184,6 +192,9 @@ class CausalVideoPipeline(OrderedOutputs):
         self.chunks = 0
         self._recache_due = False  # a prompt switch since the last chunk: recache before the next
         self._kv_chunk = 0  # the next chunk's index in the KV stream (row calls: kv_record "steps")
+        if self._motion is not None:
+            self._motion.reset()  # no frame before the stream's first
+        self._sigma0 = self._sigmas[0]  # the current chunk's first sigma (a device tensor with motion noise)
         k = len(self._sigmas)
         self._row_chunk = [None] * k  # stream batch: the KV chunk at each step row, None: empty
         self._row_frames: list = [None] * k  # stream batch: the frame indices of each row's chunk
@@ -339,6 +350,11 @@ class CausalVideoPipeline(OrderedOutputs):
             self._row_sigmas = torch.tensor(self._sigmas, device=comp.device, dtype=comp.dtype).view(-1, 1, 1, 1, 1)
             steps_changed = previous is not None and len(previous) != len(self._sigmas)
             self._schedule_key = schedule_key
+            motion = c.video.motion_noise
+            if motion is None or self._motion is None or self._motion.config != motion:
+                self._motion = MotionNoise(motion, self._sigmas[0]) if motion is not None else None
+            else:
+                self._motion.set_init(self._sigmas[0])  # a new strength: the EMA goes on from it
             if steps_changed and c.video.kv_record == "steps" and self.chunks > 0:
                 # one KV cache per step: a new number of steps starts a new KV stream (positions from 0)
                 self.mechanism.reset()
@@ -359,6 +375,8 @@ class CausalVideoPipeline(OrderedOutputs):
         vae_dtype = next(comp.vae.parameters()).dtype
         pixels = F.frames_to_tensor([f for _, f in self._frames], device=comp.device, dtype=vae_dtype)  # (n, 3, H, W)
         self._frames = []
+        # the chunk's first sigma: its motion's (a device tensor, no sync) or the schedule's
+        self._sigma0 = self._motion.step(pixels).to(comp.dtype) if self._motion is not None else self._sigmas[0]
         video = pixels.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, n, H, W)
         groups, start = [], 0
         while start < video.shape[2]:  # the VAE's groups: frame 0 alone, then 4 per latent frame
@@ -405,7 +423,7 @@ class CausalVideoPipeline(OrderedOutputs):
         comp, mech = self.components, self.mechanism
         if self._recache_due:
             self._recache()
-        sigmas = self._sigmas
+        sigmas = (self._sigma0, *self._sigmas[1:])  # the first: the chunk's own with motion noise
         steps = self.config.video.kv_record == "steps"
         noise = self._chunk_noise(z0)
         x = (1 - sigmas[0]) * z0 + sigmas[0] * noise[0]
@@ -415,7 +433,8 @@ class CausalVideoPipeline(OrderedOutputs):
                 mech.before_rows([self._kv_chunk], k, len(sigmas))  # step k's own cache
             else:
                 mech.before_unet(ATTEND)
-            flow = mech.call_unet(comp.unet, x, self._timesteps[k], self._text, ATTEND)  # v = noise - x0
+            timestep = self._timesteps[k] if k or self._motion is None else self._timestep_of(sigma).view(1)
+            flow = mech.call_unet(comp.unet, x, timestep, self._text, ATTEND)  # v = noise - x0
             self.unet_calls += 1
             x0 = x - sigma * flow
             if k + 1 < len(sigmas):
@@ -455,7 +474,7 @@ class CausalVideoPipeline(OrderedOutputs):
             if self._rows_x is None or self._rows_x.shape != shape or self._rows_x.dtype != z0.dtype:
                 self._rows_x = z0.new_zeros(shape)  # (K, 16, F, h, w) each row's input
                 self._row_noise = z0.new_zeros((k, *shape))  # (K, K, 16, F, h, w) each row's chunk's noise
-            self._rows_x[0] = ((1 - self._sigmas[0]) * z0 + self._sigmas[0] * noise[0])[0]
+            self._rows_x[0] = ((1 - self._sigma0) * z0 + self._sigma0 * noise[0])[0]
             self._row_noise[0] = noise[:, 0]
             self._row_text[0] = self._text  # (1, L, D) the prompt it begins with
             self._row_chunk[0], self._row_frames[0] = self._kv_chunk, indices
@@ -470,9 +489,13 @@ class CausalVideoPipeline(OrderedOutputs):
         # one prompt in flight (the usual case): the same tensor every call, so the cross-attention
         # cache keeps its keys/values; a switch in flight: the rows' own texts side by side
         text = texts[0].expand(hi - lo, -1, -1) if all(t is texts[0] for t in texts) else torch.cat(texts)  # (R, L, D)
-        flow = mech.call_unet(comp.unet, x, self._timesteps[lo:hi, 0], text, _rows_layout(hi - lo))
+        sigmas, timesteps = self._row_sigmas[lo:hi], self._timesteps[lo:hi, 0]  # (R, 1, 1, 1, 1), (R,)
+        if self._motion is not None and lo == 0:  # row 0: the new chunk at its own first sigma
+            sigmas = torch.cat([self._sigma0.view(1, 1, 1, 1, 1), sigmas[1:]])
+            timesteps = torch.cat([self._timestep_of(self._sigma0).view(1), timesteps[1:]])
+        flow = mech.call_unet(comp.unet, x, timesteps, text, _rows_layout(hi - lo))
         self.unet_calls += 1
-        x0 = x - self._row_sigmas[lo:hi] * flow  # (R, 16, F, h, w)
+        x0 = x - sigmas * flow  # (R, 16, F, h, w)
         finished = [(x0[-1:], self._row_frames[k - 1])] if hi == k else []
         # Each chunk moves to the next step's row, re-noised with its own noise for that step
         # (from the last row, so no row is overwritten before it has moved).
@@ -484,6 +507,10 @@ class CausalVideoPipeline(OrderedOutputs):
         self._row_text = [None] + self._row_text[:-1]
         self._row_frames = [None] + self._row_frames[:-1]
         return finished
+
+    def _timestep_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The model timestep of a sigma: 1000 sigma, as every step's (a () device tensor in, () out)."""
+        return sigma * float(self.components.num_train_timesteps)
 
     def _drain(self) -> None:
         """Finish every chunk in flight in the stream batch (no new chunk), decoding each."""
