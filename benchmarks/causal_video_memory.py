@@ -118,7 +118,7 @@ def tiny_peak(rows: int = 2, size: int = 256, text_len: int = 512) -> dict | Non
         return None
     est = estimate_vram(model.config, size, size, steps=rows, chunk_frames=1, sink_chunks=1, window_chunks=2,
                         dtype_bytes=4, text_len=text_len, text_encoder_params={}, vae_params=None)
-    resident = est["transformer"] + est["kv_cache"] + est["prompt_embeds"]
+    resident = est["transformer"] + est["kv_cache"] + est["prompt_embeds"] + est["text_kv_cache"]
     return {"size": size, "rows": rows, "text_len": text_len,
             "start_measured": live[0], "start_estimated": resident,
             "peak_measured": max(live), "peak_estimated": resident + est["activations"],

@@ -150,6 +150,9 @@ class ModelConfig:
         text_encoder_offload: a Wan model's text encoder (UMT5-XXL, 11.4 GB bf16) stays on
             the CPU: prompts are encoded there and only their embeddings go to `device`,
             cached per prompt (`models.wan.WanComponents.encode_text`).
+        quantize: a Wan model's transformer and text encoder with "int8" or "fp8"
+            weight-only Linear weights (torchao, `models.quantize`; `--int8` / `--fp8`);
+            None: as loaded.
     """
 
     model: str = DEFAULT_MODEL
@@ -168,6 +171,7 @@ class ModelConfig:
     video_model: str | None = None
     transformer: str | None = None
     text_encoder_offload: bool = False
+    quantize: str | None = None
 
     def __post_init__(self):
         if not self.model:
@@ -175,8 +179,11 @@ class ModelConfig:
         if self.transformer == "":
             raise ConfigError("--transformer must not be empty: pass a Wan transformer checkpoint (.pt, "
                               ".safetensors) or leave it out")
+        if self.quantize not in (None, "int8", "fp8"):
+            raise ConfigError(f"quantize is int8 or fp8 (--int8 / --fp8), got {self.quantize!r}")
         wan_only = [flag for flag, given in (("--transformer", self.transformer),
-                                             ("--text-encoder-offload", self.text_encoder_offload)) if given]
+                                             ("--text-encoder-offload", self.text_encoder_offload),
+                                             (f"--{self.quantize}", self.quantize)) if given]
         if wan_only and (self.model in SD_MODELS or self.model in MODEL_PRESETS):
             are, them = ("are", "them") if len(wan_only) > 1 else ("is", "it")
             raise ConfigError(f"{' and '.join(wan_only)} {are} for Wan video models, not --model {self.model}: pass "

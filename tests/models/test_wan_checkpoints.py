@@ -259,8 +259,8 @@ def layout(phase: str, rows: int) -> BatchLayout:
 @pytest.mark.parametrize("chunk,sinks,window", [(1, 1, 2), (2, 1, 1)])
 def test_kv_cache_item_is_the_cache(tiny, chunk, sinks, window):
     """After a stream has wrapped its ring, `BlockCausalState.nbytes()` is the estimate's
-    kv_cache item (rows = the stream batch over 2 steps), and the weights item is the
-    parameters' bytes."""
+    kv_cache item (rows = the stream batch over 2 steps), the cross-attention cache its
+    text_kv_cache item, and the weights item is the parameters' bytes."""
     rows, size = 2, 64  # 64 px: 8 x 8 latents, 16 tokens per latent frame
     mech = BlockCausal(BlockCausalConfig(chunk_frames=chunk, sink_chunks=sinks, window_chunks=window))
     g = torch.Generator().manual_seed(0)
@@ -271,9 +271,11 @@ def test_kv_cache_item_is_the_cache(tiny, chunk, sinks, window):
             mech.call_unet(tiny, x, torch.full((rows,), 500), torch.randn(rows, 5, TINY_WAN_TEXT_DIM, generator=g),
                            layout("record", rows))
     estimate = estimate_vram(tiny.config, size, size, steps=rows, chunk_frames=chunk, sink_chunks=sinks,
-                             window_chunks=window, dtype_bytes=4)
+                             window_chunks=window, dtype_bytes=4, text_len=5)
     assert estimate["kv_cache"] == mech.state.nbytes() > 0
     assert estimate["transformer"] == sum(p.numel() * p.element_size() for p in tiny.parameters())
+    # the cross-attention cache: every block's text K/V and the memoised text projection
+    assert estimate["text_kv_cache"] == mech.cross.nbytes() + mech.cross.text.k.nbytes > 0
 
 
 def test_weight_counts_of_each_part(tiny):
@@ -294,7 +296,8 @@ def test_weight_counts_of_each_part(tiny):
         t5 = UMT5EncoderModel(UMT5Config(vocab_size=96, d_model=16, d_ff=40, num_layers=3, num_heads=4, d_kv=6,
                                          relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
         vae = AutoencoderKLWan()
-    t5_linears = [m for m in t5.modules() if isinstance(m, torch.nn.Linear)]
+    # the Linear layers int8 quantizes: not transformers' fp32 `wo`
+    t5_linears = [m for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith(".wo")]
     assert umt5_encoder_parameters(**dims) == {"total": sum(p.numel() for p in t5.parameters()),
                                                "linear_weights": sum(m.weight.numel() for m in t5_linears),
                                                "linear_rows": sum(m.out_features for m in t5_linears)}

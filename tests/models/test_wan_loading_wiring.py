@@ -232,7 +232,8 @@ def test_a_gpu_too_small_is_refused_before_loading(wan_1_3b_configs, fake_cuda, 
     assert err[-2].startswith("diffstream: GPU memory estimate") and "text encoder 10.6" in err[-2]
     assert err[-1].startswith("diffstream: error: ") and "832x624" in err[-1] and "12.0 GiB is free" in err[-1]
     assert "lower: --text-encoder-offload (-10.6 GiB)" in err[-1]  # UMT5-XXL in fp16, the biggest saving first
-    assert "--int8" not in err[-1] and "--steps" not in err[-1]  # options `run` does not have
+    assert "--int8 (-4.7 GiB)" in err[-1]  # int8 Linear weights of the transformer and UMT5
+    assert "--steps" not in err[-1]  # an option that would not lower it (run's steps are sequential calls)
 
 
 def test_a_gpu_that_fits_goes_on_to_load(wan_1_3b_configs, fake_cuda, clip, tmp_path, capsys):
@@ -283,6 +284,12 @@ def test_vram_estimate_prints_the_table_and_loads_nothing_on_cpu(wan_1_3b_config
     out = capsys.readouterr().out
     assert "GPU memory estimate, 832x624, 1 stream(s), float16:" in out  # as on a GPU: --dtype auto is fp16 there
     assert "text_encoder       10.58 GiB" in out and "kv_cache" in out and "total" in out
+    # --int8: the weight items of int8 Linear weights (torchao weight-only), nothing loaded either
+    if importlib.util.find_spec("torchao") is not None:
+        assert run(clip, tmp_path, "--model", wan_1_3b_configs, "--device", "cpu", "--size", "832",
+                   "--vram-estimate", "--int8") == 0
+        int8 = capsys.readouterr().out
+        assert "text_encoder        7.21 GiB" in int8 and "transformer         1.33 GiB" in int8
     # on a CPU without the flag: nothing is printed, the model loads
     def stub(config):
         raise ModelLoadError("stub")

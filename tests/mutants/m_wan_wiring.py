@@ -68,6 +68,6 @@ MUTANTS = [
     mutant("wanw-estimate-ignores-offload", "the estimate counts the text encoder on the GPU with "
            "--text-encoder-offload", [f"{PROOFS}::test_a_gpu_that_fits_goes_on_to_load"],
            Patch("diffstream.commands.common:check_memory",
-                 "text_encoder_offload=resolved.text_encoder_offload, rows=rows)",
-                 "text_encoder_offload=False, rows=rows)")),
+                 "text_encoder_offload=resolved.text_encoder_offload, rows=rows,",
+                 "text_encoder_offload=False, rows=rows,")),
 ]

@@ -192,7 +192,8 @@ def model_config(args) -> ModelConfig:
                        motion_adapter=motion, controlnets=controlnets,
                        control_depth_model=getattr(args, "control_depth_model", None),
                        ip_adapter=getattr(args, "ip_adapter", None), transformer=getattr(args, "transformer", None),
-                       text_encoder_offload=bool(getattr(args, "text_encoder_offload", False)))
+                       text_encoder_offload=bool(getattr(args, "text_encoder_offload", False)),
+                       quantize=getattr(args, "quantize", None))
 
 
 def add_memory_options(p: argparse.ArgumentParser) -> None:
@@ -206,6 +207,12 @@ def add_memory_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoder-offload", action="store_true",
                    help="keep a Wan model's text encoder (UMT5-XXL, 11 GB) on the CPU: prompts are encoded there "
                         "(slower per new prompt), only their embeddings go to the GPU, cached per prompt")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--int8", dest="quantize", action="store_const", const="int8",
+                   help="int8 weight-only Linear weights in the transformer and text encoder (torchao: pip install "
+                        "'diffstream[quant]'): about half the weight memory of bf16, on any device")
+    q.add_argument("--fp8", dest="quantize", action="store_const", const="fp8",
+                   help="fp8 weight-only Linear weights (torchao; a CUDA GPU of compute capability 8.9+)")
     g.add_argument("--vram-estimate", action="store_true",
                    help="print the GPU memory a Wan model's stream would need, item by item, and exit without "
                         "loading it (on CUDA the one-line estimate is printed before every load anyway)")
@@ -224,7 +231,7 @@ def cuda_free_bytes(device) -> int | None:
 
 
 def check_memory(config: ModelConfig, width: int, height: int, block_causal, *, rows: int = 1,
-                 flags: tuple[str, ...] = ("--text-encoder-offload", "--window-chunks", "--size"),
+                 flags: tuple[str, ...] = ("--text-encoder-offload", "--int8", "--window-chunks", "--size"),
                  more: dict | None = None, estimate_only: bool = False, check: bool = True) -> bool:
     """Before a Wan model loads: estimate its stream's GPU memory, say it, refuse when it will not fit.
 
@@ -271,7 +278,8 @@ def check_memory(config: ModelConfig, width: int, height: int, block_causal, *, 
     # Elsewhere than on CUDA, the estimate is for the run on a CUDA GPU (--dtype auto: fp16 there).
     dtype = resolve_dtype(resolved.dtype, device if device.type == "cuda" else torch.device("cuda"))
     estimate = stream_estimate(parts, width, height, block_causal, dtype_bytes=dtype.itemsize,
-                               text_encoder_offload=resolved.text_encoder_offload, rows=rows)
+                               text_encoder_offload=resolved.text_encoder_offload, rows=rows,
+                               weights_int8=resolved.quantize is not None)
     if estimate_only:
         title = f"GPU memory estimate, {width}x{height}, {rows} stream(s), {str(dtype).removeprefix('torch.')}"
         print(format_estimate(estimate, title), flush=True)
@@ -316,7 +324,7 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("diffusers", "transformers", "torch", "httpx", "urllib3"):
+    for name in ("diffusers", "transformers", "torch", "torchao", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as dlog

@@ -233,7 +233,7 @@ def check_memory(args, config) -> bool:
 
     more = {f"--max-clients {args.max_clients // 2}": {"rows": args.max_clients // 2}} if args.max_clients > 1 else None
     return common.check_memory(config, args.size, args.size, CausalVideoConfig().block_causal, rows=args.max_clients,
-                               flags=("--text-encoder-offload", "--size"), more=more,
+                               flags=("--text-encoder-offload", "--int8", "--size"), more=more,
                                estimate_only=getattr(args, "vram_estimate", False),
                                check=not getattr(args, "no_vram_check", False))
 

@@ -369,7 +369,8 @@ def precheck_wan(config: ModelConfig) -> None:
     from diffstream.errors import ConfigError
 
     wan_only = [flag for flag, given in (("--transformer", config.transformer),
-                                         ("--text-encoder-offload", config.text_encoder_offload)) if given]
+                                         ("--text-encoder-offload", config.text_encoder_offload),
+                                         (f"--{config.quantize}", config.quantize)) if given]
     if not wan_only:
         return
     if not is_wan_model(config.model):
@@ -402,6 +403,10 @@ def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.
                           f"{'them' if len(extras) > 1 else 'it'} out")
     if config.backend != "eager":
         raise ConfigError("a Wan video model runs on --backend eager only, for now")
+    if config.quantize:
+        from diffstream.models.quantize import check_quantize
+
+        check_quantize(config.quantize, device)  # before the weights load
     if config.model == "tiny-wan":
         modules = tiny_wan_modules()
     else:
@@ -424,6 +429,10 @@ def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.
         where = torch.device("cpu") if key == "text_encoder" and config.text_encoder_offload else device
         module = modules[key].to(device=where, dtype=torch.float32 if key == "vae" else dtype)
         modules[key] = module.eval().requires_grad_(False)
+        if config.quantize and key != "vae":  # the VAE's convolutions stay as they are
+            from diffstream.models.quantize import quantize_weights
+
+            quantize_weights(modules[key], config.quantize)
     return WanComponents(name=config.model, device=device, dtype=dtype,
                          text_encoder_offload=config.text_encoder_offload, **modules)
 

@@ -533,25 +533,31 @@ def umt5_encoder_parameters(vocab: int, d_model: int, d_ff: int, layers: int, he
     position bias (buckets x heads, in every layer: UMT5); a final norm.
 
     Returns:
-        {"total", "linear_weights", "linear_rows"} as `transformer_parameters`.
+        {"total", "linear_weights", "linear_rows"} as `transformer_parameters`; the Linear
+        weights are those int8 quantizes: not `wo`, which transformers keeps in fp32
+        (`_keep_in_fp32_modules`) and `models.quantize` leaves alone (counted in the total,
+        at the load dtype, which diffstream's loader casts it to).
     """
     inner = heads * d_kv
-    linear_weights = layers * (4 * d_model * inner + 3 * d_model * d_ff)
-    linear_rows = layers * (3 * inner + d_model + 2 * d_ff + d_model)
-    total = vocab * d_model + linear_weights + layers * (2 * d_model + buckets * heads) + d_model
+    linear_weights = layers * (4 * d_model * inner + 2 * d_model * d_ff)
+    linear_rows = layers * (3 * inner + d_model + 2 * d_ff)
+    wo = layers * d_ff * d_model
+    total = vocab * d_model + linear_weights + wo + layers * (2 * d_model + buckets * heads) + d_model
     return {"total": total, "linear_weights": linear_weights, "linear_rows": linear_rows}
 
 
 def _weights_bytes(params: dict, dtype_bytes: int, int8: bool) -> int:
     """Bytes of a model's weights: fp32 modules at 4 B, the rest at `dtype_bytes`; with
-    int8 (torchao's int8 weight-only: int8 weights, one scale per output row in the compute
-    dtype) the Linear weights at 1 B + a scale per row."""
+    int8 (torchao's int8 weight-only, `models.quantize`: int8 weights, one scale per output
+    row in the compute dtype and one int8 zero point per row) the Linear weights at 1 B +
+    a scale and a zero point per row; fp8 counted the same (it has no zero point: 1 B per
+    row less). Measured equal on the tiny transformer (tests/models/test_wan_quantize.py)."""
     fp32 = params.get("fp32", 0)
     rest = params["total"] - fp32
     b = 4 * fp32 + dtype_bytes * rest
     if int8:
         b -= (dtype_bytes - 1) * params["linear_weights"]
-        b += dtype_bytes * params["linear_rows"]
+        b += (dtype_bytes + 1) * params["linear_rows"]
     return b
 
 
@@ -560,7 +566,7 @@ def estimate_vram(config: Mapping, height: int, width: int, *, steps: int = 2, c
                   text_encoder_offload: bool = False, weights_int8: bool = False, rows: int | None = None,
                   text_encoder_params: dict | None = None, vae_params: int | None = WAN21_VAE_PARAMS,
                   vae_dtype_bytes: int | None = None, text_len: int = WAN_TEXT_LEN, fused_attention: bool = True,
-                  overhead_bytes: int = RUNTIME_OVERHEAD_BYTES) -> dict:
+                  text_kv_cache: bool = True, overhead_bytes: int = RUNTIME_OVERHEAD_BYTES) -> dict:
     """What a block-causal Wan stream holds on the GPU, item by item, in bytes.
 
     Items (D = model width, layers = blocks, F = FFN width; n = tokens per latent frame
@@ -582,8 +588,12 @@ def estimate_vram(config: Mapping, height: int, width: int, *, steps: int = 2, c
       `BlockCausalState.nbytes()`. At 480x832, 1.3B, S + W + 1 = 7: 2.01 GB per row
       (the notes' 1.7 GB per stream-batch slot is SDV2's 6 frames: 30 x 2 x 9,360 x 1,536
       x 2 B).
+    - text_kv_cache: the cross-attention keys/values kept per prompt
+      (`attention.cross_kv_cache`), layers x 2 x R x text_len x D, and the memoised text
+      projection R x text_len x D, at `dtype_bytes` (1.3B, 512 tokens: 96 MB per row).
     - activations (rough): one chunk call's live tensors: `_BLOCK_LIVE_HIDDEN` (B, N, D)
-      tensors + the FFN's two (B, N, F) + the text projection (R x text_len x (T + 2D));
+      tensors + the FFN's two (B, N, F) + the text projection (R x text_len x (T + 2D);
+      T alone with the cross-attention cache, whose K/V are resident: `text_kv_cache`);
       with `fused_attention=False` also the attention scores R x heads x N x (S+W+1)N in
       fp32 (a math SDPA path; flash / memory-efficient attention has none). Measured on
       the tiny model (CPU, 256x256, 2 rows, 512 text tokens, torch's profiler): 1,581,952
@@ -611,6 +621,7 @@ def estimate_vram(config: Mapping, height: int, width: int, *, steps: int = 2, c
             as StreamDiffusionV2 runs it in bf16; diffusers' Wan pipelines keep it in fp32: 4).
         text_len: tokens per prompt embedding.
         fused_attention: attention without a materialised score matrix.
+        text_kv_cache: the cross-attention cache is on (`BlockCausalConfig.cross_kv_cache`).
         overhead_bytes: fixed runtime overhead.
     Returns:
         {item: bytes} for the items above, "total", and "settings" (the arguments, so
@@ -623,7 +634,7 @@ def estimate_vram(config: Mapping, height: int, width: int, *, steps: int = 2, c
                     window_chunks=window_chunks, dtype_bytes=dtype_bytes, text_encoder_offload=text_encoder_offload,
                     weights_int8=weights_int8, rows=rows, text_encoder_params=text_encoder_params,
                     vae_params=vae_params, vae_dtype_bytes=vae_dtype_bytes, text_len=text_len, fused_attention=fused_attention,
-                    overhead_bytes=overhead_bytes)
+                    text_kv_cache=text_kv_cache, overhead_bytes=overhead_bytes)
     r = steps if rows is None else rows
     vae_bytes = dtype_bytes if vae_dtype_bytes is None else vae_dtype_bytes
     heads = _cfg(config, "num_attention_heads")
@@ -640,7 +651,10 @@ def estimate_vram(config: Mapping, height: int, width: int, *, steps: int = 2, c
         "prompt_embeds": r * text_len * text_dim * dtype_bytes,
         "vae": (vae_params or 0) * vae_bytes,
         "kv_cache": layers * 2 * r * slots * tokens * d * dtype_bytes,
-        "activations": (r * tokens * (_BLOCK_LIVE_HIDDEN * d + 2 * ffn) + r * text_len * (text_dim + 2 * d))
+        "text_kv_cache": (2 * layers + 1) * r * text_len * d * dtype_bytes if text_kv_cache else 0,
+        # the text projection's K/V are transient only without the cross-attention cache
+        "activations": (r * tokens * (_BLOCK_LIVE_HIDDEN * d + 2 * ffn)
+                        + r * text_len * (text_dim + (0 if text_kv_cache else 2 * d)))
         * dtype_bytes + (0 if fused_attention else r * heads * tokens * slots * tokens * 4),
         "vae_activations": (_VAE_LIVE_MAPS * _VAE_BASE_DIM * _VAE_FRAMES_PER_LATENT * height * width * vae_bytes
                             if vae_params else 0),

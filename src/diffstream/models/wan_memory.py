@@ -128,7 +128,7 @@ def wan_parts(config: ModelConfig) -> WanParts | None:
 
 
 def stream_estimate(parts: WanParts, width: int, height: int, block_causal, *, dtype_bytes: int,
-                    text_encoder_offload: bool, rows: int = 1) -> dict:
+                    text_encoder_offload: bool, rows: int = 1, weights_int8: bool = False) -> dict:
     """`estimate_vram` of streams at `width` x `height` pixels on these parts.
 
     Args:
@@ -137,6 +137,7 @@ def stream_estimate(parts: WanParts, width: int, height: int, block_causal, *, d
         block_causal: `attention.block_causal.BlockCausalConfig` (chunk, sinks, window).
         dtype_bytes: bytes per element of the transformer, text encoder, cache (2 or 4).
         text_encoder_offload: the text encoder stays on the CPU.
+        weights_int8: int8 (or fp8) Linear weights (`--int8` / `--fp8`).
         rows: streams held at once, each with its own KV cache and prompt embeddings
             (`diffstream run`: 1; `serve`: --max-clients); their activations are counted
             per row too, an upper bound (the server runs one stream at a time).
@@ -148,6 +149,7 @@ def stream_estimate(parts: WanParts, width: int, height: int, block_causal, *, d
     return estimate_vram(parts.transformer, height, width, steps=1, chunk_frames=block_causal.chunk_frames,
                          sink_chunks=block_causal.sink_chunks, window_chunks=block_causal.window_chunks,
                          dtype_bytes=dtype_bytes, text_encoder_offload=text_encoder_offload, rows=rows,
+                         weights_int8=weights_int8,
                          text_encoder_params=parts.text_encoder, vae_params=parts.vae, vae_dtype_bytes=4,
                          text_len=parts.text_len)
 
