@@ -54,3 +54,10 @@ MUTANTS += [
            Patch("diffstream.pipelines.stream:StreamPipeline._apply_pending",
                  "self._compile_noticed = False  # new shapes may follow: say so once more", "pass")),
 ]
+
+MUTANTS += [
+    mutant("compile-wan-not-applied", "--backend compile accepted for a Wan model but the transformer left eager",
+           f"{TESTS}::test_inductor_equals_eager_for_causal_video",
+           Patch("diffstream.models.loading:load_wan_components",
+                 "apply_backend(components, config.backend)  # the transformer", "pass  #")),
+]

@@ -83,7 +83,11 @@ def fingerprint(*modules: torch.nn.Module) -> str:
 
 
 def _compile_targets(components) -> dict[str, torch.nn.Module]:
-    """The modules a backend compiles: the UNet and the VAE's encoder and decoder."""
+    """The modules a backend compiles: the UNet and the VAE's encoder and decoder; of a Wan
+    video model the transformer alone (its VAE runs through `models.wan.WanVAEStream`'s
+    causal feature caches, Python lists the encoder and decoder mutate as they go)."""
+    if getattr(components, "is_wan", False):
+        return {"unet": components.unet}
     vae = components.vae
     return {"unet": components.unet, "vae.encoder": vae.encoder, "vae.decoder": vae.decoder}
 

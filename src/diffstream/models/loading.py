@@ -401,8 +401,9 @@ def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.
     if extras:
         raise ConfigError(f"{', '.join(extras)} are for Stable Diffusion models, not a Wan video model: leave "
                           f"{'them' if len(extras) > 1 else 'it'} out")
-    if config.backend != "eager":
-        raise ConfigError("a Wan video model runs on --backend eager only, for now")
+    if config.backend == "openvino":
+        raise ConfigError("--backend openvino runs --method streamdiffusion only (causal-video keeps its KV cache in "
+                          "the attention layers): use --backend compile or eager")
     if config.quantize:
         from diffstream.models.quantize import check_quantize
 
@@ -433,8 +434,12 @@ def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.
             from diffstream.models.quantize import quantize_weights
 
             quantize_weights(modules[key], config.quantize)
-    return WanComponents(name=config.model, device=device, dtype=dtype,
-                         text_encoder_offload=config.text_encoder_offload, **modules)
+    components = WanComponents(name=config.model, device=device, dtype=dtype,
+                               text_encoder_offload=config.text_encoder_offload, **modules)
+    from diffstream.models.backends import apply_backend
+
+    apply_backend(components, config.backend)  # the transformer, in place (`backends._compile_targets`)
+    return components
 
 
 def check_wan_parts(modules: dict) -> None:
