@@ -81,19 +81,25 @@ def latent_stats(vae):
     return torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
 
 
+def encoded_clip(wan, frames, cfg: StreamConfig):
+    """What both references start from: (chunk, sinks, window), the schedule's sigmas, and
+    the clip VAE-encoded in one shot and normalised, (1, 16, T, h, w)."""
+    policy = cfg.video.block_causal
+    sigmas = [cfg.strength * (cfg.steps - k) / cfg.steps for k in range(cfg.steps)]
+    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, N, H, W)
+    mean, std = latent_stats(wan.vae)
+    with torch.no_grad():
+        z = (wan.vae.encode(video).latent_dist.mode() - mean) / std  # (1, 16, T, h, w)
+    return (policy.chunk_frames, policy.sink_chunks, policy.window_chunks), sigmas, z
+
+
 def reference_latents(wan, frames, cfg: StreamConfig, first_sigmas=None) -> torch.Tensor:
     """The clip's denoised latents (1, 16, T, h, w), T = its latent frames, from the formulas (module docstring).
 
     Args:
         first_sigmas: each chunk's first sigma (motion-aware noise), or None: the schedule's.
     """
-    policy = cfg.video.block_causal
-    chunk, sinks, window = policy.chunk_frames, policy.sink_chunks, policy.window_chunks
-    sigmas = [cfg.strength * (cfg.steps - k) / cfg.steps for k in range(cfg.steps)]
-    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, N, H, W)
-    mean, std = latent_stats(wan.vae)
-    with torch.no_grad():
-        z = (wan.vae.encode(video).latent_dist.mode() - mean) / std  # (1, 16, T, h, w)
+    (chunk, sinks, window), sigmas, z = encoded_clip(wan, frames, cfg)
     emb = text(wan, cfg.prompt)
     generator = torch.Generator().manual_seed(cfg.seed)
     tokens = (z.shape[3] // 2) * (z.shape[4] // 2)
@@ -126,6 +132,17 @@ def reference_frames(wan, latents) -> np.ndarray:
     return ((pixels[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
+def assert_matches_reference(wan, latents, out, expected, chunks: int, n: int) -> None:
+    """The pipeline's chunks' latents equal the reference's (< ATOL) and its n frames the
+    reference latents decoded in one shot (within one grey level)."""
+    ours = torch.cat(latents, dim=2)
+    assert ours.shape == expected.shape and len(latents) == chunks
+    assert (ours - expected).abs().max() < ATOL
+    decoded = reference_frames(wan, expected)
+    assert len(out) == n
+    assert max(int(np.abs(o.astype(int) - e.astype(int)).max()) for o, e in zip(out, decoded)) <= 1
+
+
 # --- proofs ---------------------------------------------------------------------------
 
 
@@ -144,13 +161,7 @@ def test_stream_equals_reference(wan, chunk):
     pipe._denoise = lambda z0: latents.append(denoise(z0)) or latents[-1]
     out = stream(pipe, frames)
     pipe.close()
-    ours = torch.cat(latents, dim=2)
-    expected = reference_latents(wan, frames, cfg)
-    assert ours.shape == expected.shape and len(latents) == chunks
-    assert (ours - expected).abs().max() < ATOL
-    decoded = reference_frames(wan, expected)
-    assert len(out) == n
-    assert max(int(np.abs(o.astype(int) - e.astype(int)).max()) for o, e in zip(out, decoded)) <= 1
+    assert_matches_reference(wan, latents, out, reference_latents(wan, frames, cfg), chunks, n)
 
 
 def test_frames_one_to_one_in_order_with_a_partial_last_chunk(wan):
@@ -511,13 +522,7 @@ def run_steps(wan, cfg, frames, updates=None, notices=None):
 
 def reference_steps_latents(wan, frames, cfg: StreamConfig) -> torch.Tensor:
     """(1, 16, T, h, w) the clip's denoised latents under the per-step-cache policy (module docstring)."""
-    policy = cfg.video.block_causal
-    chunk, sinks, window = policy.chunk_frames, policy.sink_chunks, policy.window_chunks
-    sigmas = [cfg.strength * (cfg.steps - k) / cfg.steps for k in range(cfg.steps)]
-    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, N, H, W)
-    mean, std = latent_stats(wan.vae)
-    with torch.no_grad():
-        z = (wan.vae.encode(video).latent_dist.mode() - mean) / std  # (1, 16, T, h, w)
+    (chunk, sinks, window), sigmas, z = encoded_clip(wan, frames, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     per_chunk = [torch.randn((len(sigmas), *z[:, :, :chunk].shape), generator=generator)
                  for _ in range(z.shape[2] // chunk)]
@@ -545,13 +550,7 @@ def test_steps_policy_equals_the_step_by_step_reference(wan, batch, chunk):
     cfg = steps_config(chunk=chunk, batch=batch)
     frames = clip(n)
     out, latents, pipe = run_steps(wan, cfg, frames)
-    ours = torch.cat(latents, dim=2)
-    expected = reference_steps_latents(wan, frames, cfg)
-    assert ours.shape == expected.shape and len(latents) == chunks
-    assert (ours - expected).abs().max() < ATOL
-    decoded = reference_frames(wan, expected)
-    assert len(out) == n
-    assert max(int(np.abs(o.astype(int) - e.astype(int)).max()) for o, e in zip(out, decoded)) <= 1
+    assert_matches_reference(wan, latents, out, reference_steps_latents(wan, frames, cfg), chunks, n)
     # one transformer call per chunk step, or per K chunk steps (plus the K - 1 draining calls)
     assert pipe.unet_calls == (chunks + 2 if batch else 3 * chunks)
 
