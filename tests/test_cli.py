@@ -76,7 +76,6 @@ def test_run_folder_to_png_folder_with_max_frames_and_keep_size(tmp_path):
         (["--similarity-filter", "1.5"], "--similarity-filter"),
         (["--max-frames", "0"], "--max-frames"),
         (["--backend", "tensorrt"], "invalid choice"),
-        (["--backend", "openvino", "--method", "streamv2v"], "openvino runs --method streamdiffusion only"),
     ],
 )
 def test_invalid_options_fail_before_loading(clip, tmp_path, capsys, args, needle, monkeypatch):

@@ -529,11 +529,6 @@ class RunConfig:
     def __post_init__(self):
         # Caught here, before anything loads: the image methods cannot run on the video
         # UNet that motion modules make (factory.make_mechanism says the same at run time).
-        if self.model.backend == "openvino" and self.stream.method != "streamdiffusion":
-            # The same refusal `attention.base.check_backend` makes at attach time, made
-            # here before anything loads (see there why).
-            raise ConfigError(f"--backend openvino runs --method streamdiffusion only ({self.stream.method} keeps "
-                              f"state in the attention layers): use --backend compile or eager")
         if self.model.ip_adapter and self.model.motion_adapter:
             raise ConfigError("--ip-adapter does not run with --motion-adapter (live2diff) yet: leave one out")
         if self.stream.ip_adapter_image is not None and not self.model.ip_adapter:

@@ -205,25 +205,56 @@ def test_a_compiled_model_tells_when_it_builds_graphs_for_new_shapes(request):
 
 
 def test_backend_option_and_its_refusals():
-    """--backend is checked before anything loads; OpenVINO with a stateful method is
-    refused in one line, both in the run config and where processors attach."""
+    """--backend is checked before anything loads; OpenVINO goes with every method (a
+    stateful one falls back, below); a UNet compiled for OpenVINO without the fall-back
+    refuses stateful processors in one line."""
+    from diffstream.attention.base import check_backend
+
     with pytest.raises(ConfigError, match="--backend must be one of"):
         ModelConfig(model="tiny", backend="tensorrt")
-    with pytest.raises(ConfigError, match="openvino runs --method streamdiffusion only"):
-        RunConfig(model=ModelConfig(model="tiny", backend="openvino"), stream=StreamConfig(method="streamv2v"))
-    RunConfig(model=ModelConfig(model="tiny", backend="openvino"), stream=StreamConfig(method="streamdiffusion"))
-
-
-def test_openvino_refuses_a_stateful_mechanism_at_attach():
-    """A model compiled for OpenVINO (the Python API, the server) refuses the feature bank
-    when its processors would be installed, and keeps its stock processors."""
-    pytest.importorskip("openvino")
-    components = _tiny("streamv2v", "openvino")
-    original = dict(components.unet.attn_processors)
-    pipe = make_pipeline(components, StreamConfig(prompt="a cat", size=96, method="streamv2v", steps=2))
+    RunConfig(model=ModelConfig(model="tiny", backend="openvino"), stream=StreamConfig(method="streamv2v"))
+    unet = torch.nn.Linear(1, 1)
+    unet._diffstream_backend = "openvino"
+    check_backend(unet, {})  # nothing stateful: nothing to do
     with pytest.raises(ConfigError, match="--backend openvino runs the per-frame baseline"):
-        pipe.process(FRAMES[0])
-    assert dict(components.unet.attn_processors) == original
+        check_backend(unet, {"attn1": object()})
+
+
+def test_a_fallback_notice_reaches_the_stream_once():
+    """What `check_backend` leaves on the UNet when it falls back (below) goes to the
+    stream's `on_notice` as its processors attach, once."""
+    components = _tiny("streamv2v")
+    notices = []
+    with make_pipeline(components, _config("streamv2v")) as pipe:
+        pipe.on_notice.append(notices.append)
+        components.unet._diffstream_backend_notice = "the UNet now runs on --backend compile"
+        for frame in FRAMES[:3]:
+            pipe.process(frame)
+    assert notices == ["the UNet now runs on --backend compile"]
+
+
+@pytest.mark.slow
+def test_openvino_falls_back_to_compile_for_a_stateful_mechanism(compile_cache, monkeypatch):
+    """The feature bank on a model loaded for OpenVINO: as its processors attach, the UNet
+    is recompiled with inductor and the stream's `on_notice` says so in one line, once;
+    the VAE stays on OpenVINO; the frames equal eager's within one grey level (inductor's
+    tolerance), never OpenVINO's corrupted ones."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("DIFFSTREAM_CACHE", str(compile_cache))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(compile_cache / "inductor"))
+    config = _config("streamv2v")
+    frames = FRAMES[:4]
+    components = _tiny("streamv2v", "openvino")
+    notices = []
+    with make_pipeline(components, config) as pipe:
+        pipe.on_notice.append(notices.append)
+        got = np.stack([o for f in frames for o in pipe.process(f)] + pipe.flush())
+    fallback = [n for n in notices if "openvino" in n]
+    assert len(fallback) == 1 and "--backend compile" in fallback[0] and "\n" not in fallback[0]
+    assert components.unet._diffstream_backend == "compile" and components.backend == "compile"
+    assert components.vae.decoder._compiled_call_impl is not None  # still OpenVINO's
+    diff = np.abs(got.astype(int) - _stream(_tiny("streamv2v"), config, frames).astype(int))
+    assert diff.max() <= 1, f"fallback off eager by {diff.max()} grey levels"
     torch._dynamo.reset()
 
 

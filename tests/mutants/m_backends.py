@@ -29,9 +29,12 @@ MUTANTS = [
            Patch("diffstream.attention.causal_temporal:CausalTemporalAttnProcessor.__call__", OPAQUE, "")),
     mutant("openvino-runs-stateful-processors", "a stateful mechanism attaches to an OpenVINO-compiled UNet, whose "
            "executor reuses output buffers across graph pieces",
-           f"{TESTS}::test_openvino_refuses_a_stateful_mechanism_at_attach",
+           f"{TESTS}::test_backend_option_and_its_refusals",
            Patch("diffstream.attention.base:check_backend",
                  'if installed and getattr(unet, BACKEND_ATTRIBUTE, "eager") == "openvino":', "if False:")),
+    mutant("openvino-fallback-untold", "the UNet falls back to compile without telling the stream's user",
+           f"{TESTS}::test_a_fallback_notice_reaches_the_stream_once",
+           Patch("diffstream.pipelines.stream:StreamPipeline._own_unet", "if notice is not None:", "if False:")),
     mutant("openvino-runs-fp32-as-bf16", "OpenVINO keeps its CPU default, bf16 arithmetic on CPUs with bf16 "
            "units, for an fp32 model (6 grey levels off eager here)",
            f"{TESTS}::test_openvino_equals_eager_for_the_baseline",

@@ -255,19 +255,38 @@ def compiler_opaque(fn):
 BACKEND_ATTRIBUTE = "_diffstream_backend"
 
 
+# Set by `models.backends.apply_backend` on an OpenVINO-compiled UNet: a callable that
+# recompiles it with inductor and returns the notice saying so (this floor cannot import
+# that one); after a fall-back the notice waits under NOTICE_ATTRIBUTE for the pipeline.
+FALLBACK_ATTRIBUTE = "_diffstream_backend_fallback"
+NOTICE_ATTRIBUTE = "_diffstream_backend_notice"
+
+
 def check_backend(unet, installed: dict) -> None:
-    """Refuse stateful processors on an OpenVINO-compiled UNet (one line, ConfigError).
+    """Stateful processors on an OpenVINO-compiled UNet: fall back to `compile`, with a notice.
 
     OpenVINO's partitioned executor hands back tensors that share its inference requests'
     output buffers; with the graph broken at every stateful processor, one compiled piece
     runs several times per UNet call and overwrites outputs still in use (measured: the
-    feature bank came out 19 grey levels off eager). Until its outputs are copied or the
-    state passes through the graph explicitly, such a mechanism runs on `compile`.
+    feature bank came out 19 grey levels off eager). So a stateful mechanism does not run
+    there: the UNet is recompiled with inductor (`compile`, which runs them between its
+    graphs), the VAE stays on OpenVINO, and the one-line notice is left on the UNet
+    (`take_backend_notice`) for the pipeline to tell its user (issue #16: never silently
+    slower). A UNet compiled for OpenVINO some other way (no fall-back set) is refused
+    in one line (ConfigError).
     """
     if installed and getattr(unet, BACKEND_ATTRIBUTE, "eager") == "openvino":
         kind = type(next(iter(installed.values()))).__name__
-        raise ConfigError(f"--backend openvino runs the per-frame baseline (streamdiffusion) only; {kind} keeps "
-                          f"state in the attention layers: use --backend compile or eager")
+        fallback = getattr(unet, FALLBACK_ATTRIBUTE, None)
+        if fallback is None:
+            raise ConfigError(f"--backend openvino runs the per-frame baseline (streamdiffusion) only; {kind} keeps "
+                              f"state in the attention layers: use --backend compile or eager")
+        setattr(unet, NOTICE_ATTRIBUTE, fallback(kind))
+
+
+def take_backend_notice(unet) -> str | None:
+    """The notice of a backend fall-back made while processors were installed, once (else None)."""
+    return unet.__dict__.pop(NOTICE_ATTRIBUTE, None)
 
 
 @contextlib.contextmanager

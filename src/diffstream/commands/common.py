@@ -4,6 +4,7 @@ library chatter, warnings, progress bars and the closing line of a run."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Iterable, Iterator
@@ -194,6 +195,20 @@ def model_config(args) -> ModelConfig:
                        ip_adapter=getattr(args, "ip_adapter", None), transformer=getattr(args, "transformer", None),
                        text_encoder_offload=bool(getattr(args, "text_encoder_offload", False)),
                        quantize=getattr(args, "quantize", None))
+
+
+def compile_for_stateful(model: ModelConfig, method: str) -> ModelConfig:
+    """An offline edit's model options with `--backend openvino` swapped for `compile`, said in one line.
+
+    Fairy's anchors and FateZero's attention store keep state in the attention layers,
+    which OpenVINO cannot run (`attention.base.check_backend`; a stream falls back as its
+    processors attach and its pipeline tells it): the edit loads on inductor instead.
+    """
+    if model.backend != "openvino":
+        return model
+    say(f"--backend openvino cannot run {method}'s attention (it keeps state in the attention layers): the model "
+        f"runs on --backend compile (inductor) instead")
+    return dataclasses.replace(model, backend="compile")
 
 
 def add_memory_options(p: argparse.ArgumentParser) -> None:

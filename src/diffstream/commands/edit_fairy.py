@@ -126,6 +126,7 @@ def edit_command(args) -> int:
     start = time.perf_counter()
     try:
         common.quiet_libraries()
+        model = common.compile_for_stateful(model, "fairy")  # the workers load it too
         if ray_config.enabled:
             from diffstream.pipelines.distributed import DistributedEdit
 

@@ -221,7 +221,7 @@ def edit_command(args) -> int:
 
         if progress_on:
             common.say(common.loading_message(model))
-        components = load_components(model)
+        components = load_components(common.compile_for_stateful(model, "fatezero"))
         common.warn_long_prompts(components, config.source_prompt, config.prompt, config.negative_prompt)
         size = fit_size(source.width, source.height, int(getattr(args, "size", 512)), components.size_multiple)
         buffer = FrameFile(size, config.spill_dir)

@@ -15,8 +15,9 @@ Backends:
   (README, Measured). On CUDA `mode="max-autotune"`: autotuned kernels and CUDA graphs
   over static input buffers (not run here: no GPU in CI).
 - `openvino`: OpenVINO's torch.compile backend (`pip install diffstream[openvino]`), CPU.
-  Only for the per-frame baseline: a stateful mechanism is refused in one line when it
-  attaches (`attention.base.install_processors`, which says why).
+  For the per-frame baseline: when a stateful mechanism attaches, the UNet falls back to
+  `compile` with a one-line notice (`attention.base.check_backend` says why); the VAE
+  stays on OpenVINO.
 - `auto`: `compile` on CPU and CUDA, `eager` on MPS (inductor's MPS support is partial).
 
 Stateful attention processors (the feature bank, the causal KV cache, Fairy's anchors,
@@ -33,12 +34,14 @@ Compiled artefacts are cached on disk under `$DIFFSTREAM_CACHE` (default
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
 
 import torch
 
+from diffstream.attention.base import FALLBACK_ATTRIBUTE
 from diffstream.config import BACKENDS
 from diffstream.errors import ConfigError
 
@@ -150,4 +153,19 @@ def apply_backend(components, backend: str) -> str:
         module.compile(**kwargs)
     # Read by `attention.base.install_processors` (which must not import this floor).
     components.unet._diffstream_backend = backend
+    if backend == "openvino":
+        setattr(components.unet, FALLBACK_ATTRIBUTE, functools.partial(_fall_back_to_compile, components))
     return backend
+
+
+def _fall_back_to_compile(components, kind: str) -> str:
+    """Recompile an OpenVINO UNet with inductor for a stateful mechanism (`check_backend`);
+    returns the one-line notice. The VAE stays on OpenVINO; later streams on the model
+    (any method) run the inductor UNet."""
+    unet = components.unet
+    unet.compile(**_inductor_setup(components.device))
+    unet._diffstream_backend = "compile"
+    delattr(unet, FALLBACK_ATTRIBUTE)
+    components.backend = "compile"  # what the UNet runs on: the compile notices say so
+    return (f"--backend openvino cannot run {kind} (it keeps state in the attention layers): the UNet now runs on "
+            f"--backend compile (inductor), the VAE stays on OpenVINO")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from diffstream import frames as F
-from diffstream.attention.base import BatchLayout, Mechanism, ProcessorLease
+from diffstream.attention.base import BatchLayout, Mechanism, ProcessorLease, take_backend_notice
 from diffstream.config import StreamConfig
 from diffstream.errors import ConfigError
 from diffstream.models.components import Components
@@ -89,9 +89,14 @@ class StreamPipeline(OrderedOutputs):
         its mechanism's processors when it runs and the previous holder's are restored
         first, so streams never see each other's processors. The record of the holder is
         kept on the UNet (`ProcessorLease`); with one stream this is an attribute lookup
-        per frame.
+        per frame. A backend that fell back as the processors went on (OpenVINO with a
+        stateful mechanism: `attention.base.check_backend`) is told to `on_notice`.
         """
         ProcessorLease.acquire(self.components.unet, self, self.mechanism.attach)
+        notice = take_backend_notice(self.components.unet)
+        if notice is not None:
+            for callback in self.on_notice:
+                callback(notice)
 
     def __enter__(self):
         return self
