@@ -117,7 +117,8 @@ class ModelConfig:
             choice; "none" disables it.
         loras: extra LoRA files as (path_or_id, scale) pairs, fused in order.
         tiny_vae: AutoencoderTiny to use instead of the full VAE (hub id, folder, `taesd`,
-            or `tiny` for a random one in tests).
+            or `tiny` for a random one in tests); for a Wan model, TAEHV's weights
+            (`taew2_1.pth` / `.safetensors`, or `tiny`), which decode (`models.taehv`).
         device: "auto" (cuda, then mps, then cpu) or a torch device string.
         dtype: "auto" (fp16 on cuda/mps, fp32 on cpu), "fp32", "fp16" or "bf16".
         turbo: force (True) or forbid (False) turbo handling (1 step, x0 sampler, no CFG);

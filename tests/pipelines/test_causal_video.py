@@ -735,3 +735,38 @@ def test_motion_aware_noise_on_a_still_clip_is_the_plain_schedule(wan):
     a, b = make_pipeline(wan, cfg), make_pipeline(wan, moving)
     plain, still = stream(a, frames), stream(b, frames)
     assert all(np.array_equal(x, y) for x, y in zip(plain, still))
+
+
+# --- TAEHV decodes (--tiny-vae, StreamDiffusionV2's --use_taehv) ---------------------------
+
+
+def test_tiny_vae_decodes_the_stream_as_taehv_does_in_one_shot(tmp_path, capsys):
+    """With `--tiny-vae` (a random TAEHV here) the Wan VAE still encodes and TAEHV decodes,
+    latent frame by latent frame through its stream: the frames equal TAEHV's own one-shot
+    `decode_video` of the stream's latents (its first 3 frames dropped), 1:1 with the
+    inputs, and are not the Wan VAE's. A missing file is one line, before the model loads."""
+    from diffstream.cli import main
+    from diffstream.models.loading import load_components
+    from diffstream.testing import write_video
+
+    wan_t = load_components(ModelConfig(model="tiny-wan", device="cpu", tiny_vae="tiny"))
+    frames = clip(13)
+    pipe = make_pipeline(wan_t, config())
+    latents = []
+    denoise = pipe._denoise
+    pipe._denoise = lambda z0: latents.append(denoise(z0)) or latents[-1]
+    out = stream(pipe, frames)
+    pipe.close()
+    z = torch.cat(latents, dim=2).permute(0, 2, 1, 3, 4)  # (1, T, 16, h, w): the DiT's (normalised) latents
+    with torch.no_grad():
+        expected = wan_t.tiny_vae.decode_video(z)[0]  # (4T - 3, 3, H, W) in [0, 1]
+    expected = (expected.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    assert len(out) == len(expected) == 13
+    assert max(int(np.abs(o.astype(int) - e.astype(int)).max()) for o, e in zip(out, expected)) <= 1
+    full = reference_frames(wan_t, torch.cat(latents, dim=2))  # the Wan VAE's decoding of the same latents
+    assert np.abs(np.stack(out).astype(int) - full.astype(int)).mean() > 10
+    path = write_video(tmp_path / "clip.mp4", frames[:5], fps=25)
+    assert main(["run", path, "-o", str(tmp_path / "o.mp4"), "--method", "causal-video", "--model", "tiny-wan",
+                 "--prompt", "x", "--size", "64", "--tiny-vae", str(tmp_path / "taew2_1.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "taew2_1" in err[-1] and not (tmp_path / "o.mp4").exists()

@@ -159,7 +159,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="PATH[:SCALE]",
                    help="extra LoRA to fuse; repeatable (default: none)")
     g.add_argument("--tiny-vae", default=None,
-                   help="AutoencoderTiny instead of the full VAE: 'taesd', a hub id or folder (default: full VAE)")
+                   help="AutoencoderTiny instead of the full VAE: 'taesd', a hub id or folder; for a Wan model "
+                        "(causal-video) TAEHV's taew2_1.pth / .safetensors, which decodes (default: full VAE)")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:1, mps, cpu (default: auto)")
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: fp16 on GPU, fp32 on CPU (default: auto)")
     g.add_argument("--turbo", default=None, action=argparse.BooleanOptionalAction,

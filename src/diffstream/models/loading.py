@@ -395,7 +395,7 @@ def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.
 
     extras = [flag for flag, given in (
         ("--lcm-lora", config.lcm_lora and config.lcm_lora.lower() != "none"), ("--lora", config.loras),
-        ("--tiny-vae", config.tiny_vae), ("--controlnet", config.controlnets), ("--ip-adapter", config.ip_adapter),
+        ("--controlnet", config.controlnets), ("--ip-adapter", config.ip_adapter),
         ("--motion-adapter", config.motion_adapter), ("--video-model", config.video_model),
         ("--instruct", config.instruct)) if given]
     if extras:
@@ -408,6 +408,12 @@ def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.
         from diffstream.models.quantize import check_quantize
 
         check_quantize(config.quantize, device)  # before the weights load
+    tiny_vae = None
+    if config.tiny_vae:  # TAEHV decodes (StreamDiffusionV2's --use_taehv); loaded first: a bad path fails fast
+        from diffstream.models.taehv import load_taehv, random_taehv
+
+        tiny_vae = random_taehv(0) if config.tiny_vae == "tiny" else load_taehv(config.tiny_vae)
+        tiny_vae = tiny_vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if config.model == "tiny-wan":
         modules = tiny_wan_modules()
     else:
@@ -435,7 +441,7 @@ def load_wan_components(config: ModelConfig, device: torch.device, dtype: torch.
 
             quantize_weights(modules[key], config.quantize)
     components = WanComponents(name=config.model, device=device, dtype=dtype,
-                               text_encoder_offload=config.text_encoder_offload, **modules)
+                               text_encoder_offload=config.text_encoder_offload, tiny_vae=tiny_vae, **modules)
     from diffstream.models.backends import apply_backend
 
     apply_backend(components, config.backend)  # the transformer, in place (`backends._compile_targets`)

@@ -224,6 +224,8 @@ class WanComponents:
         name: what the user asked for.
         device, dtype: where the modules live (the transformer, the VAE; the text encoder
             too unless offloaded).
+        tiny_vae: a TAEHV (`--tiny-vae`) that decodes the stream's latents instead of the
+            Wan VAE (StreamDiffusionV2's `--use_taehv`); the Wan VAE still encodes.
         text_encoder_offload: the text encoder lives on the CPU (`--text-encoder-offload`):
             prompts are encoded there, only their embeddings move to `device`, and those
             are cached per prompt (the last `TEXT_CACHE_PROMPTS` prompts), so a prompt is
@@ -246,6 +248,7 @@ class WanComponents:
     is_video_unet: bool = False
     is_wan: bool = True
     text_encoder_offload: bool = False
+    tiny_vae: torch.nn.Module | None = None  # TAEHV (`models.taehv`, `--tiny-vae`): decodes in the VAE's place
     _text_cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
     _text_lock: object = field(default_factory=threading.Lock, repr=False, compare=False)
 

@@ -137,6 +137,15 @@ class CausalVideoPipeline(OrderedOutputs):
         self.config = config
         self.mechanism = mechanism or BlockCausal(config.video.block_causal)
         self.vae = WanVAEStream(components.vae)
+        # What decodes: the Wan VAE's stream, or TAEHV's (`--tiny-vae`), which takes the same raw
+        # latents (the Wan VAE's statistics undo `denormalize_latents` inside) and gives the same
+        # frames per latent frame (1, then 4).
+        self.decoder = self.vae
+        if getattr(components, "tiny_vae", None) is not None:
+            from diffstream.models.taehv import TAEHVStream
+
+            cfg = components.vae.config
+            self.decoder = TAEHVStream(components.tiny_vae, cfg.latents_mean, cfg.latents_std)
         self.on_push: list[Callable[[int], None]] = []
         self.on_output: list[Callable[[int], None]] = []
         # Notices for the person watching (StreamPipeline's interface).
@@ -200,6 +209,8 @@ class CausalVideoPipeline(OrderedOutputs):
         self._row_frames: list = [None] * k  # stream batch: the frame indices of each row's chunk
         self._row_text: list = [None] * k  # stream batch: the text (1, L, D) each row's chunk began with
         self.vae.reset()
+        if self.decoder is not self.vae:
+            self.decoder.reset()
         self.mechanism.reset()
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._seed = self.config.seed
@@ -397,7 +408,7 @@ class CausalVideoPipeline(OrderedOutputs):
         comp = self.components
         vae_dtype = next(comp.vae.parameters()).dtype
         latents = comp.denormalize_latents(x0).to(vae_dtype)  # (1, 16, F, h, w)
-        decoded = torch.cat([self.vae.decode(latents[:, :, i:i + 1]) for i in range(latents.shape[2])], dim=2)
+        decoded = torch.cat([self.decoder.decode(latents[:, :, i:i + 1]) for i in range(latents.shape[2])], dim=2)
         outputs = F.tensor_to_frames(decoded[0].permute(1, 0, 2, 3))  # n frames (H, W, 3)
         for index, frame in zip(indices, outputs):
             if index >= 0:
