@@ -274,6 +274,23 @@ def test_serve_refuses_before_loading_and_names_max_clients(wan_1_3b_configs, fa
     assert "512x512" in line and "--max-clients 2" in line and "--window-chunks" not in line
 
 
+def test_serve_takes_the_causal_video_options_and_counts_a_cache_per_step(wan_1_3b_configs, capsys, monkeypatch):
+    """serve has run's cache options: its sessions' base config carries them, and with
+    the stream batch (a KV cache per denoising step, 2 steps) the estimate counts two rows
+    per client."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from diffstream.commands import serve
+
+    for extra, rows in (([], 4), (["--video-stream-batch", "--sink-chunks", "1"], 8)):
+        assert serve.main(["--model", wan_1_3b_configs, "--device", "cpu", "--port", "0", "--size", "512",
+                           "--max-clients", "4", "--vram-estimate", *extra]) == 0
+        assert f"GPU memory estimate, 512x512, {rows} KV cache row(s)" in capsys.readouterr().out
+    assert serve.main(["--model", wan_1_3b_configs, "--port", "0", "--video-stream-batch", "--kv-record",
+                       "clean"]) == 2
+    assert "--kv-record" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_vram_estimate_prints_the_table_and_loads_nothing_on_cpu(wan_1_3b_configs, clip, tmp_path, capsys,
                                                                   monkeypatch):
     import diffstream.models.loading as loading
@@ -282,7 +299,7 @@ def test_vram_estimate_prints_the_table_and_loads_nothing_on_cpu(wan_1_3b_config
     assert run(clip, tmp_path, "--model", wan_1_3b_configs, "--device", "cpu", "--size", "832",
                "--vram-estimate") == 0
     out = capsys.readouterr().out
-    assert "GPU memory estimate, 832x624, 1 stream(s), float16:" in out  # as on a GPU: --dtype auto is fp16 there
+    assert "GPU memory estimate, 832x624, 1 KV cache row(s), float16:" in out  # as on a GPU: --dtype auto is fp16 there
     assert "text_encoder       10.58 GiB" in out and "kv_cache" in out and "total" in out
     # --int8: the weight items of int8 Linear weights (torchao weight-only), nothing loaded either
     if importlib.util.find_spec("torchao") is not None:

@@ -52,13 +52,13 @@ MUTANTS = [
     mutant("wanw-serve-refusal-after-loading", "serve's GPU-memory check made after the model has loaded",
            [f"{PROOFS}::test_serve_refuses_before_loading_and_names_max_clients"],
            Patch("diffstream.commands.serve:command",
-                 "        if check_memory(args, config):\n"
+                 "        if check_memory(args, config, base_config):\n"
                  "            return 0  # --vram-estimate: printed, nothing loaded\n"
                  "        common.say(common.loading_message(config))\n"
                  "        components = load_components(config)",
                  "        common.say(common.loading_message(config))\n"
                  "        components = load_components(config)\n"
-                 "        if check_memory(args, config):\n"
+                 "        if check_memory(args, config, base_config):\n"
                  "            return 0")),
     mutant("wanw-estimate-square", "the run's estimate made for a square --size frame, the input's aspect ignored",
            [f"{PROOFS}::test_a_gpu_too_small_is_refused_before_loading"],
@@ -70,4 +70,7 @@ MUTANTS = [
            Patch("diffstream.commands.common:check_memory",
                  "text_encoder_offload=resolved.text_encoder_offload, rows=rows,",
                  "text_encoder_offload=False, rows=rows,")),
+    mutant("wanw-serve-one-cache-per-stream", "serve's estimate counts one KV cache per client with the stream "
+           "batch's cache per step", [f"{PROOFS}::test_serve_takes_the_causal_video_options_and_counts_a_cache_per_step"],
+           Patch("diffstream.commands.serve:check_memory", "rows = stream.video_cache_rows", "rows = 1")),
 ]

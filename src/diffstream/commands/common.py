@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Iterable, Iterator
 
-from diffstream.config import (BACKENDS, DEFAULT_MODEL, DEFAULT_MOTION_ADAPTER, DTYPES, MODEL_PRESETS, ModelConfig,
+from diffstream.config import (BACKENDS, CausalVideoConfig, DEFAULT_MODEL, DEFAULT_MOTION_ADAPTER, DTYPES, MODEL_PRESETS, ModelConfig,
                                check_control_scale)
 
 
@@ -212,6 +212,67 @@ def compile_for_stateful(model: ModelConfig, method: str) -> ModelConfig:
     return dataclasses.replace(model, backend="compile")
 
 
+def add_video_options(p: argparse.ArgumentParser) -> None:
+    """Causal-video's chunk, KV cache and schedule options (run, serve)."""
+    v = p.add_argument_group("causal video (--method causal-video, a Wan model: --model tiny-wan or a Wan folder)")
+    v.add_argument("--chunk-frames", type=int, default=1,
+                   help="latent frames per chunk, 4 video frames each; the first chunk is 1 + 4 (N - 1) frames "
+                        "(default: 1, StreamDiffusionV2's)")
+    v.add_argument("--sink-chunks", type=int, default=3, help="first chunks kept in the KV cache for ever (default: 3)")
+    v.add_argument("--window-chunks", type=int, default=2,
+                   help="most recent chunks kept in the KV cache besides the sinks (default: 2)")
+    v.add_argument("--video-timesteps", type=int_list, default=None, metavar="T,T,...",
+                   help="model timesteps of the denoising steps, decreasing in (0, 1000], e.g. 700,500 "
+                        "(StreamDiffusionV2's 2 steps); overrides --strength/--steps (default: --steps levels "
+                        "evenly spaced from --strength down)")
+    v.add_argument("--warp-timesteps", action="store_true",
+                   help="shift the steps' noise levels by the model's timestep shift (Self-Forcing's "
+                        "warp_denoising_step; StreamDiffusionV2 runs without)")
+    v.add_argument("--sink-policy", choices=("fixed", "adaptive"), default="fixed",
+                   help="which chunks stay in the KV cache for ever: the first ones (fixed) or StreamDiffusionV2's "
+                        "adaptive sink, which replaces a sink the stream drifted away from (default: fixed)")
+    v.add_argument("--adapt-sink-threshold", type=float, default=0.2,
+                   help="--sink-policy adaptive: replace a sink when the new chunk's pooled keys/values fall below "
+                        "this cosine similarity to it (default: 0.2, StreamDiffusionV2's)")
+    v.add_argument("--kv-record", choices=("clean", "steps"), default=None,
+                   help="what the KV cache holds: each chunk once more at timestep 0 after denoising (clean, "
+                        "Self-Forcing's; one extra call per chunk) or every denoising step's keys in a cache per step "
+                        "(steps, StreamDiffusionV2's) (default: steps with --video-stream-batch, else clean)")
+    v.add_argument("--video-stream-batch", action="store_true",
+                   help="StreamDiffusionV2's stream batch: the denoising steps of consecutive chunks in one model "
+                        "call (the same frames as --kv-record steps, steps - 1 chunks later)")
+    v.add_argument("--motion-noise", action="store_true",
+                   help="StreamDiffusionV2's motion-aware noise: each chunk's first noise level lowered by up to "
+                        "--motion-max-drop as its input moves (RMS frame difference / --motion-reference), "
+                        "smoothed over chunks (--motion-momentum)")
+    v.add_argument("--motion-reference", type=float, default=0.2,
+                   help="--motion-noise: the RMS frame difference (pixels in [-1, 1]) that counts as full motion "
+                        "(default: 0.2)")
+    v.add_argument("--motion-max-drop", type=float, default=0.1,
+                   help="--motion-noise: the noise level's drop at full motion (default: 0.1)")
+    v.add_argument("--motion-momentum", type=float, default=0.1,
+                   help="--motion-noise: the previous chunk's weight in the smoothing (default: 0.1)")
+    v.add_argument("--no-recache", action="store_true",
+                   help="keep the old prompt's keys/values in the KV cache after a prompt change instead of "
+                        "re-recording the cached chunks under the new one (LongLive's recache; it needs "
+                        "--sink-policy fixed and --kv-record clean)")
+
+
+def video_config(args) -> CausalVideoConfig:
+    """The CausalVideoConfig of parsed `add_video_options` options (raises ConfigError)."""
+    from diffstream.attention.block_causal import BlockCausalConfig
+    from diffstream.schedule.motion_noise import MotionNoiseConfig
+
+    return CausalVideoConfig(
+        block_causal=BlockCausalConfig(chunk_frames=args.chunk_frames, sink_chunks=args.sink_chunks,
+                                       window_chunks=args.window_chunks, sink_policy=args.sink_policy,
+                                       adapt_sink_threshold=args.adapt_sink_threshold),
+        timesteps=tuple(args.video_timesteps) if args.video_timesteps else None, warp=args.warp_timesteps,
+        kv_record=args.kv_record, stream_batch=args.video_stream_batch, recache=False if args.no_recache else None,
+        motion_noise=MotionNoiseConfig(reference_motion=args.motion_reference, max_drop=args.motion_max_drop,
+                                       momentum=args.motion_momentum) if args.motion_noise else None)
+
+
 def add_memory_options(p: argparse.ArgumentParser) -> None:
     """A Wan model's own options (run, serve): `--transformer`, `--text-encoder-offload`,
     and the GPU-memory check (`check_memory`)."""
@@ -297,7 +358,7 @@ def check_memory(config: ModelConfig, width: int, height: int, block_causal, *, 
                                text_encoder_offload=resolved.text_encoder_offload, rows=rows,
                                weights_int8=resolved.quantize is not None)
     if estimate_only:
-        title = f"GPU memory estimate, {width}x{height}, {rows} stream(s), {str(dtype).removeprefix('torch.')}"
+        title = f"GPU memory estimate, {width}x{height}, {rows} KV cache row(s), {str(dtype).removeprefix('torch.')}"
         print(format_estimate(estimate, title), flush=True)
         if free is not None:
             say(summary_line(estimate, free))

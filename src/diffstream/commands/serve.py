@@ -172,13 +172,14 @@ def command(args) -> int:
         config = common.model_config(args)
         # Built before the model loads, so a bad option or image prompt costs no loading.
         base_config = StreamConfig(stream_batch=not args.no_stream_batch, control_scales=common.control_scales(args),
-                                   ip_adapter_image=common.image_prompt(args), ip_adapter_scale=args.ip_adapter_scale)
+                                   ip_adapter_image=common.image_prompt(args), ip_adapter_scale=args.ip_adapter_scale,
+                                   video=common.video_config(args))
         common.quiet_libraries()
         if args.threads is not None:
             import torch
 
             torch.set_num_threads(args.threads)
-        if check_memory(args, config):
+        if check_memory(args, config, base_config):
             return 0  # --vram-estimate: printed, nothing loaded
         common.say(common.loading_message(config))
         components = load_components(config)
@@ -221,18 +222,20 @@ def command(args) -> int:
     return 0
 
 
-def check_memory(args, config) -> bool:
+def check_memory(args, config, stream) -> bool:
     """A Wan model's GPU memory for `--max-clients` streams at `--size` (square: a client's
     aspect is not known before it connects, and a square is the largest frame of a given
-    longer side), with causal-video's default chunk and cache (`common.check_memory`).
+    longer side), with the chunk and cache options given (`common.check_memory`).
 
+    Args:
+        stream: the sessions' base StreamConfig (its `video` and cache rows per stream).
     Returns:
         True with `--vram-estimate` (the estimate is printed; nothing loads).
     """
-    from diffstream.config import CausalVideoConfig
-
-    more = {f"--max-clients {args.max_clients // 2}": {"rows": args.max_clients // 2}} if args.max_clients > 1 else None
-    return common.check_memory(config, args.size, args.size, CausalVideoConfig().block_causal, rows=args.max_clients,
+    rows = stream.video_cache_rows
+    more = ({f"--max-clients {args.max_clients // 2}": {"rows": rows * (args.max_clients // 2)}}
+            if args.max_clients > 1 else None)
+    return common.check_memory(config, args.size, args.size, stream.video.block_causal, rows=rows * args.max_clients,
                                flags=("--text-encoder-offload", "--int8", "--size"), more=more,
                                estimate_only=getattr(args, "vram_estimate", False),
                                check=not getattr(args, "no_vram_check", False))
@@ -244,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve the live web demo (webcam restyled in real time).")
     common.add_model_options(parser)
     common.add_memory_options(parser)
+    common.add_video_options(parser)
     common.add_control_options(parser)
     add_arguments(parser)
     return parser
