@@ -152,7 +152,7 @@ class CausalVideoPipeline(OrderedOutputs):
         self.on_notice: list[Callable[[str], None]] = []
         if recache is None:  # the config's, and where it leaves it out: on where the cache policy has it
             recache = config.video.recache if config.video.recache is not None else RECACHE
-            recache = recache and config.video.recache_available
+            recache = recache and self._recache_available()
         self.recache = bool(recache)
         self._check_recache()
         # (S + W + 1, 1, 16, F, h, w) the clean latents of the cached chunks, at their cache slots
