@@ -111,3 +111,14 @@ def test_cli_int8_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):  # one or the other (argparse)
         main(["run", path, "-o", str(out), "--model", "tiny-wan", "--method", "causal-video", "--prompt", "x",
               "--int8", "--fp8"])
+
+
+def test_tiny_wan_parts_count_what_int8_quantizes():
+    """The memory estimate's parts of tiny-wan (`wan_memory._tiny_parts`, built on the meta
+    device) count the text encoder's Linear weights as the int8 path quantizes them (T5's
+    `wo` left out), so its int8 term is the bytes the quantized encoder stores."""
+    from diffstream.models.quantize import weight_bytes
+    from diffstream.models.wan_memory import _tiny_parts
+
+    te = load(quantize="int8").text_encoder
+    assert weight_bytes(te) == _weights_bytes(_tiny_parts().text_encoder, 4, True)

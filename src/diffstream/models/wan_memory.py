@@ -42,8 +42,12 @@ class WanParts:
 
 
 def _module_counts(module: torch.nn.Module) -> dict:
-    """{"total", "linear_weights", "linear_rows"} of a module (parameters; tied ones once)."""
-    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    """{"total", "linear_weights", "linear_rows"} of a module (parameters; tied ones once);
+    the Linear counts are those int8 quantizes (`models.quantize`: not the modules the
+    model keeps in fp32, e.g. T5's `wo`), as `umt5_encoder_parameters` counts them."""
+    keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    linears = [m for n, m in module.named_modules()
+               if isinstance(m, torch.nn.Linear) and not any(k in n.split(".") for k in keep)]
     return {"total": sum(p.numel() for p in module.parameters()),
             "linear_weights": sum(m.weight.numel() for m in linears),
             "linear_rows": sum(m.out_features for m in linears)}
