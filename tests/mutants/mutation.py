@@ -84,6 +84,7 @@ class Patch:
                         bindings += [(value, key, original) for key, v in list(value.items()) if v is original]
         for where, attr, _ in bindings:
             _bind(where, attr, mutated)
+        loaded = set(sys.modules)
         try:
             yield
         finally:
@@ -91,8 +92,10 @@ class Patch:
                 _bind(where, attr, value)
             # Modules first imported while the mutant was active bound the mutated
             # function (`from m import f`): put the original back there too, or the
-            # bug would leak into every later test of the session.
-            for other in _our_modules():
+            # bug would leak into every later test of the session. Only those: the
+            # modules loaded before had their bindings collected above (scanning every
+            # module's namespace again cost the suite about a minute).
+            for other in _our_modules(exclude=loaded):
                 namespace_of = getattr(other, "__dict__", None)
                 if isinstance(namespace_of, dict):
                     for attr, value in list(namespace_of.items()):
@@ -104,13 +107,14 @@ class Patch:
                                     value[key] = original
 
 
-def _our_modules() -> list:
-    """The loaded modules of this repository (the package, tests, benchmarks): only they can
-    hold a name bound to one of its functions (`from diffstream.x import f`); scanning the
-    ~3,000 third-party modules too cost the suite about a minute."""
+def _our_modules(exclude: set | frozenset = frozenset()) -> list:
+    """The loaded modules of this repository (the package, tests, benchmarks), but those named
+    in `exclude`: only they can hold a name bound to one of its functions
+    (`from diffstream.x import f`); scanning the ~3,000 third-party modules too cost the
+    suite about a minute."""
     root = str(ROOT)
-    return [m for m in list(sys.modules.values())
-            if str(getattr(m, "__file__", None) or "").startswith(root)]
+    return [m for name, m in list(sys.modules.items())
+            if name not in exclude and str(getattr(m, "__file__", None) or "").startswith(root)]
 
 
 def _bind(where, name, value) -> None:
