@@ -14,11 +14,15 @@ toy VAE reproduces low-saturation images far better (round-trip error 11.6 again
 grey levels at 64 px), so its own floor (below) is lower.
 
 As Fairy does (Sec. 6: it resumes training of a trained editor), two stages:
-1. `before`: the widened toy model trained as an InstructPix2Pix editor on the triplets,
-   no augmentation (`--base-steps` at `--base-lr`);
-2. `after`: that editor tuned further with Fairy's augmentation (`--steps` at `--lr`),
-   saved by the loop and loaded back from its diffusers folder; unless `--no-ablation`,
-   `after_no_augmentation`: the same steps without it (what more training alone does).
+1. `before`: the widened toy model trained as an InstructPix2Pix editor on the triplets
+   with Fairy's random resized crop only (`--base-augment crop`, the default; `none`:
+   whole scenes) (`--base-steps` at `--base-lr`);
+2. `after`: that editor tuned further with Fairy's augmentation, crop and affine transform
+   (`--steps` at `--lr`), saved by the loop and loaded back from its diffusers folder.
+   Unless `--no-ablation`, two controls from the same editor with the same seed (the same
+   batches, crops and noise: the affine draws are made and unused): `after_crop_only` (the
+   crop alone, so after - crop_only is the transform's own share) and
+   `after_no_augmentation` (whole scenes).
 Measured on held-out scenes and two held-out transform sets (another seed): Fairy's ranges
 (`equivariance_error`) and wider ones, beyond what Fairy trains on (`equivariance_error_wide`):
 - equivariance_error: mean |edit(T(x)) - T(edit(x))| over the pixels T maps from inside
@@ -26,55 +30,45 @@ Measured on held-out scenes and two held-out transform sets (another seed): Fair
 - edit_error: mean |edit(x) - sepia(x)|, grey levels (does it do the edit);
 - `vae_floor`: the exact edit through the model's VAE (decode(encode(sepia(x)))): the
   equivariance error no UNet gets below with this VAE; `toy_widened`: the widened model
-  before training (it cannot see the image yet: invariant, not equivariant, so its low
-  error only says its output is smooth);
+  before training (it cannot see the image yet);
 - after_minus_*: the paired difference over the (image, transform) pairs, mean and
   standard error (the spread of the held-out pairs, not of training seeds).
-Edits: FairyPipeline, instruction mode, 10 Euler ancestral steps, fixed noise, one guidance
-branch (text and image scales 1): the metric is about the model, not the guidance.
+Edits: FairyPipeline, instruction mode, 10 Euler ancestral steps, fixed noise, at the `edit`
+command's guidance (text 7.5, image 1.5; `--guidance 1 --image-guidance 1`: one branch).
 Loss curves: OUT/loss.png (the equivariant run), OUT/loss_base.png (stage 1). Last line JSON.
 
-Measured (2 CPU cores, ~190 s a run; defaults, --seed 0 / 1 / 2; 16 held-out scenes x 6
-transforms per set; mean +- standard error over the 96 pairs; grey levels):
+Measured (defaults, `--seed 0 / 1 / 2`, ~10 min a run on 2 CPU cores; 16 held-out scenes x 6
+transforms per set; paired differences: mean +- standard error over the 96 pairs; grey levels):
 
-    equivariance error     before        after        no aug.     after - before   after - no aug.
+    equivariance error     before   after   crop only   no aug.   after - before   after - crop only
     Fairy's ranges
-      seed 0             8.61+-0.34   8.65+-0.38   8.94+-0.38     +0.04+-0.13      -0.29+-0.10
-      seed 1             7.90+-0.33   8.28+-0.36   8.45+-0.35     +0.37+-0.08      -0.18+-0.10
-      seed 2             9.33+-0.38   8.54+-0.37   9.20+-0.38     -0.78+-0.19      -0.66+-0.13
-    wide (rot 20, zoom 0.85-1.15; NOT trained on)
-      seed 0            14.90+-0.54  14.92+-0.55  14.77+-0.51     +0.03+-0.21      +0.15+-0.23
-      seed 1            13.91+-0.52  14.74+-0.59  14.54+-0.51     +0.82+-0.24      +0.20+-0.20
-      seed 2            15.67+-0.56  14.72+-0.57  15.00+-0.53     -0.94+-0.23      -0.27+-0.22
-    edit error (0/1/2)  24.5/24.7/24.7  24.9/22.8/23.7  25.7/23.4/23.7
-    floors: exact edit 0.19; VAE round trip 7.03 (Fairy's ranges), 11.75 (wide), edit 14.5;
-    the widened untrained toy 8.48 / 14.86 (it ignores the image: smooth, so "equivariant").
+      seed 0                12.06    9.80     11.34      10.30     -2.26+-0.14       -1.54+-0.16
+      seed 1                11.56   12.27     12.37      12.01     +0.71+-0.16       -0.09+-0.16
+      seed 2                12.00   12.49     12.54      11.16     +0.49+-0.10       -0.04+-0.13
+    wide (rotation 20, zoom 0.85-1.15; not trained on)
+      seed 0                21.57   14.99     18.58      15.52     -6.58+-0.23       -3.58+-0.27
+      seed 1                18.58   21.69     20.63      18.78     +3.11+-0.26       +1.06+-0.23
+      seed 2                18.08   21.49     21.01      17.72     +3.41+-0.21       +0.48+-0.23
+    edit error (seed 0/1/2)  39.1/38.8/42.1 (before), 28.7/36.7/42.9 (after), 31.2/34.4/42.0
+    (crop only), 31.2/31.7/32.4 (no aug.); the equivariant run's loss, first tenth -> last tenth:
+    0.320 -> 0.281, 0.331 -> 0.296, 0.342 -> 0.298 (it rises over the first ~50 steps, when
+    the transformed samples arrive, then falls: OUT/loss.png).
+    floors: exact edit 0.19; VAE round trip 7.03 (Fairy's ranges), 11.75 (wide), edit 14.5.
 
-Read: no clear drop. Against the no-augmentation control the augmentation lowers the
-Fairy-range error by 0.2-0.7 grey levels (each seed 2-5 s.e. of the pairs) and does nothing
-on the wide set; against `before` the sign changes with the seed. The error sits 1-2 grey
-levels above the VAE round trip's own (an 8x-downsampling toy VAE aliases under sub-pixel
-motion), and ~4.6 of it is the fixed noise (a new noise seed moves these edits by 4.6,
-measured with 8 scenes): the editors (edit error ~24 against the VAE's 14.5) leave little
-non-equivariance of their own for 300 steps of augmentation to remove.
+Read: no reliable drop. Seed 0 alone shows what the issue asks (-2.3 against before, and -1.5
+against the crop-only control: the transform's own share, 10 s.e. of the pairs), but seeds 1
+and 2 do not (after - before +0.5..+0.7; the transform's share -0.04..-0.09, within 1 s.e.):
+the spread between training seeds (1-3 grey levels here) is larger than any effect of the
+augmentation, which the per-pair standard errors do not show. The editors are weak (edit error
+29-43 against the VAE's 14.5), and their error follows edit quality more than the
+augmentation.
 
-Other settings (seed 0, one run each, 2026-12-08; `--edit-sampler`, `--guidance`,
-`--image-guidance`, `--train-ranges`, `--base-steps`, `--train`):
-
-    setting                                  before   after   no aug.   after - before   after - no aug.
-    ddim edits, --base-steps 800              12.18   11.97    10.76     -0.21+-0.07      +1.21+-0.13
-    --base-steps 3000 --train 256             12.42   11.98    12.69     -0.44+-0.11      -0.71+-0.18
-    --guidance 7.5 --image-guidance 1.5       13.07   10.86     9.53     -2.21+-0.15      +1.33+-0.14
-      same, wide set                          22.31   17.38    14.99     -4.93+-0.21      +2.39+-0.30
-    same, --train-ranges wide                 13.07   11.53     9.53     -1.54+-0.12      +1.99+-0.13
-      same, wide set                          22.31   18.74    14.99     -3.57+-0.17      +3.75+-0.29
-
-At the `edit` command's guidance (7.5 / 1.5) the tuning run lowers the error clearly (-2.2
-grey levels on Fairy's ranges, -4.9 on the wide set, 15-23 s.e.), but the control lowers it
-more: here the drop is the editor getting better at the edit (edit error 41.6 -> 33.6 with the
-augmentation, 26.9 without), and the error follows the edit error. Even trained on the wide
-ranges, the augmented editor is less equivariant on them than the unaugmented one. On this toy
-the augmentation costs edit quality in 300 steps and buys no equivariance of its own.
+Earlier settings (one branch of guidance, `--guidance 1 --image-guidance 1`, `--base-augment
+none`, no crop-only control), seed 0/1/2: after - before +0.04 / +0.37 / -0.78 on Fairy's
+ranges, after - no augmentation -0.29 / -0.18 / -0.66; single runs at seed 0: ddim edits with
+`--base-steps 800` -0.21 (control +1.21); `--base-steps 3000 --train 256` -0.44 (control
+-0.71); the `edit` guidance without the crop-trained base -2.21 but the control -3.54, and
+`--train-ranges wide` -1.54 with the control again lower.
 """
 
 from __future__ import annotations
@@ -89,6 +83,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from diffstream.pipelines.fairy import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE
 
 INSTRUCTION = "make it a sepia photo"
 TRAIN_SEED, HELD_OUT_SEED, TRANSFORM_SEED = 31, 32, 33  # not the toy's own scene seeds (1000, 7)
@@ -168,18 +164,21 @@ def measure(components, images, matrix_sets: dict, edit_options: dict, pairs: di
     return dict(report, edit_error=round(edit_error, 3))
 
 
-def tune_run(out: Path, manifest: Path, model: str, steps: int, lr: float, args, augment: bool
+def tune_run(out: Path, manifest: Path, model: str, steps: int, lr: float, args, augment: str
              ) -> tuple[list[float], Path]:
-    """Full fine-tuning of `model` on the triplets, with or without Fairy's augmentation
-    (affine transform and random resized crop); returns (losses, final folder)."""
+    """Full fine-tuning of `model` on the triplets; returns (losses, final folder).
+
+    `augment`: "fairy" (Fairy's random resized crop and affine transform), "crop" (the
+    crop alone: the affine transform's own share is what "fairy" does beyond it) or "none".
+    """
     from diffstream.tuning.equivariant import (FAIRY_CROP_RATIO, AffineRanges, EquivariantConfig, EquivariantTask,
                                                load_base, load_triplets)
     from diffstream.tuning.loop import TuneConfig, tune
 
     components, widened = load_base(model, "cpu")
-    affine = AffineRanges(**EVAL_RANGES[args.train_ranges]) if augment else \
+    affine = AffineRanges(**EVAL_RANGES[args.train_ranges]) if augment == "fairy" else \
         AffineRanges(degrees=0, translate=0, scale=(1.0, 1.0), shear=0)
-    config = EquivariantConfig(affine=affine, size=args.size, crop_ratio=FAIRY_CROP_RATIO if augment else 1.0,
+    config = EquivariantConfig(affine=affine, size=args.size, crop_ratio=1.0 if augment == "none" else FAIRY_CROP_RATIO,
                                validation_steps=args.edit_steps, guidance=1.0, image_guidance=1.0)
     task = EquivariantTask(components, load_triplets(manifest), config, base=None if widened else model)
     shutil.rmtree(out, ignore_errors=True)
@@ -228,11 +227,17 @@ def main(argv=None) -> int:
     parser.add_argument("--edit-sampler", choices=("euler-a", "ddim"), default="euler-a",
                         help="the edits' sampler: euler-a (Fairy's, default) or ddim (eta 0: no noise added "
                              "between steps)")
-    parser.add_argument("--guidance", type=float, default=1.0,
-                        help="the edits' text guidance (default: 1, one branch: the metric is about the model)")
-    parser.add_argument("--image-guidance", type=float, default=1.0, help="the edits' image guidance (default: 1)")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"the edits' text guidance (default: {DEFAULT_GUIDANCE}, the edit command's; 1 runs one "
+                             "branch)")
+    parser.add_argument("--image-guidance", type=float, default=DEFAULT_IMAGE_GUIDANCE,
+                        help=f"the edits' image guidance (default: {DEFAULT_IMAGE_GUIDANCE}, the edit command's)")
     parser.add_argument("--seed", type=int, default=0, help="the tuning loop's seed (default: 0)")
-    parser.add_argument("--no-ablation", action="store_true", help="skip the run without the augmentation")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="skip the control runs (the crop alone, and no augmentation)")
+    parser.add_argument("--base-augment", choices=("none", "crop"), default="crop",
+                        help="stage 1's augmentation: crop (Fairy's random resized crop, the default: stage 2 adds "
+                             "only the affine transform) or none")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -260,7 +265,7 @@ def main(argv=None) -> int:
                   base_lr=args.base_lr, lr=args.lr, train_scenes=args.train, held_out_scenes=args.held_out,
                   held_out_transforms=args.transforms, edit_steps=args.edit_steps, edit_sampler=args.edit_sampler,
                   guidance=args.guidance, image_guidance=args.image_guidance, seed=args.seed,
-                  train_ranges=args.train_ranges, eval_ranges=EVAL_RANGES)
+                  train_ranges=args.train_ranges, base_augment=args.base_augment, eval_ranges=EVAL_RANGES)
     edit_options = dict(steps=args.edit_steps, sampler=args.edit_sampler, guidance=args.guidance,
                         image_guidance=args.image_guidance)
     pairs: dict = {}
@@ -275,11 +280,12 @@ def main(argv=None) -> int:
     report["vae_floor"]["equivariance_error_wide"] = vae_floor(widened, held_out,
                                                                matrix_sets["wide"])["equivariance_error"]
     report["toy_widened"] = measure(widened, held_out, matrix_sets, edit_options)
-    losses, base = tune_run(out / "base", manifest, "toy", args.base_steps, args.base_lr, args, augment=False)
+    losses, base = tune_run(out / "base", manifest, "toy", args.base_steps, args.base_lr, args, augment=args.base_augment)
     report["before"] = dict(measure(load_components(ModelConfig(model=str(base), device="cpu")), held_out, matrix_sets,
                                     edit_options, pairs, "before"), **_losses(losses))
     shutil.copy(out / "base" / "loss.png", out / "loss_base.png")
-    runs = [("after", True)] + ([] if args.no_ablation else [("after_no_augmentation", False)])
+    runs = [("after", "fairy")] + ([] if args.no_ablation else [("after_crop_only", "crop"),
+                                                                 ("after_no_augmentation", "none")])
     for key, augment in runs:
         start = time.perf_counter()
         losses, final = tune_run(out / key, manifest, str(base), args.steps, args.lr, args, augment)
@@ -291,13 +297,14 @@ def main(argv=None) -> int:
         if key == "after":
             shutil.copy(out / key / "loss.png", out / "loss.png")
     report["after_minus_before"] = paired(pairs, "after", "before")
-    if ("after_no_augmentation", "fairy") in pairs:
-        report["after_minus_no_augmentation"] = paired(pairs, "after", "after_no_augmentation")
+    for control in ("after_crop_only", "after_no_augmentation"):
+        if (control, "fairy") in pairs:
+            report[f"after_minus_{control.removeprefix('after_')}"] = paired(pairs, "after", control)
     report["seconds"] = round(time.perf_counter() - began, 1)
     report["loss_png"] = str(out / "loss.png")
     if not args.json:
         for key in ("exact_edit", "vae_floor", "toy_widened", "before", *[k for k, _ in runs], "after_minus_before",
-                    "after_minus_no_augmentation"):
+                    "after_minus_crop_only", "after_minus_no_augmentation"):
             if key in report:
                 print(f"{key:>27}: " + ", ".join(f"{k} {v}" for k, v in report[key].items()), file=sys.stderr)
     print(json.dumps(report))

@@ -139,7 +139,7 @@ def train_vae(vae, stacks: list[np.ndarray], steps: int, batch: int, crop: int, 
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        history["vae_loss"].append(float(loss))
+        history["vae_loss"].append(float(loss.detach()))
         if step % 100 == 0 or step == steps - 1:
             log(f"vae {step}/{steps} loss {np.mean(history['vae_loss'][-100:]):.4f}")
     return vae.eval().requires_grad_(False)
@@ -172,7 +172,8 @@ def random_crop(rng: np.random.Generator, lat: torch.Tensor, h: int, w: int) -> 
     return lat[..., y:y + h, x:x + w]
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, steps: int, seed: int, history: dict):
+def train_unet(unet, text_encoder, tokenizer, latents, steps: int, seed: int, history: dict,
+               weight_cap: float = 5.0):
     """v-prediction training whose implied x0 is the style's target latent (module doc).
 
     Args:
@@ -215,14 +216,14 @@ def train_unet(unet, text_encoder, tokenizer, latents, steps: int, seed: int, hi
         cond = text_encoder(ids[prompt_idx])[0]  # (B, 77, D)
         v = unet(z_t, t, encoder_hidden_states=cond).sample
         x0 = a * z_t - b * v  # v-prediction: x0 = sqrt(abar) x_t - sqrt(1 - abar) v
-        weight = torch.clamp(1 / b**2, max=5.0)  # min-SNR-like: x0 error, capped at low noise
+        weight = torch.clamp(1 / b**2, max=weight_cap)  # x0 error weighted as the noise's, capped at low noise
         loss = (weight * (x0 - z_tgt) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
         opt.step()
         sched.step()
-        history["unet_loss"].append(float(loss))
+        history["unet_loss"].append(float(loss.detach()))
         if step % 100 == 0 or step == steps - 1:
             log(f"unet {step}/{steps} loss {np.mean(history['unet_loss'][-100:]):.4f}")
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
@@ -284,7 +285,45 @@ def held_out_eval(out: Path, size: int = toy.TOY_SIZE) -> dict:
         report[f"{clip_name}: vae round trip"] = dict(psnr=float(np.mean([psnr(a, b) for a, b in
                                                                         zip(inputs, round_trip)])))
         log(f"eval {clip_name}: vae round trip: {report[f'{clip_name}: vae round trip']}")
+        report[f"{clip_name}: denoising gain"] = denoising_gain(components, pixels)
+        log(f"eval {clip_name}: denoising gain (dB by timestep): {report[f'{clip_name}: denoising gain']}")
     return report
+
+
+def denoising_gain(components, pixels: torch.Tensor, timesteps=(100, 200, 400, 600), seed: int = 0) -> dict:
+    """What one UNet call removes of the noise, per timestep, with the prompt "a photo".
+
+    For the frames' latents z: x_t = sqrt(abar) z + sqrt(1 - abar) eps; the dB of the decoded
+    x0 the UNet implies, minus the dB of the decoded x_t / sqrt(abar) (the noise left in),
+    both against the VAE round trip of z. Near 0 the UNet leaves the noise in: the SDEdit
+    steps' fresh noise then reaches the output as blotches (the toy's blur, measured).
+
+    Args:
+        pixels: (F, 3, H, W) frames in [-1, 1] on the components' device.
+    Returns:
+        {timestep: dB gained}.
+    """
+    from diffstream.frames import tensor_to_frames
+    from diffstream.metrics.style import psnr
+
+    abar = components.scheduler.alphas_cumprod
+    ids = components.tokenizer(["a photo"], padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids.to(components.device)
+    gen = torch.Generator().manual_seed(seed)
+    gains = {}
+    with torch.no_grad():
+        cond = components.text_encoder(ids)[0].expand(pixels.shape[0], -1, -1)  # (F, 77, D)
+        z = components.encode_image(pixels)  # (F, 4, h, w), scaled
+        reference = tensor_to_frames(components.decode_latents(z))
+        for t in timesteps:
+            a, b = float(abar[t].sqrt()), float((1 - abar[t]).sqrt())
+            x_t = a * z + b * torch.randn(z.shape, generator=gen).to(z)
+            v = components.unet(x_t, torch.full((z.shape[0],), t, device=z.device), encoder_hidden_states=cond).sample
+            denoised = tensor_to_frames(components.decode_latents(a * x_t - b * v))  # x0 of v-prediction
+            noisy = tensor_to_frames(components.decode_latents(x_t / a))
+            gains[t] = round(float(np.mean([psnr(d, r) - psnr(n, r) for d, n, r in zip(denoised, noisy, reference)])),
+                             2)
+    return gains
 
 
 def main(argv=None) -> int:
@@ -295,6 +334,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scenes", type=int, default=300, help="procedural training scenes")
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=2400)
+    parser.add_argument("--weight-cap", type=float, default=5.0,
+                        help="the UNet loss weighs the x0 error by 1 / (1 - abar) (the noise's error), capped here")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--beta-start", type=float, default=BETAS[0], help="scaled-linear beta_start (SD 1.x's)")
     parser.add_argument("--beta-end", type=float, default=BETAS[1], help="scaled-linear beta_end (SD 1.x's)")
@@ -351,7 +392,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     tokenizer = clip_tokenizer()
     unet, text_encoder = train_unet(toy.toy_unet(args.seed), toy.toy_text_encoder(args.seed + 2), tokenizer,
-                                    latents, args.unet_steps, seed=args.seed + 3, history=history)
+                                    latents, args.unet_steps, seed=args.seed + 3, history=history,
+                                    weight_cap=args.weight_cap)
     times["unet_s"] = time.time() - t0
     save(out, unet, vae, text_encoder, tokenizer)
     times["train_total_s"] = time.time() - start
