@@ -37,7 +37,7 @@ Edits: FairyPipeline, instruction mode, 10 Euler ancestral steps, fixed noise, a
 command's guidance (text 7.5, image 1.5; `--guidance 1 --image-guidance 1`: one branch).
 Loss curves: OUT/loss.png (the equivariant run), OUT/loss_base.png (stage 1). Last line JSON.
 
-Measured (defaults, `--seed 0 / 1 / 2`, ~10 min a run on 2 CPU cores; 16 held-out scenes x 6
+Measured (defaults, `--seed 0 / 1 / 2`, 7-10 min a run on 2 CPU cores; 16 held-out scenes x 6
 transforms per set; paired differences: mean +- standard error over the 96 pairs; grey levels):
 
     equivariance error     before   after   crop only   no aug.   after - before   after - crop only
