@@ -49,11 +49,6 @@ from diffstream.models import toy  # noqa: E402
 BUNNY = ROOT / "examples" / "bunny.mp4"
 TRAIN_FRAMES = 40  # bunny frames 0..39 train; 40..49 are held out
 STYLES = list(toy.TOY_STYLES)
-# The noise schedule's (beta_start, beta_end), scaled-linear: --beta-start / --beta-end. Gentler
-# than SD 1.x's (0.00085, 0.012): at SDEdit strength 0.4 the frame keeps sqrt(abar) = 0.94 of
-# its signal instead of 0.63, which the toy UNet turns into sharper outputs (measured on bunny
-# 40-49 at the engine's defaults: "a photo" 19.0 dB vs 15.1, the sepia target 16.8 dB vs 13.8).
-BETAS = (0.0001, 0.002)
 
 
 def log(msg: str) -> None:
@@ -172,7 +167,7 @@ def random_crop(rng: np.random.Generator, lat: torch.Tensor, h: int, w: int) -> 
     return lat[..., y:y + h, x:x + w]
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, steps: int, seed: int, history: dict,
+def train_unet(unet, text_encoder, tokenizer, latents, steps: int, seed: int, history: dict, scheduler,
                weight_cap: float = 5.0):
     """v-prediction training whose implied x0 is the style's target latent (module doc).
 
@@ -181,7 +176,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, steps: int, seed: int, hi
     """
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    abar = toy.toy_scheduler(*BETAS).alphas_cumprod.float()
+    abar = scheduler.alphas_cumprod.float()
     table = lcm_table()
     params = [dict(params=unet.parameters(), lr=1e-3), dict(params=text_encoder.parameters(), lr=3e-4)]
     opt = torch.optim.AdamW(params, weight_decay=0.0)
@@ -232,12 +227,12 @@ def train_unet(unet, text_encoder, tokenizer, latents, steps: int, seed: int, hi
 # --- saving and checking -------------------------------------------------------------
 
 
-def save(out: Path, unet, vae, text_encoder, tokenizer) -> None:
+def save(out: Path, unet, vae, text_encoder, tokenizer, scheduler) -> None:
     """Write a diffusers StableDiffusionPipeline folder with fp16 safetensors weights."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=toy.toy_scheduler(*BETAS), safety_checker=None, feature_extractor=None,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(torch.float16)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,12 +302,10 @@ def denoising_gain(components, pixels: torch.Tensor, timesteps=(100, 200, 400, 6
     from diffstream.metrics.style import psnr
 
     abar = components.scheduler.alphas_cumprod
-    ids = components.tokenizer(["a photo"], padding="max_length", max_length=77, truncation=True,
-                               return_tensors="pt").input_ids.to(components.device)
     gen = torch.Generator().manual_seed(seed)
     gains = {}
     with torch.no_grad():
-        cond = components.text_encoder(ids)[0].expand(pixels.shape[0], -1, -1)  # (F, 77, D)
+        cond = components.encode_prompt(["a photo"]).expand(pixels.shape[0], -1, -1)  # (F, 77, D)
         z = components.encode_image(pixels)  # (F, 4, h, w), scaled
         reference = tensor_to_frames(components.decode_latents(z))
         for t in timesteps:
@@ -327,7 +320,6 @@ def denoising_gain(components, pixels: torch.Tensor, timesteps=(100, 200, 400, 6
 
 
 def main(argv=None) -> int:
-    global BETAS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(toy.TOY_DIR), help="pipeline folder to write (default: the shipped one)")
     parser.add_argument("--seed", type=int, default=0)
@@ -337,8 +329,10 @@ def main(argv=None) -> int:
     parser.add_argument("--weight-cap", type=float, default=5.0,
                         help="the UNet loss weighs the x0 error by 1 / (1 - abar) (the noise's error), capped here")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--beta-start", type=float, default=BETAS[0], help="scaled-linear beta_start (SD 1.x's)")
-    parser.add_argument("--beta-end", type=float, default=BETAS[1], help="scaled-linear beta_end (SD 1.x's)")
+    parser.add_argument("--beta-start", type=float, default=toy.TOY_BETAS[0],
+                        help="scaled-linear beta_start (default: the toy's; SD 1.x: 0.00085)")
+    parser.add_argument("--beta-end", type=float, default=toy.TOY_BETAS[1],
+                        help="scaled-linear beta_end (default: the toy's; SD 1.x: 0.012)")
     parser.add_argument("--vae-from", default=None,
                         help="take the VAE of this toy folder instead of training it (the same seed gives the same "
                              "VAE: saves its 9 minutes when only the UNet's settings change)")
@@ -358,7 +352,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    BETAS = (args.beta_start, args.beta_end)
+    scheduler = toy.toy_scheduler(args.beta_start, args.beta_end)
     out = Path(args.out)
     start = time.time()
     history = {"vae_loss": [], "unet_loss": []}
@@ -393,13 +387,14 @@ def main(argv=None) -> int:
     tokenizer = clip_tokenizer()
     unet, text_encoder = train_unet(toy.toy_unet(args.seed), toy.toy_text_encoder(args.seed + 2), tokenizer,
                                     latents, args.unet_steps, seed=args.seed + 3, history=history,
-                                    weight_cap=args.weight_cap)
+                                    scheduler=scheduler, weight_cap=args.weight_cap)
     times["unet_s"] = time.time() - t0
-    save(out, unet, vae, text_encoder, tokenizer)
+    save(out, unet, vae, text_encoder, tokenizer, scheduler)
     times["train_total_s"] = time.time() - start
     log(f"saved {out} after {times['train_total_s'] / 60:.1f} min")
 
-    summary = dict(seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps, unet_steps=args.unet_steps, betas=BETAS,
+    summary = dict(seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                   betas=(args.beta_start, args.beta_end),
                    vae_from=args.vae_from,
                    threads=args.threads, times=times, latent_std=std,
                    final_loss=dict(vae=float(np.mean(history["vae_loss"][-100:])) if history["vae_loss"] else None,
